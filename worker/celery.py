@@ -1,0 +1,73 @@
+"""The Celery app, configured so that nothing accepted is lost.
+
+- Late acks: a message leaves Redis only after its task returned (or re-queued itself).
+- A task whose worker dies is re-queued (reject on worker lost; for a SIGKILLed worker,
+  the broker's visibility timeout brings the message back).
+- Prefetch of one per thread: a busy worker doesn't hoard messages another could run.
+- Visibility timeout (180 s) above every countdown the code sets (at most 120 s, see
+  Settings.retry_max_countdown_s), and checked every 10 s, so a crashed worker's sessions are
+  back in the queue within about 3 minutes of a worker running again.
+- JSON only, no result backend: no token can end up in a result.
+- Thread pool: an exchange is I/O (waiting on the upstream), so 32 threads per process keep
+  the upstream's latency hidden without 32 processes' memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker.settings import Settings, get_settings
+
+QUEUE = "humanconnect"
+VISIBILITY_TIMEOUT_S = 180
+EXCHANGE_TASK = "humanconnect.exchange_session"
+
+app = Celery("humanconnect", include=["worker.tasks"])
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for `settings`; kept a function so tests can build their own app."""
+    assert settings.retry_max_countdown_s < VISIBILITY_TIMEOUT_S
+    return {
+        "broker_url": settings.redis_url or "redis://127.0.0.1:6379/0",
+        "broker_connection_retry_on_startup": True,
+        # The producer must answer 503 within 2 s when Redis is away, not hang on a retry.
+        "broker_connection_timeout": 1.0,
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 5.0,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
+        },
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_default_queue": QUEUE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": True,
+        "worker_redirect_stdouts": False,
+        "beat_schedule": {},
+    }
+
+
+def configure(settings: Settings) -> Celery:
+    """Apply `settings` to the app (done at import with the environment's settings)."""
+    app.conf.update(celery_config(settings))
+    return app
+
+
+configure(get_settings())

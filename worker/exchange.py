@@ -1,0 +1,336 @@
+"""Exchanging one session for tokens: the logic behind the `exchange_session` task.
+
+Plain functions and one class, testable without Celery. The task only maps an `Outcome` to
+"done" or "retry later".
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from redis.lock import Lock
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session as DbSession
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from worker import status, store
+from worker.clock import now
+from worker.crypto import session_hash
+from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from worker.models import Session, User
+from worker.runtime import Runtime
+from worker.upstream import Tokens, exchange_tokens
+
+log = logging.getLogger(__name__)
+
+# Longest one run can hold a session: inline retries, timeouts and rate-limit waits fit well
+# inside it; the lock is renewed before the store step. A killed worker's lock frees itself
+# this fast, well before its message is redelivered (broker visibility timeout, 180 s).
+LOCK_TTL_S = 90
+# Pause before looking again at a session another delivery is working on.
+BUSY_COUNTDOWN_S = 5.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One accepted finish, as the producer queued it (the session token already opened)."""
+
+    request_id: str
+    human_id: str
+    client_id: str
+    session_token: str
+    received_us: int
+
+    def __repr__(self) -> str:
+        return f"Job(request_id={self.request_id!r}, human_id={self.human_id!r})"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run ended with: a final state, or a pause before the next try."""
+
+    state: str
+    retry_in: float | None = None
+    error: str | None = None
+    upstream_calls: int = 0
+
+
+def to_us(seconds: float) -> int:
+    return int(seconds * 1_000_000)
+
+
+def now_us() -> int:
+    return to_us(now().timestamp())
+
+
+def backoff(retries: int, *, initial: float, cap: float, retry_after: float | None) -> float:
+    """Exponential, jittered pause before Celery retry number `retries` (0-based)."""
+    ceiling = min(cap, max(initial, 1.0) * 2.0**retries)
+    pause = ceiling / 2 + random.uniform(0, ceiling / 2)
+    if retry_after is not None:
+        pause = max(pause, min(retry_after, cap))
+    return pause
+
+
+class Exchanger:
+    """Runs one delivery of a session to its end or to its next pause."""
+
+    def __init__(self, rt: Runtime, acquire_slot: Callable[[], float]):
+        self.rt = rt
+        self.settings = rt.settings
+        self.acquire_slot = acquire_slot
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self, job: Job, *, retries: int = 0) -> Outcome:
+        """Exchange `job` unless it is already done or being done by another delivery."""
+        key = session_hash(job.session_token)
+        lock = Lock(self.rt.redis, f"hc:lock:session:{key}", timeout=LOCK_TTL_S)
+        if not lock.acquire(blocking=False):
+            return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
+        try:
+            return self._run_locked(job, key, lock, retries)
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                # Expired and maybe taken by another delivery: it is theirs now.
+                log.warning("session lock expired before release request=%s", job.request_id)
+
+    def _run_locked(self, job: Job, key: str, lock: Lock, retries: int) -> Outcome:
+        with self.rt.db() as db:
+            row = _load_or_create(db, job, key)
+            if row.state in ("succeeded", "failed"):
+                db.commit()
+                self._mirror_final(job, row)
+                return Outcome(row.state, error=row.error)
+            deadline_us = job.received_us + to_us(self.settings.retry_window_s)
+            row.state = "running"
+            row.attempts += 1
+            row.updated_at = now()
+            db.commit()
+        self._status(job, "running")
+
+        ambiguous_before = row.ambiguous
+        calls = 0
+        ambiguous_now = False
+
+        def before_call() -> None:
+            nonlocal calls
+            self.acquire_slot()
+            calls += 1
+
+        def note(state: RetryCallState) -> None:
+            nonlocal ambiguous_now
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, UpstreamError) and exc.ambiguous:
+                ambiguous_now = True
+            log.info(
+                "upstream transient, retrying inline request=%s attempt=%d reason=%s",
+                job.request_id,
+                state.attempt_number,
+                exc.reason if isinstance(exc, UpstreamError) else type(exc).__name__,
+            )
+
+        try:
+            tokens = self._exchange_inline(job, before_call, note)
+        except PermanentUpstreamError as exc:
+            lost = ambiguous_before or ambiguous_now
+            return self._fail(job, key, exc.reason, "answer_lost" if lost else "permanent", calls)
+        except TransientUpstreamError as exc:
+            ambiguous_now = ambiguous_now or exc.ambiguous
+            pause = backoff(
+                retries,
+                initial=self.settings.retry_initial_s * 4,
+                cap=self.settings.retry_max_countdown_s,
+                retry_after=exc.retry_after,
+            )
+            if now_us() + to_us(pause) > deadline_us:
+                reason = f"upstream unavailable for the whole retry window: {exc.reason}"
+                return self._fail(job, key, reason, "transient", calls)
+            self._mark_retrying(job, key, exc.reason, ambiguous_now)
+            return Outcome("retrying", retry_in=pause, error=exc.reason, upstream_calls=calls)
+
+        lock.reacquire()
+        try:
+            applied = self._store(job, key, tokens)
+        except PermanentUpstreamError as exc:
+            return self._fail(job, key, exc.reason, "permanent", calls)
+        self._status(
+            job,
+            "succeeded",
+            clientUserId=tokens.client_user_id,
+            humanId=tokens.human_id,
+            **({"publicToken": self.rt.cipher.seal(tokens.public_token)} if tokens.public_token else {}),
+        )
+        log.info(
+            "exchange succeeded request=%s calls=%d newest=%s", job.request_id, calls, applied
+        )
+        return Outcome("succeeded", upstream_calls=calls)
+
+    # -- steps ---------------------------------------------------------------------------
+    def _exchange_inline(
+        self,
+        job: Job,
+        before_call: Callable[[], None],
+        note: Callable[[RetryCallState], None],
+    ) -> Tokens:
+        """A few quick tries inside this run; longer outages go back to the queue."""
+        s = self.settings
+        secret = s.client_secret.get_secret_value() if s.client_secret else ""
+
+        def call() -> Tokens:
+            before_call()
+            return exchange_tokens(
+                s.base_url,
+                human_id=job.human_id,
+                client_id=job.client_id,
+                client_secret=secret,
+                session_token=job.session_token,
+                connect_timeout=s.connect_timeout_s,
+                read_timeout=s.read_timeout_s,
+            )
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientUpstreamError),
+            stop=stop_before_delay(s.retry_inline_budget_s) | stop_after_attempt(4),
+            wait=_wait_honouring_retry_after(s.retry_initial_s, s.retry_inline_budget_s),
+            before_sleep=note,
+            reraise=True,
+        )
+        return retrying(call)
+
+    def _store(self, job: Job, key: str, tokens: Tokens) -> bool:
+        """Commit tokens and the session's success together, riding out a database blip.
+
+        The upstream has consumed the session token by now: giving up here would lose the
+        user, so this step retries far longer than the others (the lock is renewed).
+        """
+        for attempt in Retrying(
+            retry=retry_if_exception_type(OperationalError),
+            stop=stop_after_delay(LOCK_TTL_S * 0.8),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            reraise=True,
+        ):
+            with attempt, self.rt.db() as db:
+                applied = store.save_tokens(
+                    db,
+                    self.rt.cipher,
+                    human_id=tokens.human_id,
+                    client_user_id=tokens.client_user_id,
+                    access_token=tokens.access_token,
+                    public_token=tokens.public_token,
+                    received_us=job.received_us,
+                    session_hash=key,
+                )
+                row = db.get(Session, key)
+                assert row is not None
+                row.state = "succeeded"
+                row.client_user_id = tokens.client_user_id
+                row.error = row.error_kind = None
+                row.updated_at = now()
+                db.commit()
+                return applied
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fail(self, job: Job, key: str, reason: str, kind: str, calls: int) -> Outcome:
+        if kind == "answer_lost":
+            reason = (
+                "the upstream refused the session after an earlier call got no answer: the "
+                f"token was probably used and its answer lost ({reason}); ask the user to "
+                "connect again"
+            )
+        with self.rt.db() as db:
+            row = db.get(Session, key)
+            assert row is not None
+            row.state = "failed"
+            row.error = reason
+            row.error_kind = kind
+            row.updated_at = now()
+            db.commit()
+        self._status(job, "failed", error=reason)
+        log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
+        return Outcome("failed", error=reason, upstream_calls=calls)
+
+    def _mark_retrying(self, job: Job, key: str, reason: str, ambiguous: bool) -> None:
+        with self.rt.db() as db:
+            row = db.get(Session, key)
+            assert row is not None
+            row.state = "retrying"
+            row.ambiguous = row.ambiguous or ambiguous
+            row.error = reason
+            row.error_kind = None
+            row.updated_at = now()
+            db.commit()
+        self._status(job, "retrying")
+
+    def _mirror_final(self, job: Job, row: Session) -> None:
+        """A duplicate delivery: copy the recorded outcome to this request's status."""
+        fields: dict[str, str] = {"humanId": row.human_id}
+        if row.state == "succeeded" and row.client_user_id:
+            fields["clientUserId"] = row.client_user_id
+            with self.rt.db() as db:
+                sealed = db.scalar(
+                    select(User.public_token).where(User.human_id == row.human_id)
+                )
+            if sealed:
+                fields["publicToken"] = sealed
+        if row.state == "failed" and row.error:
+            fields["error"] = row.error
+        self._status(job, row.state, **fields)
+
+    def _status(self, job: Job, state: str, **fields: str) -> None:
+        fields.setdefault("humanId", job.human_id)
+        status.set_state(self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields)
+
+
+def _wait_honouring_retry_after(initial: float, budget: float):  # type: ignore[no-untyped-def]
+    """Exponential jittered waits, or the upstream's Retry-After when it asks for longer."""
+    base = wait_exponential_jitter(initial=initial, max=max(initial, budget / 2), jitter=initial)
+
+    def wait(state: RetryCallState) -> float:
+        pause = base(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, UpstreamError) and exc.retry_after is not None:
+            pause = max(pause, exc.retry_after)
+        return pause
+
+    return wait
+
+
+def _load_or_create(db: DbSession, job: Job, key: str) -> Session:
+    """The session's durable record, created on first delivery (a race-free insert)."""
+    name = db.get_bind().dialect.name
+    insert = postgresql.insert if name == "postgresql" else sqlite.insert
+    stamp = now()
+    db.execute(
+        insert(Session)
+        .values(
+            session_hash=key,
+            request_id=job.request_id,
+            human_id=job.human_id,
+            received_us=job.received_us,
+            state="queued",
+            attempts=0,
+            ambiguous=False,
+            created_at=stamp,
+            updated_at=stamp,
+        )
+        .on_conflict_do_nothing(index_elements=[Session.session_hash])
+    )
+    row = db.get(Session, key, populate_existing=True)
+    assert row is not None
+    return row

@@ -1,0 +1,68 @@
+"""Logging with a redaction filter: no secret or token can reach a log line, even by mistake."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+
+# JSON-ish `"accessToken": "..."`, `accessToken=...` and their snake_case twins.
+_FIELD = re.compile(
+    r"""(?P<key>["']?(?:access_?token|public_?token|session_?token|client_?secret)["']?\s*[:=]\s*)"""
+    r"""(?P<quote>["']?)(?P<value>[^"',\s}&]+)(?P=quote)""",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+class RedactingFilter(logging.Filter):
+    """Replace known secret values and token-shaped fields in every record."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self._secrets = [s for s in secrets if s and len(s) >= 8]
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        text = _FIELD.sub(lambda m: f"{m['key']}{m['quote']}{REDACTED}{m['quote']}", text)
+        return _BEARER.sub(rf"\g<1>{REDACTED}", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        return json.dumps(out)
+
+
+def install(secrets: Iterable[str] = (), *, as_json: bool = False) -> None:
+    """Put the redaction filter on every handler of the root logger (and JSON if asked)."""
+    filt = RedactingFilter(secrets)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    for handler in root.handlers:
+        handler.addFilter(filt)
+        if as_json:
+            handler.setFormatter(JsonFormatter())

@@ -1,0 +1,61 @@
+"""Tables. The schema itself is created only by the Alembic migrations in worker/migrations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so migrations can refer to them on every database.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class User(Base):
+    """One row of tokens per humanId; tokens are Fernet ciphertext, never plaintext."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    human_id: Mapped[str] = mapped_column(String(128), unique=True)
+    client_user_id: Mapped[str] = mapped_column(String(255), unique=True)
+    access_token: Mapped[str] = mapped_column(Text)
+    public_token: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: When the producer received the session whose tokens these are (microseconds since the
+    #: epoch: an integer compares the same way on every database). Newest session wins.
+    received_us: Mapped[int] = mapped_column(BigInteger)
+    #: Tie-break between two sessions received in the same microsecond.
+    session_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Session(Base):
+    """The durable idempotency record of one session, keyed by a hash of its token."""
+
+    __tablename__ = "sessions"
+
+    session_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    human_id: Mapped[str] = mapped_column(String(128))
+    received_us: Mapped[int] = mapped_column(BigInteger)
+    #: queued, running, retrying, succeeded or failed.
+    state: Mapped[str] = mapped_column(String(16))
+    #: How many times a worker started on it.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: An earlier call may have reached the upstream without its answer reaching us (a read
+    #: timeout, a dropped connection): a later refusal then means the answer was lost.
+    ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
+    client_user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: transient (retries exhausted), permanent, or answer_lost.
+    error_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,49 @@
+"""The per-process objects a worker or producer needs, built once from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+from sqlalchemy.orm import sessionmaker
+
+from worker.crypto import Cipher
+from worker.db import session_factory
+from worker.errors import ConfigError
+from worker.settings import Settings
+
+# Short socket timeouts: a Redis that is down must turn into a 503 within 2 seconds.
+REDIS_CONNECT_TIMEOUT_S = 0.5
+REDIS_SOCKET_TIMEOUT_S = 1.0
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A Redis client that fails fast instead of hanging when the server is away."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        health_check_interval=15,
+    )
+
+
+@dataclass
+class Runtime:
+    """Lazily built clients, shared by the threads of one process."""
+
+    settings: Settings
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        if self.settings.redis_url is None:
+            raise ConfigError("REDIS_URL is required")
+        return redis_client(self.settings.redis_url)
+
+    @cached_property
+    def cipher(self) -> Cipher:
+        return Cipher(self.settings.key_list())
+
+    @cached_property
+    def db(self) -> sessionmaker:
+        return session_factory(self.settings.database_url)

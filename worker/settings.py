@@ -1,0 +1,163 @@
+"""The service's configuration: one typed object read from the environment (and `.env`).
+
+Every default is documented here, beside its field. Names are the contract's variables.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from cryptography.fernet import Fernet
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+# The provider guide's example app: the sandbox's default clientId, so the guide's example
+# sessionTokenObject finishes as-is against the local stand-in.
+SANDBOX_CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
+DEFAULT_BASE_URL = "https://user.humanapi.co"
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """Configuration shared by `web`, `worker` and `beat`."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=False)
+
+    #: The app's clientId; a finish whose clientId differs is refused. Sandbox: the guide's.
+    client_id: str | None = Field(None, validation_alias=_env("HUMANAPI_CLIENT_ID"))
+    #: Read by the worker only. Unset means sandbox mode.
+    client_secret: SecretStr | None = Field(None, validation_alias=_env("HUMANAPI_CLIENT_SECRET"))
+    #: Upstream root.
+    base_url: str = Field(DEFAULT_BASE_URL, validation_alias=_env("HUMANAPI_BASE_URL"))
+    #: Any SQLAlchemy URL; SQLite and PostgreSQL (psycopg 3) are supported.
+    database_url: str = Field(
+        "sqlite:///var/humanconnect.db", validation_alias=_env("DATABASE_URL")
+    )
+    #: Broker, locks, rate limit, status records. Required when a process is run directly.
+    redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
+    #: Comma-separated Fernet keys; the first encrypts, all decrypt.
+    encryption_keys: SecretStr | None = Field(
+        None, validation_alias=_env("HUMANCONNECT_ENCRYPTION_KEYS")
+    )
+    #: Bearer token for `GET /users/...`; unset disables the read-back.
+    api_token: SecretStr | None = Field(None, validation_alias=_env("HUMANCONNECT_API_TOKEN"))
+    #: Redis Stream that events go to.
+    events_stream: str = Field("humanconnect:events", validation_alias=_env("HUMANCONNECT_EVENTS_STREAM"))
+    #: Outbound requests per second to upstream, across all workers together.
+    max_rps: float = Field(20.0, gt=0, validation_alias=_env("HUMANAPI_MAX_RPS"))
+    #: How often beat runs the publicToken repair.
+    repair_interval_s: float = Field(
+        300.0, gt=0, validation_alias=_env("HUMANCONNECT_REPAIR_INTERVAL_S")
+    )
+    #: How long a session keeps being retried through an upstream outage before it is failed.
+    #: Two hours: the contract promises no loss to an outage shorter than one.
+    retry_window_s: float = Field(7200.0, gt=0, validation_alias=_env("HUMANCONNECT_RETRY_WINDOW_S"))
+    #: Longest pause between two Celery-level retries. Must stay below the broker's visibility
+    #: timeout (see worker.celery) or a waiting retry would be delivered twice.
+    retry_max_countdown_s: float = Field(
+        60.0, gt=0, le=120, validation_alias=_env("HUMANCONNECT_RETRY_MAX_COUNTDOWN_S")
+    )
+    #: First in-process (tenacity) retry pause; doubled each attempt, jittered.
+    retry_initial_s: float = Field(0.5, ge=0, validation_alias=_env("HUMANCONNECT_RETRY_INITIAL_S"))
+    #: Budget for the in-process retries of one attempt, in seconds.
+    retry_inline_budget_s: float = Field(
+        4.0, ge=0, validation_alias=_env("HUMANCONNECT_RETRY_INLINE_BUDGET_S")
+    )
+    #: Upstream connect and read timeouts, in seconds.
+    connect_timeout_s: float = Field(3.05, gt=0, validation_alias=_env("HUMANAPI_CONNECT_TIMEOUT_S"))
+    read_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("HUMANAPI_READ_TIMEOUT_S"))
+    #: Worker threads: an exchange is mostly waiting on the upstream, so many threads per core.
+    worker_concurrency: int = Field(
+        32, ge=1, le=512, validation_alias=_env("HUMANCONNECT_WORKER_CONCURRENCY")
+    )
+    #: Status records in Redis live this long (the contract asks at least 24 hours of dedupe).
+    status_ttl_s: int = Field(7 * 24 * 3600, ge=86400, validation_alias=_env("HUMANCONNECT_STATUS_TTL_S"))
+    #: Apply Alembic migrations when `web` or `worker` starts (under a lock).
+    auto_migrate: bool = Field(True, validation_alias=_env("HUMANCONNECT_AUTO_MIGRATE"))
+    #: One JSON object per log line.
+    log_json: bool = Field(False, validation_alias=_env("HUMANCONNECT_LOG_JSON"))
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_shape(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_shape(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value or None
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _keys_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        for key in value.get_secret_value().split(","):
+            try:
+                Fernet(key.strip())
+            except ValueError:
+                # Never echo the key itself.
+                raise ValueError("each key must be a url-safe base64 32-byte Fernet key") from None
+        return value
+
+    @property
+    def sandbox(self) -> bool:
+        """True when no clientSecret is configured: only the local stand-in can be used."""
+        return self.client_secret is None
+
+    @property
+    def effective_client_id(self) -> str:
+        """The app's clientId, or the guide's example in sandbox mode."""
+        if self.client_id:
+            return self.client_id
+        if self.sandbox:
+            return SANDBOX_CLIENT_ID
+        raise ConfigError("HUMANAPI_CLIENT_ID is required")
+
+    def key_list(self) -> list[str]:
+        """The Fernet keys, first one encrypting."""
+        if self.encryption_keys is None:
+            raise ConfigError("HUMANCONNECT_ENCRYPTION_KEYS is required")
+        return [k.strip() for k in self.encryption_keys.get_secret_value().split(",") if k.strip()]
+
+    def require(self, *, secret: bool) -> None:
+        """Fail fast, naming the first missing variable a process needs."""
+        if self.redis_url is None:
+            raise ConfigError("REDIS_URL is required")
+        self.key_list()
+        self.effective_client_id  # noqa: B018 - raises when missing
+        if secret and self.client_secret is None:
+            raise ConfigError("HUMANAPI_CLIENT_SECRET is required by the worker")
+
+
+def load() -> Settings:
+    """Read the environment, turning a validation error into one line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        names = [str(p) for p in first.get("loc", ())]
+        name = names[0] if names else "configuration"
+        raise ConfigError(f"{name}: {first.get('msg', 'invalid')}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, built once."""
+    return load()

@@ -1,0 +1,106 @@
+"""Token storage: encrypted at rest, one row per humanId, the newest session winning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as DbSession
+
+from worker.clock import now
+from worker.crypto import Cipher
+from worker.errors import PermanentUpstreamError
+from worker.models import User
+
+
+@dataclass(frozen=True)
+class StoredUser:
+    """A user's tokens in clear, for the read-back endpoint and embedding apps."""
+
+    client_user_id: str
+    human_id: str
+    access_token: str
+    public_token: str | None
+    updated_at: datetime
+
+    def __repr__(self) -> str:
+        return f"StoredUser(client_user_id={self.client_user_id!r}, human_id={self.human_id!r})"
+
+
+def _insert_for(db: DbSession):  # type: ignore[no-untyped-def]
+    name = db.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"database {name!r} is not supported")
+
+
+def save_tokens(
+    db: DbSession,
+    cipher: Cipher,
+    *,
+    human_id: str,
+    client_user_id: str,
+    access_token: str,
+    public_token: str | None,
+    received_us: int,
+    session_hash: str,
+) -> bool:
+    """Upsert a user's tokens unless a later-received session already stored its own.
+
+    Returns True when these tokens are now the stored ones. One statement, so concurrent
+    workers can't interleave a read and a write: the database compares the receive times.
+    """
+    insert = _insert_for(db)
+    values = {
+        "human_id": human_id,
+        "client_user_id": client_user_id,
+        "access_token": cipher.seal(access_token),
+        "public_token": cipher.seal(public_token) if public_token else None,
+        "received_us": received_us,
+        "session_hash": session_hash,
+        "updated_at": now(),
+    }
+    stmt = insert(User).values(**values)
+    newer = (User.received_us < stmt.excluded.received_us) | (
+        (User.received_us == stmt.excluded.received_us)
+        & (User.session_hash < stmt.excluded.session_hash)
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[User.human_id],
+        set_={k: stmt.excluded[k] for k in values if k != "human_id"},
+        where=newer,
+    )
+    try:
+        with db.begin_nested():
+            db.execute(stmt)
+    except IntegrityError:
+        raise PermanentUpstreamError(
+            "clientUserId already belongs to another humanId"
+        ) from None
+    current = db.scalar(select(User.session_hash).where(User.human_id == human_id))
+    return current == session_hash
+
+
+def get_user(db: DbSession, cipher: Cipher, client_user_id: str) -> StoredUser | None:
+    """A user's decrypted tokens by clientUserId, or None."""
+    row = db.scalar(select(User).where(User.client_user_id == client_user_id))
+    if row is None:
+        return None
+    return StoredUser(
+        client_user_id=row.client_user_id,
+        human_id=row.human_id,
+        access_token=cipher.open(row.access_token),
+        public_token=cipher.open(row.public_token) if row.public_token else None,
+        updated_at=row.updated_at,
+    )
+
+
+def get_public_token(db: DbSession, cipher: Cipher, human_id: str) -> str | None:
+    """A user's current publicToken by humanId, decrypted, or None."""
+    sealed = db.scalar(select(User.public_token).where(User.human_id == human_id))
+    return cipher.open(sealed) if sealed else None

@@ -1,0 +1,101 @@
+"""Celery tasks: thin verbs that load what they need and call worker.exchange."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery import Task, signals
+from sqlalchemy.exc import OperationalError
+
+from worker import logs, migrate
+from worker.celery import EXCHANGE_TASK, app
+from worker.errors import ConfigError
+from worker.exchange import Exchanger, Job, backoff
+from worker.ratelimit import GlobalRateLimiter
+from worker.runtime import Runtime
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def runtime() -> Runtime:
+    return Runtime(get_settings())
+
+
+@lru_cache(maxsize=1)
+def exchanger() -> Exchanger:
+    rt = runtime()
+    assert rt.settings.redis_url is not None
+    limiter = GlobalRateLimiter(rt.settings.redis_url, rt.settings.max_rps)
+    return Exchanger(rt, limiter.acquire)
+
+
+@app.task(bind=True, name=EXCHANGE_TASK, max_retries=None)
+def exchange_session(
+    self: Task,
+    request_id: str,
+    human_id: str,
+    client_id: str,
+    sealed_session_token: str,
+    received_us: int,
+) -> None:
+    """Exchange one accepted session for tokens, store them, or schedule the next try."""
+    rt = runtime()
+    job = Job(
+        request_id=request_id,
+        human_id=human_id,
+        client_id=client_id,
+        session_token=rt.cipher.open(sealed_session_token),
+        received_us=received_us,
+    )
+    retries = self.request.retries or 0
+    try:
+        outcome = exchanger().run(job, retries=retries)
+    except (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        # Our own infrastructure, not the session, is at fault: never fail the user for it.
+        pause = backoff(retries, initial=1.0, cap=rt.settings.retry_max_countdown_s, retry_after=None)
+        log.warning(
+            "infrastructure error, retrying request=%s in=%.1fs error=%s",
+            request_id,
+            pause,
+            type(exc).__name__,
+        )
+        raise self.retry(countdown=pause, exc=exc) from None
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
+
+
+def _require_or_exit(*, secret: bool) -> None:
+    settings = get_settings()
+    try:
+        settings.require(secret=secret)
+    except ConfigError as exc:
+        sys.stderr.write(f"humanconnect: {exc}\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+
+@signals.worker_init.connect
+def _on_worker_init(**_: Any) -> None:
+    _require_or_exit(secret=True)
+    settings = get_settings()
+    if settings.auto_migrate:
+        migrate.upgrade(settings.database_url)
+
+
+@signals.beat_init.connect
+def _on_beat_init(**_: Any) -> None:
+    _require_or_exit(secret=False)
+
+
+@signals.after_setup_logger.connect
+def _on_setup_logger(**_: Any) -> None:
+    settings = get_settings()
+    secret = settings.client_secret.get_secret_value() if settings.client_secret else ""
+    logs.install([secret], as_json=settings.log_json)
