@@ -24,7 +24,7 @@ from tenacity import (
     stop_after_attempt,
     stop_after_delay,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from worker import status, store
@@ -222,7 +222,7 @@ class Exchanger:
         for attempt in Retrying(
             retry=retry_if_exception_type(OperationalError),
             stop=stop_after_delay(LOCK_TTL_S * 0.8),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
             reraise=True,
         ):
             with attempt, self.rt.db() as db:
@@ -299,7 +299,7 @@ class Exchanger:
 
 def _wait_honouring_retry_after(initial: float, budget: float):  # type: ignore[no-untyped-def]
     """Exponential jittered waits, or the upstream's Retry-After when it asks for longer."""
-    base = wait_exponential_jitter(initial=initial, max=max(initial, budget / 2), jitter=initial)
+    base = wait_random_exponential(multiplier=max(initial, 0.001), max=max(initial, budget / 2))
 
     def wait(state: RetryCallState) -> float:
         pause = base(state)

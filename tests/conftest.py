@@ -1,0 +1,127 @@
+"""Fixtures: real Redis, SQLite and PostgreSQL databases, the upstream stand-in, settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from humanconnect.standin import Faults, Running, StandIn
+from tests.support import (
+    CI,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FERNET_KEY,
+    RedisServer,
+    create_pg_database,
+    drop_pg_database,
+)
+from worker import migrate
+from worker.db import dispose_all
+from worker.runtime import Runtime
+from worker.settings import Settings
+
+PG_BASE = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: the machine's (HUMANCONNECT_TEST_REDIS_URL) or one we start."""
+    given = os.environ.get("HUMANCONNECT_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """The shared Redis, flushed before and after the test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own, which it may kill and restart."""
+    server = RedisServer(tmp_path / "own-redis").start()
+    yield server
+    server.stop()
+
+
+def _pg_or_skip() -> str:
+    if not PG_BASE:
+        if CI:
+            raise RuntimeError("HUMANCONNECT_TEST_POSTGRES_URL must be set in CI")
+        pytest.skip("no PostgreSQL configured (set HUMANCONNECT_TEST_POSTGRES_URL)")
+    return PG_BASE
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty, migrated database: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'hc.db'}"
+        migrate.upgrade(url)
+        yield url
+        dispose_all()
+        return
+    base = _pg_or_skip()
+    url = create_pg_database(base)
+    migrate.upgrade(url)
+    yield url
+    drop_pg_database(base, url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    """An empty, migrated SQLite database only."""
+    url = f"sqlite:///{tmp_path / 'hc.db'}"
+    migrate.upgrade(url)
+    yield url
+    dispose_all()
+
+
+@pytest.fixture
+def standin() -> Iterator[Running]:
+    """The upstream stand-in listening on a port, with this app's credentials."""
+    running = Running(StandIn(CLIENT_ID, CLIENT_SECRET, Faults(), seed=7)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_settings(redis_url: str) -> Callable[..., Settings]:
+    """Settings for tests: the given variables, nothing from the developer's environment."""
+
+    def make(**env: str) -> Settings:
+        values = {
+            "HUMANAPI_CLIENT_ID": CLIENT_ID,
+            "HUMANAPI_CLIENT_SECRET": CLIENT_SECRET,
+            "REDIS_URL": redis_url,
+            "HUMANCONNECT_ENCRYPTION_KEYS": FERNET_KEY,
+            "HUMANAPI_MAX_RPS": "1000",
+            "HUMANCONNECT_RETRY_INITIAL_S": "0.01",
+            "HUMANCONNECT_RETRY_INLINE_BUDGET_S": "0.2",
+            "HUMANCONNECT_AUTO_MIGRATE": "0",
+            **env,
+        }
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def runtime(make_settings: Callable[..., Settings], db_url: str, standin: Running) -> Runtime:
+    """A runtime on the shared Redis, a fresh database and the stand-in."""
+    return Runtime(make_settings(DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url))

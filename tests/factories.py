@@ -1,0 +1,36 @@
+"""Factories for test data: session token objects shaped like the ones seen in the wild."""
+
+from __future__ import annotations
+
+import secrets
+
+from tests.support import CLIENT_ID
+from worker.exchange import Job, now_us
+
+
+def human_id() -> str:
+    return secrets.token_hex(12)
+
+
+def session_token() -> str:
+    return secrets.token_hex(16)
+
+
+def finish_body(**over: str) -> dict[str, str]:
+    """A valid `sessionTokenObject` for this app."""
+    body = {"humanId": human_id(), "clientId": CLIENT_ID, "sessionToken": session_token()}
+    body.update(over)
+    return body
+
+
+def job(**over: object) -> Job:
+    """A queued job as the worker sees it, received now."""
+    values: dict[str, object] = {
+        "request_id": secrets.token_urlsafe(16),
+        "human_id": human_id(),
+        "client_id": CLIENT_ID,
+        "session_token": session_token(),
+        "received_us": now_us(),
+    }
+    values.update(over)
+    return Job(**values)  # type: ignore[arg-type]

@@ -1,0 +1,165 @@
+"""The exchange logic against a real Redis, a real database and the stand-in (no Celery)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from humanconnect.standin import Faults, Running
+from tests import factories
+from worker import status, store
+from worker.crypto import session_hash
+from worker.exchange import Exchanger, Job
+from worker.models import Session, User
+from worker.runtime import Runtime
+
+
+def exchanger(rt: Runtime) -> Exchanger:
+    return Exchanger(rt, lambda: 0.0)
+
+
+def session_row(rt: Runtime, job: Job) -> Session:
+    with rt.db() as db:
+        row = db.get(Session, session_hash(job.session_token))
+        assert row is not None
+        return row
+
+
+def test_success_stores_encrypted_tokens_and_status(runtime: Runtime, standin: Running, redis_client) -> None:
+    """A good session ends `succeeded`, its tokens stored encrypted and readable back."""
+    job = factories.job()
+    outcome = exchanger(runtime).run(job)
+    assert outcome.state == "succeeded" and outcome.upstream_calls == 1
+    issued = standin.state.by_human[job.human_id]
+    with runtime.db() as db:
+        raw = db.scalar(select(User).where(User.human_id == job.human_id))
+        assert raw is not None
+        assert issued.access_token not in raw.access_token
+        assert issued.public_token not in (raw.public_token or "")
+        user = store.get_user(db, runtime.cipher, issued.client_user_id)
+    assert user is not None
+    assert user.access_token == issued.access_token
+    assert user.public_token == issued.public_token
+    record = status.get_state(runtime.redis, job.request_id)
+    assert record is not None and record["state"] == "succeeded"
+    assert record["clientUserId"] == issued.client_user_id
+    assert runtime.cipher.open(record["publicToken"]) == issued.public_token
+    assert issued.access_token not in str(record)
+
+
+def test_second_delivery_never_calls_upstream_again(runtime: Runtime, standin: Running, redis_client) -> None:
+    """A duplicate delivery after success is answered from the record: one upstream call."""
+    job = factories.job()
+    ex = exchanger(runtime)
+    assert ex.run(job).state == "succeeded"
+    again = ex.run(job)
+    assert again.state == "succeeded" and again.upstream_calls == 0
+    assert sum(standin.state.exchanges.values()) == 1
+    assert standin.state.calls["tokens:used"] == 0
+
+
+def test_duplicate_under_another_request_id_mirrors_the_outcome(runtime: Runtime, standin: Running, redis_client) -> None:
+    """The same session queued twice (a producer retry) resolves the second request too."""
+    first = factories.job()
+    second = factories.job(session_token=first.session_token, human_id=first.human_id)
+    assert exchanger(runtime).run(first).state == "succeeded"
+    assert exchanger(runtime).run(second).state == "succeeded"
+    record = status.get_state(runtime.redis, second.request_id)
+    assert record is not None and record["state"] == "succeeded"
+    assert runtime.cipher.open(record["publicToken"]) == standin.state.by_human[first.human_id].public_token
+    assert sum(standin.state.exchanges.values()) == 1
+
+
+@pytest.mark.parametrize("code", [401, 400, 403, 404])
+def test_permanent_refusal_fails_without_retry(runtime: Runtime, standin: Running, redis_client, code: int) -> None:
+    """A 4xx refusal ends `failed` with a reason after exactly one call."""
+    standin.state.faults = Faults(refuse_status=code)
+    job = factories.job()
+    outcome = exchanger(runtime).run(job)
+    assert outcome.state == "failed" and outcome.retry_in is None
+    assert outcome.upstream_calls == 1
+    row = session_row(runtime, job)
+    assert row.state == "failed" and row.error_kind == "permanent"
+    assert str(code) in (row.error or "")
+    record = status.get_state(runtime.redis, job.request_id)
+    assert record is not None and record["state"] == "failed" and str(code) in record["error"]
+
+
+def test_transient_outage_asks_for_a_later_retry(runtime: Runtime, standin: Running, redis_client) -> None:
+    """503s past the inline budget end the run as `retrying` with a countdown, not failed."""
+    standin.state.faults = Faults(down=True)
+    job = factories.job()
+    outcome = exchanger(runtime).run(job, retries=3)
+    assert outcome.state == "retrying"
+    assert outcome.retry_in is not None and 0 < outcome.retry_in <= runtime.settings.retry_max_countdown_s
+    assert 1 <= outcome.upstream_calls <= 4
+    assert session_row(runtime, job).state == "retrying"
+    # When the upstream is back, the next delivery finishes it.
+    standin.state.faults = Faults()
+    assert exchanger(runtime).run(job, retries=4).state == "succeeded"
+
+
+def test_retry_after_is_honoured_in_the_countdown(runtime: Runtime, standin: Running, redis_client) -> None:
+    """A 429 asking for 30 s is not retried sooner than that."""
+    standin.state.faults = Faults(p429=1.0, retry_after_s=30)
+    outcome = exchanger(runtime).run(factories.job())
+    assert outcome.state == "retrying" and outcome.retry_in is not None
+    assert outcome.retry_in >= 30
+    # The inline retries stop rather than sleep 30 s in a worker thread.
+    assert outcome.upstream_calls == 1
+
+
+def test_outage_longer_than_the_window_fails_as_transient(make_settings, db_url: str, standin: Running, redis_client) -> None:
+    """Past the retry window, a session fails with a reason that says the upstream was down."""
+    rt = Runtime(make_settings(DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url,
+                               HUMANCONNECT_RETRY_WINDOW_S="1"))
+    standin.state.faults = Faults(down=True)
+    job = factories.job(received_us=factories.now_us() - 5_000_000)
+    outcome = exchanger(rt).run(job)
+    assert outcome.state == "failed"
+    row = session_row(rt, job)
+    assert row.error_kind == "transient" and "retry window" in (row.error or "")
+
+
+def test_lost_answer_then_refusal_is_reported_apart(runtime: Runtime, standin: Running, redis_client) -> None:
+    """Upstream consumed the token but the answer was dropped: failed as `answer_lost`."""
+    standin.state.faults = Faults(drop_after=1.0)
+    job = factories.job()
+    outcome = exchanger(runtime).run(job)
+    # The inline retry hits the consumed token and is refused.
+    assert outcome.state == "failed"
+    row = session_row(runtime, job)
+    assert row.error_kind == "answer_lost"
+    assert "connect again" in (row.error or "")
+    assert sum(standin.state.exchanges.values()) == 1
+
+
+def test_older_session_never_overwrites_newer(runtime: Runtime, standin: Running, redis_client) -> None:
+    """Two sessions of one user finishing in reverse order: the newer tokens stay."""
+    human = factories.human_id()
+    older = factories.job(human_id=human, received_us=factories.now_us() - 1_000_000)
+    newer = factories.job(human_id=human)
+    ex = exchanger(runtime)
+    assert ex.run(newer).state == "succeeded"
+    newer_tokens = standin.state.by_session[newer.session_token]
+    assert ex.run(older).state == "succeeded"
+    with runtime.db() as db:
+        user = store.get_user(db, runtime.cipher, newer_tokens.client_user_id)
+    assert user is not None
+    assert user.access_token == newer_tokens.access_token
+    assert user.public_token == newer_tokens.public_token
+
+
+def test_busy_session_is_not_run_twice_at_once(runtime: Runtime, standin: Running, redis_client) -> None:
+    """While one delivery holds a session, another backs off without calling upstream."""
+    from redis.lock import Lock
+
+    job = factories.job()
+    held = Lock(runtime.redis, f"hc:lock:session:{session_hash(job.session_token)}", timeout=30)
+    assert held.acquire(blocking=False)
+    try:
+        outcome = exchanger(runtime).run(job)
+    finally:
+        held.release()
+    assert outcome.state == "busy" and outcome.retry_in
+    assert standin.state.calls.total() == 0
