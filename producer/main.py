@@ -1,16 +1,13 @@
 """The ASGI entry point the Procfile's `web` runs: `uvicorn producer.main:app`."""
 
-import sys
-
 from producer.app import create_app
 from worker.errors import ConfigError
-from worker.settings import get_settings
+from worker.settings import exit_on_config_error, settings_or_exit
 
+settings = settings_or_exit()
 try:
-    get_settings().require(secret=False)
+    settings.require(secret=False)
 except ConfigError as exc:
-    # One clear line naming the variable, no traceback, no secret.
-    sys.stderr.write(f"humanconnect: {exc}\n")
-    raise SystemExit(2) from None
+    exit_on_config_error(str(exc))
 
-app = create_app(get_settings())
+app = create_app(settings)

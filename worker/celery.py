@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, settings_or_exit
 
 QUEUE = "humanconnect"
 VISIBILITY_TIMEOUT_S = 180
@@ -70,4 +70,4 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-configure(get_settings())
+configure(settings_or_exit())

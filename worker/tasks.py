@@ -72,12 +72,12 @@ def exchange_session(
 
 
 def _require_or_exit(*, secret: bool) -> None:
-    settings = get_settings()
     try:
-        settings.require(secret=secret)
+        get_settings().require(secret=secret)
     except ConfigError as exc:
         sys.stderr.write(f"humanconnect: {exc}\n")
         sys.stderr.flush()
+        # Celery's startup would turn SystemExit into a traceback: leave at once.
         os._exit(2)
 
 

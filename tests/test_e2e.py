@@ -1,0 +1,233 @@
+"""End to end through real processes: uvicorn `web`, a `celery` worker, Redis, the stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import select, text
+
+from humanconnect.standin import Faults, Running
+from tests import factories
+from tests.support import (
+    BIN,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FERNET_KEY,
+    ROOT,
+    Process,
+    service_env,
+    start_web,
+    start_worker,
+    wait_for,
+)
+from worker import store
+from worker.crypto import Cipher
+from worker.db import session_factory
+from worker.models import Session, User
+
+
+@dataclass
+class Deployment:
+    url: str
+    env: dict[str, str]
+    web: Process
+    worker: Process
+    db_url: str
+    logs: list[Path]
+
+
+@pytest.fixture
+def deploy(redis_url: str, redis_client: redis.Redis, db_url: str, standin: Running, tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
+    """Start `web` and `worker` as the Procfile does, with only the contract's variables."""
+    started: list[Process] = []
+
+    def make(**extra: str) -> Deployment:
+        env = service_env(
+            REDIS_URL=redis_url,
+            DATABASE_URL=db_url,
+            HUMANAPI_BASE_URL=standin.url,
+            HUMANAPI_CLIENT_ID=CLIENT_ID,
+            HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
+            HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
+            HUMANAPI_MAX_RPS="500",
+            HUMANCONNECT_RETRY_INITIAL_S="0.05",
+            HUMANCONNECT_RETRY_INLINE_BUDGET_S="1",
+            HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
+            **extra,
+        )
+        web, url = start_web(env, ROOT, tmp_path / "web.log")
+        started.append(web)
+        worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=32)
+        started.append(worker)
+        return Deployment(url, env, web, worker, db_url, [tmp_path / "web.log", tmp_path / "worker.log"])
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+async def _burst(url: str, bodies: list[dict[str, str]], concurrency: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=concurrency)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def one(body: dict[str, str]) -> httpx.Response:
+            async with sem:
+                return await client.post("/connect/finish", json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def burst(url: str, bodies: list[dict[str, str]], concurrency: int = 50) -> list[httpx.Response]:
+    return asyncio.run(_burst(url, bodies, concurrency))
+
+
+def states(db_url: str) -> dict[str, int]:
+    with session_factory(db_url)() as db:
+        rows = db.execute(text("SELECT state, count(*) FROM sessions GROUP BY state")).all()
+    return {state: n for state, n in rows}
+
+
+def stored_users(db_url: str) -> dict[str, store.StoredUser]:
+    cipher = Cipher([FERNET_KEY])
+    with session_factory(db_url)() as db:
+        ids = db.scalars(select(User.client_user_id)).all()
+        return {u.human_id: u for u in (store.get_user(db, cipher, c) for c in ids) if u}
+
+
+@pytest.mark.slow
+def test_burst_with_upstream_faults_stores_everyone_once(deploy, standin: Running, redis_client: redis.Redis) -> None:
+    """300 sessions against 20 % 503, 10 % 429, 5 % drops: all stored, right tokens, no double."""
+    # Given an upstream that fails a third of its calls
+    standin.state.faults = Faults(p503=0.20, p429=0.10, pdrop=0.05, retry_after_s=0.2, latency_ms=5)
+    d = deploy()
+    bodies = [factories.finish_body() for _ in range(300)]
+    # When 300 users finish at once
+    responses = burst(d.url, bodies)
+    # Then every one is accepted at once ...
+    assert [r.status_code for r in responses] == [202] * 300
+    # ... and ends stored with exactly the tokens the upstream issued, exchanged once each.
+    wait_for(lambda: states(d.db_url).get("succeeded") == 300, 240, interval=0.5,
+             what="300 succeeded sessions")
+    assert states(d.db_url) == {"succeeded": 300}
+    assert standin.state.exchanges.total() == 300
+    assert max(standin.state.exchanges.values()) == 1
+    faults = {k: v for k, v in standin.state.calls.items() if k.split(":")[1] in ("503", "429", "drop")}
+    assert sum(faults.values()) > 50, faults
+    users = stored_users(d.db_url)
+    assert len(users) == 300
+    for body in bodies:
+        issued = standin.state.by_human[body["humanId"]]
+        user = users[body["humanId"]]
+        assert (user.access_token, user.public_token, user.client_user_id) == (
+            issued.access_token, issued.public_token, issued.client_user_id)
+    # And each status URL says so, with the publicToken and never the accessToken.
+    for resp, body in list(zip(responses, bodies, strict=True))[:20]:
+        status = httpx.get(d.url + resp.headers["Location"]).json()
+        assert status["status"] == "succeeded"
+        assert status["publicToken"] == standin.state.by_human[body["humanId"]].public_token
+        assert users[body["humanId"]].access_token not in str(status)
+    # No secret anywhere: Redis, logs, database.
+    assert_no_secrets(d, redis_client, [u.access_token for u in users.values()])
+
+
+def assert_no_secrets(d: Deployment, r: redis.Redis, access_tokens: list[str]) -> None:
+    needles = [CLIENT_SECRET, *access_tokens]
+    redis_blob = b"".join(k + (r.dump(k) or b"") for k in r.keys("*"))
+    for needle in needles:
+        assert needle.encode() not in redis_blob
+    for log in d.logs:
+        text_ = log.read_text(errors="replace")
+        assert "ready." in text_ or "Uvicorn running" in text_ or "Started server" in text_
+        for needle in needles:
+            assert needle not in text_, f"secret in {log.name}"
+    with session_factory(d.db_url)() as db:
+        dump = "\n".join(
+            str(tuple(row))
+            for table in ("users", "sessions")
+            for row in db.execute(text(f"SELECT * FROM {table}")).all()  # noqa: S608 - fixed names
+        )
+    for needle in needles:
+        assert needle not in dump
+
+
+def test_five_concurrent_posts_of_one_session_exchange_once(deploy, standin: Running) -> None:
+    """The same session token posted 5 times at once: one upstream exchange, one stored set."""
+    d = deploy()
+    body = factories.finish_body()
+    responses = burst(d.url, [body] * 5, concurrency=5)
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["requestId"] for r in responses}) == 1
+    wait_for(lambda: states(d.db_url).get("succeeded") == 1, 30, what="the session to succeed")
+    # A late duplicate is answered from the record, no second exchange.
+    again = httpx.post(d.url + "/connect/finish", json=body)
+    assert again.status_code == 202 and again.json()["status"] == "succeeded"
+    assert standin.state.exchanges.total() == 1
+    assert standin.state.calls["tokens:used"] == 0
+    assert len(stored_users(d.db_url)) == 1
+
+
+def test_permanent_refusal_is_failed_with_a_reason(deploy, standin: Running) -> None:
+    """An upstream 401 ends `failed` with a reason after one call, no endless retry."""
+    standin.state.faults = Faults(refuse_status=401)
+    d = deploy()
+    resp = httpx.post(d.url + "/connect/finish", json=factories.finish_body())
+    assert resp.status_code == 202
+    url = d.url + resp.headers["Location"]
+    final = wait_for(lambda: (s := httpx.get(url).json())["status"] == "failed" and s, 30,
+                     what="failed status")
+    assert "401" in final["error"]
+    assert standin.state.calls["tokens:401"] == 1
+    with session_factory(d.db_url)() as db:
+        row = db.scalar(select(Session))
+        assert row is not None and row.state == "failed" and row.attempts == 1
+
+
+def test_two_sessions_of_one_user_in_reverse_order_keep_the_newer(deploy, standin: Running) -> None:
+    """The older session's exchange finishing last does not overwrite the newer tokens."""
+    # Given the first session's exchange is held up by a 429 asking for 2 s
+    standin.state.faults = Faults(p429=1.0, retry_after_s=2)
+    d = deploy()
+    human = factories.human_id()
+    older, newer = factories.finish_body(humanId=human), factories.finish_body(humanId=human)
+    assert httpx.post(d.url + "/connect/finish", json=older).status_code == 202
+    wait_for(lambda: standin.state.calls["tokens:429"] >= 1, 10, what="the older session to be held")
+    # When the newer session arrives once the upstream is healthy, and finishes first
+    standin.state.faults = Faults()
+    assert httpx.post(d.url + "/connect/finish", json=newer).status_code == 202
+    wait_for(lambda: states(d.db_url).get("succeeded") == 2, 30, what="both sessions")
+    order = [t for t in standin.state.by_session if t in (older["sessionToken"], newer["sessionToken"])]
+    assert order == [newer["sessionToken"], older["sessionToken"]], "the older must finish last"
+    # Then the newer session's tokens are the stored ones
+    user = stored_users(d.db_url)[human]
+    assert user.access_token == standin.state.by_session[newer["sessionToken"]].access_token
+
+
+def test_worker_refuses_to_start_without_a_required_variable(tmp_path: Path) -> None:
+    """A worker with no REDIS_URL exits at once with one line naming it, no secret shown."""
+    env = service_env(HUMANAPI_CLIENT_ID=CLIENT_ID, HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
+                      HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY)
+    proc = subprocess.run([str(BIN / "celery"), "-A", "worker", "worker"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "REDIS_URL" in proc.stderr
+    assert CLIENT_SECRET not in proc.stderr + proc.stdout
+
+
+def test_web_refuses_a_malformed_key_naming_it(tmp_path: Path, redis_url: str) -> None:
+    """A web process with a malformed encryption key stops with one line, never the value."""
+    env = service_env(REDIS_URL=redis_url, HUMANAPI_CLIENT_ID=CLIENT_ID,
+                      HUMANCONNECT_ENCRYPTION_KEYS="not-a-key-value-xyz")
+    proc = subprocess.run([str(BIN / "uvicorn"), "producer.main:app"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and "HUMANCONNECT_ENCRYPTION_KEYS" in lines[0]
+    assert "not-a-key-value-xyz" not in proc.stderr
