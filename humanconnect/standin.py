@@ -76,7 +76,13 @@ def client_user_id_for(human_id: str) -> str:
 class StandIn:
     """The aiohttp application and its state."""
 
-    def __init__(self, client_id: str, client_secret: str, faults: Faults | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str,
+        faults: Faults | None = None,
+        seed: int | None = None,
+    ):
         self.state = State(client_id, client_secret, faults or Faults(), random.Random(seed))
         self.app = web.Application()
         self.app.add_routes(
@@ -287,7 +293,9 @@ class Running:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m humanconnect.standin`: serve the stand-in in the foreground."""
-    parser = argparse.ArgumentParser(description="Local stand-in of the Human API (not the real one)")
+    parser = argparse.ArgumentParser(
+        description="Local stand-in of the Human API (not the real one)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8900)
     parser.add_argument("--client-id", required=True)

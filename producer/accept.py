@@ -11,11 +11,11 @@ from celery import Celery
 from producer.body import FinishBody
 from worker import status
 from worker.celery import EXCHANGE_TASK
+from worker.clock import now
 from worker.crypto import session_hash
 from worker.errors import HumanConnectError, QueueUnavailableError
 from worker.exchange import to_us
 from worker.runtime import Runtime
-from worker.clock import now
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 import redis
 from celery import Celery
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
@@ -30,8 +30,15 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RETRY_AFTER_S = "2"
 
 
-def _error(status_code: int, error: str, fields: dict[str, str] | None = None, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": error, "fields": fields or {}}, status_code=status_code, headers=headers)
+def _error(
+    status_code: int,
+    error: str,
+    fields: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": error, "fields": fields or {}}, status_code=status_code, headers=headers
+    )
 
 
 def status_body(rt: Runtime, request_id: str) -> dict[str, Any] | None:
@@ -101,7 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FinishBody"}}},
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/FinishBody"}}
+                },
             }
         },
     )
@@ -117,10 +126,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             accepted = await run_in_threadpool(accept, rt, celery_app, body)
         except SessionConflict:
-            return _error(409, "sessionToken already used with another humanId", {"humanId": "conflict"})
+            return _error(
+                409, "sessionToken already used with another humanId", {"humanId": "conflict"}
+            )
         except QueueUnavailableError as exc:
             log.warning("finish refused: %s", exc)
-            return _error(503, "queue unavailable, try again", **{"Retry-After": RETRY_AFTER_S})
+            return _error(
+                503, "queue unavailable, try again", headers={"Retry-After": RETRY_AFTER_S}
+            )
         url = f"/connect/finish/{accepted.request_id}"
         return JSONResponse(
             {"requestId": accepted.request_id, "status": accepted.state, "statusUrl": url},
@@ -135,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             body = await run_in_threadpool(status_body, rt, request_id)
         except OperationalError:
-            return _error(503, "status store unavailable", **{"Retry-After": RETRY_AFTER_S})
+            return _error(503, "status store unavailable", headers={"Retry-After": RETRY_AFTER_S})
         if body is None:
             return _error(404, "unknown requestId")
         return JSONResponse(body)
@@ -148,7 +161,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz() -> JSONResponse:
         checks = await run_in_threadpool(_readiness, rt)
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
 
     # Document the body schema (the handler reads the raw body to enforce the size limit).
     original_openapi = api.openapi

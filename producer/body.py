@@ -72,7 +72,9 @@ def check_content_type(request: Request) -> None:
     """415 unless the body is declared as application/json."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise BadRequest(415, "Content-Type must be application/json", {"Content-Type": media or "missing"})
+        raise BadRequest(
+            415, "Content-Type must be application/json", {"Content-Type": media or "missing"}
+        )
 
 
 def parse(raw: bytes) -> FinishBody:
@@ -90,6 +92,10 @@ def parse(raw: bytes) -> FinishBody:
         for err in exc.errors():
             loc = err.get("loc") or ("body",)
             name = str(loc[0])
-            name = {"human_id": "humanId", "client_id": "clientId", "session_token": "sessionToken"}.get(name, name)
+            name = {
+                "human_id": "humanId",
+                "client_id": "clientId",
+                "session_token": "sessionToken",
+            }.get(name, name)
             fields.setdefault(name, _MESSAGES.get(err["type"], err["msg"]))
         raise BadRequest(400, "invalid fields", fields) from None

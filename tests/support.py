@@ -32,7 +32,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+def wait_for(
+    check: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll `check` until it returns something truthy; fail the test past `timeout`."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -74,13 +76,20 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.workdir),
-            "--save", "",
-            "--appendonly", "yes" if self.aof else "no",
-            "--appendfsync", "always",
-            "--logfile", str(self.workdir / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.aof else "no",
+            "--appendfsync",
+            "always",
+            "--logfile",
+            str(self.workdir / "redis.log"),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
@@ -139,7 +148,12 @@ class Process:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def alive(self) -> bool:
@@ -167,8 +181,15 @@ def start_web(env: dict[str, str], cwd: Path, log: Path) -> tuple[Process, str]:
     port = free_port()
     proc = Process(
         "web",
-        [str(BIN / "uvicorn"), "producer.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log"],
+        [
+            str(BIN / "uvicorn"),
+            "producer.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
         env,
         cwd,
         log,
@@ -176,16 +197,30 @@ def start_web(env: dict[str, str], cwd: Path, log: Path) -> tuple[Process, str]:
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    wait_for(lambda: proc.alive() and httpx.get(url + "/healthz", timeout=1).status_code == 200,
-             30, what="web to start")
+    wait_for(
+        lambda: proc.alive() and httpx.get(url + "/healthz", timeout=1).status_code == 200,
+        30,
+        what="web to start",
+    )
     return proc, url
 
 
 def start_worker(env: dict[str, str], cwd: Path, log: Path, *, concurrency: int = 16) -> Process:
     proc = Process(
         "worker",
-        [str(BIN / "celery"), "-A", "worker", "worker", "-l", "INFO", "--concurrency", str(concurrency),
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        [
+            str(BIN / "celery"),
+            "-A",
+            "worker",
+            "worker",
+            "-l",
+            "INFO",
+            "--concurrency",
+            str(concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
         env,
         cwd,
         log,
@@ -193,3 +228,40 @@ def start_worker(env: dict[str, str], cwd: Path, log: Path, *, concurrency: int 
     wait_for(lambda: not proc.alive() or "ready." in proc.output(), 60, what="worker to be ready")
     assert proc.alive(), proc.output()[-3000:]
     return proc
+
+
+def _celery_body(raw: bytes) -> bytes:
+    """A queued Celery message with its base64 body decoded, so a grep sees the payload."""
+    import base64
+    import json
+
+    try:
+        message = json.loads(raw)
+        body = base64.b64decode(message["body"])
+    except (ValueError, KeyError, TypeError):
+        return raw
+    return raw + b"\n" + body
+
+
+def redis_text(r: Any) -> bytes:
+    """Every key and value in `r`'s database as plain bytes (DUMP may compress, so read by type)."""
+    out: list[Any] = []
+    for key in r.scan_iter(count=1000):
+        out.append(key)
+        kind = r.type(key)
+        if kind == b"string":
+            out.append(r.get(key) or b"")
+        elif kind == b"list":
+            out.extend(_celery_body(v) for v in r.lrange(key, 0, -1))
+        elif kind == b"hash":
+            for k, v in r.hgetall(key).items():
+                out.extend((k, _celery_body(v)))
+        elif kind == b"set":
+            out.extend(r.smembers(key))
+        elif kind == b"zset":
+            out.extend(_celery_body(m) for m in r.zrange(key, 0, -1))
+        elif kind == b"stream":
+            for _id, fields in r.xrange(key):
+                for k, v in fields.items():
+                    out.extend((k, v))
+    return b"\n".join(out)

@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from tests import factories
-from tests.support import CLIENT_ID, CLIENT_SECRET, RedisServer
+from tests.support import CLIENT_ID, CLIENT_SECRET, RedisServer, redis_text
 from worker.celery import QUEUE
 from worker.settings import Settings
 
@@ -20,7 +20,9 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-def client(make_settings: Callable[..., Settings], sqlite_url: str, redis_client: redis.Redis) -> Iterator[TestClient]:
+def client(
+    make_settings: Callable[..., Settings], sqlite_url: str, redis_client: redis.Redis
+) -> Iterator[TestClient]:
     from producer.app import create_app
 
     with TestClient(create_app(make_settings(DATABASE_URL=sqlite_url))) as c:
@@ -48,14 +50,21 @@ def test_accepts_and_points_to_status(client: TestClient, redis_client: redis.Re
     assert len(messages) == 1
     status = client.get(data["statusUrl"])
     assert status.status_code == 200
-    assert status.json() == {"requestId": data["requestId"], "status": "queued", "humanId": body["humanId"]}
+    assert status.json() == {
+        "requestId": data["requestId"],
+        "status": "queued",
+        "humanId": body["humanId"],
+    }
 
 
-def test_queue_message_holds_no_secret_and_no_clear_session_token(client: TestClient, redis_client: redis.Redis) -> None:
+def test_queue_message_holds_no_secret_and_no_clear_session_token(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
     """The queued message carries a sealed session token, never it in clear, never the secret."""
     body = factories.finish_body()
     client.post("/connect/finish", json=body)
-    dump = b"".join(redis_client.dump(k) or b"" for k in redis_client.keys("*"))
+    dump = redis_text(redis_client)
+    assert body["humanId"].encode() in dump, "the scan must see the queued message's payload"
     assert body["sessionToken"].encode() not in dump
     assert CLIENT_SECRET.encode() not in dump
 
@@ -92,15 +101,57 @@ BAD = [
     # (what, headers, raw body, status, field)
     ("not json", JSON, b"{nope", 400, None),
     ("json array", JSON, b"[]", 400, None),
-    ("missing humanId", JSON, json.dumps({"clientId": CLIENT_ID, "sessionToken": "a" * 32}).encode(), 400, "humanId"),
-    ("empty sessionToken", JSON, json.dumps({"humanId": "h1", "clientId": CLIENT_ID, "sessionToken": ""}).encode(), 400, "sessionToken"),
-    ("number humanId", JSON, json.dumps({"humanId": 12, "clientId": CLIENT_ID, "sessionToken": "a"}).encode(), 400, "humanId"),
-    ("bad characters", JSON, json.dumps({"humanId": "h 1;", "clientId": CLIENT_ID, "sessionToken": "a"}).encode(), 400, "humanId"),
-    ("too long", JSON, json.dumps({"humanId": "h" * 129, "clientId": CLIENT_ID, "sessionToken": "a"}).encode(), 400, "humanId"),
-    ("null token", JSON, json.dumps({"humanId": "h", "clientId": CLIENT_ID, "sessionToken": None}).encode(), 400, "sessionToken"),
+    (
+        "missing humanId",
+        JSON,
+        json.dumps({"clientId": CLIENT_ID, "sessionToken": "a" * 32}).encode(),
+        400,
+        "humanId",
+    ),
+    (
+        "empty sessionToken",
+        JSON,
+        json.dumps({"humanId": "h1", "clientId": CLIENT_ID, "sessionToken": ""}).encode(),
+        400,
+        "sessionToken",
+    ),
+    (
+        "number humanId",
+        JSON,
+        json.dumps({"humanId": 12, "clientId": CLIENT_ID, "sessionToken": "a"}).encode(),
+        400,
+        "humanId",
+    ),
+    (
+        "bad characters",
+        JSON,
+        json.dumps({"humanId": "h 1;", "clientId": CLIENT_ID, "sessionToken": "a"}).encode(),
+        400,
+        "humanId",
+    ),
+    (
+        "too long",
+        JSON,
+        json.dumps({"humanId": "h" * 129, "clientId": CLIENT_ID, "sessionToken": "a"}).encode(),
+        400,
+        "humanId",
+    ),
+    (
+        "null token",
+        JSON,
+        json.dumps({"humanId": "h", "clientId": CLIENT_ID, "sessionToken": None}).encode(),
+        400,
+        "sessionToken",
+    ),
     ("form body", {"Content-Type": "application/x-www-form-urlencoded"}, b"humanId=x", 415, None),
     ("no content type", {}, json.dumps(factories.finish_body()).encode(), 415, None),
-    ("other app", JSON, json.dumps(factories.finish_body(clientId="f" * 40)).encode(), 422, "clientId"),
+    (
+        "other app",
+        JSON,
+        json.dumps(factories.finish_body(clientId="f" * 40)).encode(),
+        422,
+        "clientId",
+    ),
     ("too big", JSON, b'{"humanId": "' + b"x" * 17000 + b'"}', 413, None),
     ("too big and not json", {"Content-Type": "text/plain"}, b"x" * 20000, 413, None),
     ("wrong type and bad json", {"Content-Type": "text/plain"}, b"{nope", 415, None),
@@ -110,7 +161,13 @@ BAD = [
 
 @pytest.mark.parametrize(("what", "headers", "raw", "code", "field"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_refused_and_nothing_enqueued(
-    client: TestClient, redis_client: redis.Redis, what: str, headers: dict, raw: bytes, code: int, field: str | None
+    client: TestClient,
+    redis_client: redis.Redis,
+    what: str,
+    headers: dict,
+    raw: bytes,
+    code: int,
+    field: str | None,
 ) -> None:
     """Each malformed body gets its status and a JSON error, and nothing reaches Redis."""
     resp = client.post("/connect/finish", content=raw, headers=headers)
@@ -122,7 +179,9 @@ def test_bad_input_is_refused_and_nothing_enqueued(
     assert nothing_written(redis_client)
 
 
-def test_same_session_posted_concurrently_is_queued_once(client: TestClient, redis_client: redis.Redis) -> None:
+def test_same_session_posted_concurrently_is_queued_once(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
     """Five concurrent posts of one session: one message, one requestId for all."""
     body = factories.finish_body()
     results: list = []
@@ -161,7 +220,11 @@ def test_openapi_documents_the_finish_body(client: TestClient) -> None:
     """/openapi.json describes POST /connect/finish with its three fields."""
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["components"]["schemas"]["FinishBody"]["required"]) == {"humanId", "clientId", "sessionToken"}
+    assert set(doc["components"]["schemas"]["FinishBody"]["required"]) == {
+        "humanId",
+        "clientId",
+        "sessionToken",
+    }
 
 
 def test_redis_down_answers_503_fast_then_recovers(

@@ -25,7 +25,9 @@ def session_row(rt: Runtime, job: Job) -> Session:
         return row
 
 
-def test_success_stores_encrypted_tokens_and_status(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_success_stores_encrypted_tokens_and_status(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """A good session ends `succeeded`, its tokens stored encrypted and readable back."""
     job = factories.job()
     outcome = exchanger(runtime).run(job)
@@ -47,7 +49,9 @@ def test_success_stores_encrypted_tokens_and_status(runtime: Runtime, standin: R
     assert issued.access_token not in str(record)
 
 
-def test_second_delivery_never_calls_upstream_again(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_second_delivery_never_calls_upstream_again(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """A duplicate delivery after success is answered from the record: one upstream call."""
     job = factories.job()
     ex = exchanger(runtime)
@@ -58,7 +62,9 @@ def test_second_delivery_never_calls_upstream_again(runtime: Runtime, standin: R
     assert standin.state.calls["tokens:used"] == 0
 
 
-def test_duplicate_under_another_request_id_mirrors_the_outcome(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_duplicate_under_another_request_id_mirrors_the_outcome(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """The same session queued twice (a producer retry) resolves the second request too."""
     first = factories.job()
     second = factories.job(session_token=first.session_token, human_id=first.human_id)
@@ -66,12 +72,17 @@ def test_duplicate_under_another_request_id_mirrors_the_outcome(runtime: Runtime
     assert exchanger(runtime).run(second).state == "succeeded"
     record = status.get_state(runtime.redis, second.request_id)
     assert record is not None and record["state"] == "succeeded"
-    assert runtime.cipher.open(record["publicToken"]) == standin.state.by_human[first.human_id].public_token
+    assert (
+        runtime.cipher.open(record["publicToken"])
+        == standin.state.by_human[first.human_id].public_token
+    )
     assert sum(standin.state.exchanges.values()) == 1
 
 
 @pytest.mark.parametrize("code", [401, 400, 403, 404])
-def test_permanent_refusal_fails_without_retry(runtime: Runtime, standin: Running, redis_client, code: int) -> None:
+def test_permanent_refusal_fails_without_retry(
+    runtime: Runtime, standin: Running, redis_client, code: int
+) -> None:
     """A 4xx refusal ends `failed` with a reason after exactly one call."""
     standin.state.faults = Faults(refuse_status=code)
     job = factories.job()
@@ -85,13 +96,18 @@ def test_permanent_refusal_fails_without_retry(runtime: Runtime, standin: Runnin
     assert record is not None and record["state"] == "failed" and str(code) in record["error"]
 
 
-def test_transient_outage_asks_for_a_later_retry(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_transient_outage_asks_for_a_later_retry(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """503s past the inline budget end the run as `retrying` with a countdown, not failed."""
     standin.state.faults = Faults(down=True)
     job = factories.job()
     outcome = exchanger(runtime).run(job, retries=3)
     assert outcome.state == "retrying"
-    assert outcome.retry_in is not None and 0 < outcome.retry_in <= runtime.settings.retry_max_countdown_s
+    assert (
+        outcome.retry_in is not None
+        and 0 < outcome.retry_in <= runtime.settings.retry_max_countdown_s
+    )
     assert 1 <= outcome.upstream_calls <= 4
     assert session_row(runtime, job).state == "retrying"
     # When the upstream is back, the next delivery finishes it.
@@ -99,7 +115,9 @@ def test_transient_outage_asks_for_a_later_retry(runtime: Runtime, standin: Runn
     assert exchanger(runtime).run(job, retries=4).state == "succeeded"
 
 
-def test_retry_after_is_honoured_in_the_countdown(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_retry_after_is_honoured_in_the_countdown(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """A 429 asking for 30 s is not retried sooner than that."""
     standin.state.faults = Faults(p429=1.0, retry_after_s=30)
     outcome = exchanger(runtime).run(factories.job())
@@ -109,10 +127,15 @@ def test_retry_after_is_honoured_in_the_countdown(runtime: Runtime, standin: Run
     assert outcome.upstream_calls == 1
 
 
-def test_outage_longer_than_the_window_fails_as_transient(make_settings, db_url: str, standin: Running, redis_client) -> None:
+def test_outage_longer_than_the_window_fails_as_transient(
+    make_settings, db_url: str, standin: Running, redis_client
+) -> None:
     """Past the retry window, a session fails with a reason that says the upstream was down."""
-    rt = Runtime(make_settings(DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url,
-                               HUMANCONNECT_RETRY_WINDOW_S="1"))
+    rt = Runtime(
+        make_settings(
+            DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url, HUMANCONNECT_RETRY_WINDOW_S="1"
+        )
+    )
     standin.state.faults = Faults(down=True)
     job = factories.job(received_us=factories.now_us() - 5_000_000)
     outcome = exchanger(rt).run(job)
@@ -121,7 +144,9 @@ def test_outage_longer_than_the_window_fails_as_transient(make_settings, db_url:
     assert row.error_kind == "transient" and "retry window" in (row.error or "")
 
 
-def test_lost_answer_then_refusal_is_reported_apart(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_lost_answer_then_refusal_is_reported_apart(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """Upstream consumed the token but the answer was dropped: failed as `answer_lost`."""
     standin.state.faults = Faults(drop_after=1.0)
     job = factories.job()
@@ -134,7 +159,9 @@ def test_lost_answer_then_refusal_is_reported_apart(runtime: Runtime, standin: R
     assert sum(standin.state.exchanges.values()) == 1
 
 
-def test_older_session_never_overwrites_newer(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_older_session_never_overwrites_newer(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """Two sessions of one user finishing in reverse order: the newer tokens stay."""
     human = factories.human_id()
     older = factories.job(human_id=human, received_us=factories.now_us() - 1_000_000)
@@ -150,7 +177,9 @@ def test_older_session_never_overwrites_newer(runtime: Runtime, standin: Running
     assert user.public_token == newer_tokens.public_token
 
 
-def test_busy_session_is_not_run_twice_at_once(runtime: Runtime, standin: Running, redis_client) -> None:
+def test_busy_session_is_not_run_twice_at_once(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
     """While one delivery holds a session, another backs off without calling upstream."""
     from redis.lock import Lock
 

@@ -174,11 +174,13 @@ class Exchanger:
             "succeeded",
             clientUserId=tokens.client_user_id,
             humanId=tokens.human_id,
-            **({"publicToken": self.rt.cipher.seal(tokens.public_token)} if tokens.public_token else {}),
+            **(
+                {"publicToken": self.rt.cipher.seal(tokens.public_token)}
+                if tokens.public_token
+                else {}
+            ),
         )
-        log.info(
-            "exchange succeeded request=%s calls=%d newest=%s", job.request_id, calls, applied
-        )
+        log.info("exchange succeeded request=%s calls=%d newest=%s", job.request_id, calls, applied)
         return Outcome("succeeded", upstream_calls=calls)
 
     # -- steps ---------------------------------------------------------------------------
@@ -283,9 +285,7 @@ class Exchanger:
         if row.state == "succeeded" and row.client_user_id:
             fields["clientUserId"] = row.client_user_id
             with self.rt.db() as db:
-                sealed = db.scalar(
-                    select(User.public_token).where(User.human_id == row.human_id)
-                )
+                sealed = db.scalar(select(User.public_token).where(User.human_id == row.human_id))
             if sealed:
                 fields["publicToken"] = sealed
         if row.state == "failed" and row.error:
@@ -297,7 +297,7 @@ class Exchanger:
         status.set_state(self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields)
 
 
-def _wait_honouring_retry_after(initial: float, budget: float):  # type: ignore[no-untyped-def]
+def _wait_honouring_retry_after(initial: float, budget: float) -> Callable[[RetryCallState], float]:
     """Exponential jittered waits, or the upstream's Retry-After when it asks for longer."""
     base = wait_random_exponential(multiplier=max(initial, 0.001), max=max(initial, budget / 2))
 

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     #: Bearer token for `GET /users/...`; unset disables the read-back.
     api_token: SecretStr | None = Field(None, validation_alias=_env("HUMANCONNECT_API_TOKEN"))
     #: Redis Stream that events go to.
-    events_stream: str = Field("humanconnect:events", validation_alias=_env("HUMANCONNECT_EVENTS_STREAM"))
+    events_stream: str = Field(
+        "humanconnect:events", validation_alias=_env("HUMANCONNECT_EVENTS_STREAM")
+    )
     #: Outbound requests per second to upstream, across all workers together.
     max_rps: float = Field(20.0, gt=0, validation_alias=_env("HUMANAPI_MAX_RPS"))
     #: How often beat runs the publicToken repair.
@@ -58,7 +60,9 @@ class Settings(BaseSettings):
     )
     #: How long a session keeps being retried through an upstream outage before it is failed.
     #: Two hours: the contract promises no loss to an outage shorter than one.
-    retry_window_s: float = Field(7200.0, gt=0, validation_alias=_env("HUMANCONNECT_RETRY_WINDOW_S"))
+    retry_window_s: float = Field(
+        7200.0, gt=0, validation_alias=_env("HUMANCONNECT_RETRY_WINDOW_S")
+    )
     #: Longest pause between two Celery-level retries. Must stay below the broker's visibility
     #: timeout (see worker.celery) or a waiting retry would be delivered twice.
     retry_max_countdown_s: float = Field(
@@ -71,14 +75,18 @@ class Settings(BaseSettings):
         4.0, ge=0, validation_alias=_env("HUMANCONNECT_RETRY_INLINE_BUDGET_S")
     )
     #: Upstream connect and read timeouts, in seconds.
-    connect_timeout_s: float = Field(3.05, gt=0, validation_alias=_env("HUMANAPI_CONNECT_TIMEOUT_S"))
+    connect_timeout_s: float = Field(
+        3.05, gt=0, validation_alias=_env("HUMANAPI_CONNECT_TIMEOUT_S")
+    )
     read_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("HUMANAPI_READ_TIMEOUT_S"))
     #: Worker threads: an exchange is mostly waiting on the upstream, so many threads per core.
     worker_concurrency: int = Field(
         32, ge=1, le=512, validation_alias=_env("HUMANCONNECT_WORKER_CONCURRENCY")
     )
     #: Status records in Redis live this long (the contract asks at least 24 hours of dedupe).
-    status_ttl_s: int = Field(7 * 24 * 3600, ge=86400, validation_alias=_env("HUMANCONNECT_STATUS_TTL_S"))
+    status_ttl_s: int = Field(
+        7 * 24 * 3600, ge=86400, validation_alias=_env("HUMANCONNECT_STATUS_TTL_S")
+    )
     #: Apply Alembic migrations when `web` or `worker` starts (under a lock).
     auto_migrate: bool = Field(True, validation_alias=_env("HUMANCONNECT_AUTO_MIGRATE"))
     #: One JSON object per log line.

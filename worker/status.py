@@ -106,7 +106,7 @@ def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields:
     """Write a request's state and any extra fields, refreshing its expiry."""
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}")
-    mapping: dict[str, Any] = {"state": state, "updatedAt": now().isoformat(), **fields}
+    mapping: dict[Any, Any] = {"state": state, "updatedAt": now().isoformat(), **fields}
     pipe = r.pipeline(transaction=True)
     pipe.hset(request_key(request_id), mapping=mapping)
     if state not in ("succeeded", "failed"):

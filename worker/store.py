@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,7 +31,7 @@ class StoredUser:
         return f"StoredUser(client_user_id={self.client_user_id!r}, human_id={self.human_id!r})"
 
 
-def _insert_for(db: DbSession):  # type: ignore[no-untyped-def]
+def _insert_for(db: DbSession) -> Any:
     name = db.get_bind().dialect.name
     if name == "postgresql":
         return postgresql.insert
@@ -79,9 +80,7 @@ def save_tokens(
         with db.begin_nested():
             db.execute(stmt)
     except IntegrityError:
-        raise PermanentUpstreamError(
-            "clientUserId already belongs to another humanId"
-        ) from None
+        raise PermanentUpstreamError("clientUserId already belongs to another humanId") from None
     current = db.scalar(select(User.session_hash).where(User.human_id == human_id))
     return current == session_hash
 

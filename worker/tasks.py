@@ -57,9 +57,15 @@ def exchange_session(
     retries = self.request.retries or 0
     try:
         outcome = exchanger().run(job, retries=retries)
-    except (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except (
+        OperationalError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+    ) as exc:
         # Our own infrastructure, not the session, is at fault: never fail the user for it.
-        pause = backoff(retries, initial=1.0, cap=rt.settings.retry_max_countdown_s, retry_after=None)
+        pause = backoff(
+            retries, initial=1.0, cap=rt.settings.retry_max_countdown_s, retry_after=None
+        )
         log.warning(
             "infrastructure error, retrying request=%s in=%.1fs error=%s",
             request_id,

@@ -144,7 +144,13 @@ def exchange_tokens(
     access = _text(data, "accessToken")
     client_user = _text(data, "clientUserId")
     missing = [
-        k for k, v in (("humanId", answered_human), ("accessToken", access), ("clientUserId", client_user)) if v is None
+        k
+        for k, v in (
+            ("humanId", answered_human),
+            ("accessToken", access),
+            ("clientUserId", client_user),
+        )
+        if v is None
     ]
     if missing:
         raise PermanentUpstreamError(f"upstream success body lacks {', '.join(missing)}")
