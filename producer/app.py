@@ -12,17 +12,20 @@ import redis
 from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
-from producer.accept import SessionConflict, accept
+from producer.accept import Acceptor, SessionConflict
 from producer.body import BadRequest, check_content_type, parse, read_limited
-from worker import logs, migrate, status
+from producer.claims import Claims
+from worker import logs, migrate
 from worker.celery import celery_config
+from worker.crypto import Cipher
 from worker.errors import QueueUnavailableError
 from worker.models import Session, User
-from worker.runtime import Runtime
+from worker.runtime import Runtime, async_redis_client
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -41,16 +44,8 @@ def _error(
     )
 
 
-def status_body(rt: Runtime, request_id: str) -> dict[str, Any] | None:
+def status_body(record: dict[str, str], request_id: str, cipher: Cipher) -> dict[str, Any]:
     """The public status of a request: never an accessToken, the publicToken decrypted."""
-    try:
-        record = status.get_state(rt.redis, request_id)
-    except redis.exceptions.RedisError:
-        record = None
-    if record is None:
-        record = _status_from_db(rt, request_id)
-        if record is None:
-            return None
     body: dict[str, Any] = {
         "requestId": request_id,
         "status": record.get("state", "queued"),
@@ -59,13 +54,13 @@ def status_body(rt: Runtime, request_id: str) -> dict[str, Any] | None:
     if body["status"] == "succeeded":
         body["clientUserId"] = record.get("clientUserId")
         sealed = record.get("publicToken")
-        body["publicToken"] = rt.cipher.open(sealed) if sealed else None
+        body["publicToken"] = cipher.open(sealed) if sealed else None
     if body["status"] == "failed":
         body["error"] = record.get("error") or "failed"
     return body
 
 
-def _status_from_db(rt: Runtime, request_id: str) -> dict[str, str] | None:
+def status_from_db(rt: Runtime, request_id: str) -> dict[str, str] | None:
     """Fallback when Redis no longer has the record (expired, or a Redis without AOF)."""
     with rt.db() as db:
         row = db.scalar(select(Session).where(Session.request_id == request_id))
@@ -89,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Its own Celery app, configured from `settings`: it only ever sends by task name.
     celery_app = Celery("humanconnect-web")
     celery_app.conf.update(celery_config(settings))
+    parts: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +92,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logs.install(as_json=settings.log_json)
         if settings.auto_migrate:
             await run_in_threadpool(migrate.upgrade, settings.database_url)
-        yield
+        assert settings.redis_url is not None
+        # Created inside the server's event loop, which the async client is bound to.
+        aredis = async_redis_client(settings.redis_url)
+        parts["claims"] = Claims(aredis, settings.status_ttl_s)
+        parts["acceptor"] = Acceptor(parts["claims"], celery_app, rt.cipher)
+        try:
+            yield
+        finally:
+            parts["acceptor"].close()
+            await aredis.aclose()
 
     api = FastAPI(title="humanconnect", version="0.1.0", lifespan=lifespan)
     api.state.runtime = rt
@@ -124,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if body.clientId != settings.effective_client_id:
             return _error(422, "clientId is not this app's", {"clientId": "does not match"})
         try:
-            accepted = await run_in_threadpool(accept, rt, celery_app, body)
+            accepted = await parts["acceptor"].accept(body)
         except SessionConflict:
             return _error(
                 409, "sessionToken already used with another humanId", {"humanId": "conflict"}
@@ -146,12 +151,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not REQUEST_ID.match(request_id):
             return _error(404, "unknown requestId")
         try:
-            body = await run_in_threadpool(status_body, rt, request_id)
-        except OperationalError:
-            return _error(503, "status store unavailable", headers={"Retry-After": RETRY_AFTER_S})
-        if body is None:
+            record = await parts["claims"].state(request_id)
+        except redis.exceptions.RedisError:
+            record = None
+        if record is None:
+            try:
+                record = await run_in_threadpool(status_from_db, rt, request_id)
+            except OperationalError:
+                return _error(
+                    503, "status store unavailable", headers={"Retry-After": RETRY_AFTER_S}
+                )
+        if record is None:
             return _error(404, "unknown requestId")
-        return JSONResponse(body)
+        return JSONResponse(status_body(record, request_id, rt.cipher))
 
     @api.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -159,7 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.get("/readyz", summary="Redis and the database are reachable")
     async def readyz() -> JSONResponse:
-        checks = await run_in_threadpool(_readiness, rt)
+        checks = {"redis": await _redis_ready(parts["claims"].r)}
+        checks["database"] = await run_in_threadpool(_database_ready, rt)
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ok" if ok else "unavailable", "checks": checks},
@@ -191,17 +204,18 @@ def _finish_schema() -> dict[str, Any]:
     }
 
 
-def _readiness(rt: Runtime) -> dict[str, str]:
-    checks = {}
+async def _redis_ready(r: AsyncRedis) -> str:
     try:
-        rt.redis.ping()
-        checks["redis"] = "ok"
+        await r.ping()
+        return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        checks["redis"] = type(exc).__name__
+        return type(exc).__name__
+
+
+def _database_ready(rt: Runtime) -> str:
     try:
         with rt.db() as db:
             db.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["database"] = type(exc).__name__
-    return checks
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return type(exc).__name__

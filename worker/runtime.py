@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import redis
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy.orm import sessionmaker
 
 from worker.crypto import Cipher
@@ -25,6 +26,17 @@ def redis_client(url: str) -> redis.Redis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=15,
+    )
+
+
+def async_redis_client(url: str) -> AsyncRedis:
+    """The same fail-fast client for asyncio code (the producer), decoding to str."""
+    return AsyncRedis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        health_check_interval=15,
+        decode_responses=True,
     )
 
 

@@ -1,0 +1,121 @@
+"""`make bench`: scenarios measured against their baselines in the same run.
+
+Now: the accept burst (2,000 finishes at concurrency 50) on each HTTP stack variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from bench.harness import body, closed_loop, stack
+from humanconnect.standin import Faults
+
+STACKS = {
+    "uvicorn httptools+uvloop": ["--http", "httptools", "--loop", "uvloop"],
+    "uvicorn h11+asyncio": ["--http", "h11", "--loop", "asyncio"],
+}
+
+
+def accept_burst(users: int, concurrency: int) -> dict[str, Any]:
+    """2,000 finishes at concurrency 50, per stack variant; then every one drained and stored."""
+    out: dict[str, Any] = {}
+    for name, args in STACKS.items():
+        s = stack(Faults(latency_ms=200, p503=0.10, p429=0.05, retry_after_s=0.5))
+        try:
+            s.start_worker()
+            url = s.start_web(*args)
+            run = f"{abs(hash(name)) % 0xFFFF:04x}"
+            # Warm up connections and imports, not counted.
+            asyncio.run(closed_loop(url, [body(i, run + "w") for i in range(100)], concurrency))
+            result = asyncio.run(
+                closed_loop(url, [body(i, run) for i in range(users)], concurrency)
+            )
+            s.sample_rss()
+            engine = create_engine(s.env["DATABASE_URL"])
+            deadline = time.monotonic() + 300
+            stored = 0
+            while time.monotonic() < deadline:
+                with engine.connect() as c:
+                    stored = c.execute(
+                        text("SELECT count(*) FROM sessions WHERE state = 'succeeded'")
+                    ).scalar_one()
+                s.sample_rss()
+                if stored >= users + 100:
+                    break
+                time.sleep(0.5)
+            result["stored"] = stored - 100
+            result["double_exchanges"] = s.standin.stats()["doubleExchanges"]
+            result["peak_rss_mb"] = dict(s.peak_rss)
+            out[name] = result
+        finally:
+            s.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--out", default="bench/results.json")
+    args = parser.parse_args(argv)
+    results = {
+        "machine": {
+            "cpus": _cpus(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "accept_burst": accept_burst(args.users, args.concurrency),
+    }
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    _print_table(results)
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"accept burst ({results['machine']['cpus']} CPUs)")
+    for col in (
+        "stack",
+        "req/s",
+        "accepted",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "stored",
+        "2x",
+        "web MB",
+    ):
+        table.add_column(col, justify="right")
+    for name, r in results["accept_burst"].items():
+        table.add_row(
+            name,
+            f"{r['rate']:.0f}",
+            f"{r['accept_rate']:.1%}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            f"{r['max_ms']:.1f}",
+            f"{r['stored']}/{r['requests']}",
+            str(r["double_exchanges"]),
+            f"{r['peak_rss_mb'].get('web', 0):.0f}",
+        )
+    Console(file=sys.stdout, width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()

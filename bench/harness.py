@@ -1,0 +1,303 @@
+"""Start what a benchmark needs: Redis, the stand-in, and the service's own processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+
+from humanconnect.embedded import free_port, redis_binary
+from humanconnect.standin import Faults
+from worker import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
+CLIENT_SECRET = "bench0000bench0000bench0000bench00000000"
+FERNET_KEY = "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, from /proc (MB)."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+@dataclass
+class StandInProcess:
+    """The upstream stand-in in a process of its own (the load generator holds this one's GIL)."""
+
+    def __init__(self, workdir: Path, faults: Faults):
+        self.port = free_port()
+        self.workdir = workdir
+        self.faults = faults
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> StandInProcess:
+        f = self.faults
+        argv = [
+            sys.executable,
+            "-m",
+            "humanconnect.standin",
+            "--port",
+            str(self.port),
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret",
+            CLIENT_SECRET,
+            "--latency-ms",
+            str(f.latency_ms),
+            "--p503",
+            str(f.p503),
+            "--p429",
+            str(f.p429),
+            "--pdrop",
+            str(f.pdrop),
+            "--retry-after-s",
+            str(f.retry_after_s),
+            "--seed",
+            "1",
+        ]
+        log = open(self.workdir / "standin.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        _wait_http(self.url + "/_standin/stats")
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        import httpx
+
+        return dict(httpx.get(self.url + "/_standin/stats", timeout=10).json())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@dataclass
+class Stack:
+    """One benchmark deployment; `close()` stops everything it started."""
+
+    workdir: Path
+    redis_port: int
+    standin: StandInProcess
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    peak_rss: dict[str, float] = field(default_factory=dict)
+    web_url: str = ""
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def sample_rss(self) -> None:
+        for name, proc in self.procs.items():
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss_mb(proc.pid))
+
+    def start_web(self, *extra: str) -> str:
+        port = free_port()
+        argv = [
+            str(BIN / "uvicorn"),
+            "producer.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+        self._spawn("web", argv)
+        self.web_url = f"http://127.0.0.1:{port}"
+        _wait_http(self.web_url + "/healthz")
+        return self.web_url
+
+    def start_worker(self, concurrency: int = 32) -> None:
+        argv = [
+            str(BIN / "celery"),
+            "-A",
+            "worker",
+            "worker",
+            "-l",
+            "WARNING",
+            "--concurrency",
+            str(concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        self._spawn("worker", argv)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[name] = subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        self.standin.stop()
+        _redis_proc(self).terminate()
+
+
+def _redis_proc(stack: Stack) -> subprocess.Popen[bytes]:
+    return stack.procs.get("redis") or _REDIS[stack.redis_port]
+
+
+_REDIS: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _wait_http(url: str, timeout: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
+    """Redis + stand-in + migrated SQLite; the caller starts web/worker as it needs."""
+    workdir = Path(tempfile.mkdtemp(prefix="hc-bench-"))
+    port = free_port()
+    _REDIS[port] = subprocess.Popen(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    standin = StandInProcess(workdir, faults).start()
+    db_url = f"sqlite:///{workdir / 'bench.db'}"
+    migrate.upgrade(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUMANAPI_", "HUMANCONNECT_"))}
+    env.update(
+        REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        DATABASE_URL=db_url,
+        HUMANAPI_BASE_URL=standin.url,
+        HUMANAPI_CLIENT_ID=CLIENT_ID,
+        HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
+        HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
+        HUMANAPI_MAX_RPS=str(max_rps),
+        HUMANCONNECT_AUTO_MIGRATE="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return Stack(workdir, port, standin, env)
+
+
+def body(i: int, run: str) -> dict[str, str]:
+    """A distinct, valid session for user `i` of run `run`."""
+    seed = f"{run}{i:08x}"
+    return {
+        "humanId": (seed * 4)[:24],
+        "clientId": CLIENT_ID,
+        "sessionToken": (seed[::-1] * 4)[:32],
+    }
+
+
+async def closed_loop(url: str, bodies: list[dict[str, str]], concurrency: int) -> dict[str, Any]:
+    """Send every body with at most `concurrency` in flight; per-request latency in ms."""
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=url, connector=conn) as session:
+
+        async def runner() -> None:
+            while not queue.empty():
+                b = queue.get_nowait()
+                t0 = time.perf_counter()
+                async with session.post("/connect/finish", json=b) as resp:
+                    await resp.read()
+                    codes[resp.status] = codes.get(resp.status, 0) + 1
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(runner() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "requests": len(bodies),
+        "seconds": elapsed,
+        "rate": len(bodies) / elapsed,
+        "accepted": codes.get(202, 0),
+        "accept_rate": codes.get(202, 0) / len(bodies),
+        "codes": codes,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies),
+    }
