@@ -47,7 +47,7 @@ class Session(Base):
     human_id: Mapped[str] = mapped_column(String(128))
     received_us: Mapped[int] = mapped_column(BigInteger)
     #: queued, running, retrying, succeeded or failed.
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
     #: How many times a worker started on it.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: An earlier call may have reached the upstream without its answer reaching us (a read

@@ -1,0 +1,138 @@
+"""Classifying the upstream's answers: what is retried and what is final."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from humanconnect.standin import Faults, Running
+from tests.support import CLIENT_ID, CLIENT_SECRET, free_port
+from worker.clock import now
+from worker.errors import PermanentUpstreamError, TransientUpstreamError
+from worker.upstream import exchange_tokens, parse_retry_after
+
+
+def call(base_url: str, read_timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    return exchange_tokens(
+        base_url,
+        human_id="h" * 24,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        session_token="s" * 32,
+        connect_timeout=1,
+        read_timeout=read_timeout,
+    )
+
+
+@pytest.mark.parametrize("code", [408, 425, 429, 500, 502, 503, 504])
+def test_transient_statuses(standin: Running, code: int) -> None:
+    """Timeouts-by-status, throttling and 5xx are transient."""
+    standin.state.faults = Faults(refuse_status=code)
+    with pytest.raises(TransientUpstreamError) as info:
+        call(standin.url)
+    assert info.value.status == code and not info.value.ambiguous
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 422])
+def test_permanent_statuses(standin: Running, code: int) -> None:
+    """Any other 4xx is permanent."""
+    standin.state.faults = Faults(refuse_status=code)
+    with pytest.raises(PermanentUpstreamError):
+        call(standin.url)
+
+
+def test_retry_after_is_read(standin: Running) -> None:
+    """A 429's Retry-After reaches the error."""
+    standin.state.faults = Faults(p429=1.0, retry_after_s=7)
+    with pytest.raises(TransientUpstreamError) as info:
+        call(standin.url)
+    assert info.value.retry_after == 7
+
+
+def test_read_timeout_is_transient_and_ambiguous(standin: Running) -> None:
+    """A hang past the read timeout may have reached the upstream: retried, flagged ambiguous."""
+    standin.state.faults = Faults(phang=1.0, hang_s=2)
+    with pytest.raises(TransientUpstreamError) as info:
+        call(standin.url, read_timeout=0.3)
+    assert info.value.ambiguous
+
+
+def test_dropped_connection_is_transient() -> None:
+    """Connection refused is transient and certainly never reached the upstream."""
+    with pytest.raises(TransientUpstreamError) as info:
+        call(f"http://127.0.0.1:{free_port()}")
+    assert not info.value.ambiguous
+
+
+class _Canned(BaseHTTPRequestHandler):
+    status = 201
+    payload: bytes = b""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def canned() -> Iterator[tuple[str, type[_Canned]]]:
+    handler = type("Handler", (_Canned,), {})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"humanId": "h", "publicToken": "p", "clientUserId": "u"},  # no accessToken
+        {"accessToken": "a", "clientUserId": "u"},  # no humanId
+        {"humanId": "h", "accessToken": "a"},  # no clientUserId
+        {"humanId": "h", "accessToken": "", "clientUserId": "u"},
+        ["not", "an", "object"],
+        "not json",
+    ],
+)
+def test_malformed_success_is_permanent(canned, payload: object) -> None:
+    """A 2xx without humanId, accessToken and clientUserId is a permanent failure."""
+    url, handler = canned
+    handler.payload = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    with pytest.raises(PermanentUpstreamError):
+        call(url)
+
+
+def test_success_without_public_token_is_kept(canned) -> None:
+    """A success lacking only publicToken is stored (the repair fills it in later)."""
+    url, handler = canned
+    handler.payload = json.dumps(
+        {"humanId": "h", "accessToken": "access-value-xyz", "clientUserId": "u"}
+    ).encode()
+    tokens = call(url)
+    assert tokens.public_token is None and tokens.access_token == "access-value-xyz"
+    # The dataclass's repr (what a stray log line would show) never carries the token.
+    assert "access-value-xyz" not in repr(tokens)
+
+
+def test_parse_retry_after_forms() -> None:
+    """Delta-seconds and HTTP dates are understood; garbage is ignored; negatives are 0."""
+    assert parse_retry_after("12") == 12
+    assert parse_retry_after("-3") == 0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    when = format_datetime(now() + timedelta(seconds=30), usegmt=True)
+    parsed = parse_retry_after(when)
+    assert parsed is not None and 25 <= parsed <= 31
