@@ -15,10 +15,10 @@ from humanconnect.standin import Faults, Running
 from tests.support import CLIENT_ID, CLIENT_SECRET, free_port
 from worker.clock import now
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
-from worker.upstream import exchange_tokens, parse_retry_after
+from worker.upstream import Tokens, exchange_tokens, parse_retry_after
 
 
-def call(base_url: str, read_timeout: float = 5.0):  # type: ignore[no-untyped-def]
+def call(base_url: str, read_timeout: float = 5.0) -> Tokens:
     return exchange_tokens(
         base_url,
         human_id="h" * 24,
