@@ -271,3 +271,36 @@ def test_web_refuses_a_malformed_key_naming_it(tmp_path: Path, redis_url: str) -
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and "HUMANCONNECT_ENCRYPTION_KEYS" in lines[0]
     assert "not-a-key-value-xyz" not in proc.stderr
+
+
+def test_message_sealed_with_an_unknown_key_fails_visibly(
+    deploy, redis_client: redis.Redis
+) -> None:
+    """A session token sealed with a key no longer configured ends `failed`, not stuck queued."""
+    from celery import Celery
+
+    from tests.support import FERNET_KEY_2
+    from worker.celery import EXCHANGE_TASK, celery_config
+    from worker.settings import Settings
+    from worker.status import get_state
+
+    d = deploy()
+    app = Celery("test-sender")
+    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]})))
+    request_id = "unknownkeyrequest00001"
+    app.send_task(
+        EXCHANGE_TASK,
+        kwargs={
+            "request_id": request_id,
+            "human_id": "h" * 24,
+            "client_id": CLIENT_ID,
+            "sealed_session_token": Cipher([FERNET_KEY_2]).seal("s" * 32),
+            "received_us": 1,
+        },
+    )
+    final = wait_for(
+        lambda: (s := get_state(redis_client, request_id)) and s["state"] == "failed" and s,
+        30,
+        what="the failed status",
+    )
+    assert "encryption key" in final["error"]

@@ -192,3 +192,36 @@ def test_busy_session_is_not_run_twice_at_once(
         held.release()
     assert outcome.state == "busy" and outcome.retry_in
     assert standin.state.calls.total() == 0
+
+
+def test_refusal_after_a_crashed_run_is_answer_lost(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A run that died mid-call left `running`: a refusal on redelivery means a lost answer."""
+    job = factories.job()
+    # Given a first run that reached the upstream and died before recording anything
+    standin.state.faults = Faults(drop_after=1.0)
+    with runtime.db() as db:
+        from worker.exchange import _load_or_create
+
+        row = _load_or_create(db, job, session_hash(job.session_token))
+        row.state, row.attempts = "running", 1
+        db.commit()
+    from worker.upstream import exchange_tokens
+
+    with pytest.raises(Exception):  # noqa: B017 - the dropped answer
+        exchange_tokens(
+            standin.url,
+            human_id=job.human_id,
+            client_id=job.client_id,
+            client_secret=runtime.settings.client_secret.get_secret_value(),  # type: ignore[union-attr]
+            session_token=job.session_token,
+            connect_timeout=1,
+            read_timeout=2,
+        )
+    standin.state.faults = Faults()
+    # When the message is redelivered
+    outcome = exchanger(runtime).run(job, retries=0)
+    # Then the refusal is reported as a lost answer, not a plain refusal
+    assert outcome.state == "failed"
+    assert session_row(runtime, job).error_kind == "answer_lost"

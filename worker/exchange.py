@@ -118,13 +118,14 @@ class Exchanger:
                 self._mirror_final(job, row)
                 return Outcome(row.state, error=row.error)
             deadline_us = job.received_us + to_us(self.settings.retry_window_s)
+            # A run that died while `running` may have reached the upstream unanswered.
+            ambiguous_before = row.ambiguous or (row.state == "running" and row.attempts > 0)
             row.state = "running"
             row.attempts += 1
             row.updated_at = now()
             db.commit()
         self._status(job, "running")
 
-        ambiguous_before = row.ambiguous
         calls = 0
         ambiguous_now = False
 
@@ -266,6 +267,17 @@ class Exchanger:
         self._status(job, "failed", error=reason)
         log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
         return Outcome("failed", error=reason, upstream_calls=calls)
+
+    def fail_internal(self, job: Job, reason: str) -> None:
+        """Record a failure that is ours, not the upstream's (retries of a bug ran out)."""
+        key = session_hash(job.session_token)
+        with self.rt.db() as db:
+            row = db.get(Session, key)
+            if row is not None and row.state not in ("succeeded", "failed"):
+                row.state, row.error, row.error_kind = "failed", reason, "internal"
+                row.updated_at = now()
+                db.commit()
+        self._status(job, "failed", error=reason)
 
     def _mark_retrying(self, job: Job, key: str, reason: str, ambiguous: bool) -> None:
         with self.rt.db() as db:

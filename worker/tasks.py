@@ -12,8 +12,9 @@ import redis
 from celery import Task, signals
 from sqlalchemy.exc import OperationalError
 
-from worker import logs, migrate
+from worker import logs, migrate, status
 from worker.celery import EXCHANGE_TASK, app
+from worker.crypto import DecryptError
 from worker.errors import ConfigError
 from worker.exchange import Exchanger, Job, backoff
 from worker.ratelimit import GlobalRateLimiter
@@ -21,6 +22,8 @@ from worker.runtime import Runtime
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
+# How often an unforeseen exception (a bug) is retried before the session is failed.
+UNEXPECTED_RETRIES = 5
 
 
 @lru_cache(maxsize=1)
@@ -47,11 +50,21 @@ def exchange_session(
 ) -> None:
     """Exchange one accepted session for tokens, store them, or schedule the next try."""
     rt = runtime()
+    try:
+        session_token = rt.cipher.open(sealed_session_token)
+    except DecryptError:
+        # Retrying cannot help: the key that sealed it is gone from HUMANCONNECT_ENCRYPTION_KEYS.
+        reason = "session token sealed with an encryption key that is no longer configured"
+        log.error("cannot open session token request=%s", request_id)
+        status.set_state(
+            rt.redis, request_id, "failed", rt.settings.status_ttl_s, humanId=human_id, error=reason
+        )
+        return
     job = Job(
         request_id=request_id,
         human_id=human_id,
         client_id=client_id,
-        session_token=rt.cipher.open(sealed_session_token),
+        session_token=session_token,
         received_us=received_us,
     )
     retries = self.request.retries or 0
@@ -73,6 +86,14 @@ def exchange_session(
             type(exc).__name__,
         )
         raise self.retry(countdown=pause, exc=exc) from None
+    except Exception as exc:
+        # Unforeseen: a few tries, then a recorded failure rather than a silent ack.
+        if retries < UNEXPECTED_RETRIES:
+            log.exception("unexpected error, retrying request=%s", request_id)
+            raise self.retry(countdown=2.0**retries, exc=exc) from None
+        log.exception("unexpected error, giving up request=%s", request_id)
+        exchanger().fail_internal(job, f"internal error: {type(exc).__name__}")
+        return
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
 
