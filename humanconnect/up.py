@@ -125,6 +125,8 @@ def up(settings: Settings, *, port: int | None = None) -> int:
         children.append(Child("beat", cmds["beat"], base_env, sys.stdout))
         url = f"http://127.0.0.1:{port}"
         if not _wait_ready(url, children, lambda: stop_requested):
+            if stop_requested:
+                return 0  # Ctrl-C while starting: a stop, not a failure
             _say("humanconnect: the service did not come up; see the lines above")
             return 1
         client_id = base_env.get("HUMANAPI_CLIENT_ID", settings.client_id or SANDBOX_CLIENT_ID)

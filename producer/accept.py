@@ -13,6 +13,7 @@ from celery import Celery
 
 from producer.body import FinishBody
 from producer.claims import Claim, Claims
+from worker import logs
 from worker.celery import EXCHANGE_TASK
 from worker.clock import now
 from worker.crypto import Cipher, session_hash
@@ -55,6 +56,7 @@ class Acceptor:
         key = session_hash(body.sessionToken)
         try:
             claim = await self._claim(key, body)
+            logs.request_id.set(claim.request_id)
             if not claim.mine:
                 current = await self.claims.state(claim.request_id) or {}
                 return Accepted(claim.request_id, current.get("state", "queued"), duplicate=True)
@@ -97,6 +99,8 @@ class Acceptor:
         self.celery.send_task(
             EXCHANGE_TASK,
             kwargs=kwargs,
+            # The task id is the request id: Celery's own log lines then carry it too.
+            task_id=kwargs["request_id"],
             retry=False,
             argsrepr="()",
             kwargsrepr=f"{{'request_id': {kwargs['request_id']!r}}}",

@@ -204,7 +204,7 @@ def test_refusal_after_a_crashed_run_is_answer_lost(
     with runtime.db() as db:
         from worker.exchange import _load_or_create
 
-        row = _load_or_create(db, job, session_hash(job.session_token))
+        row = _load_or_create(db, job, session_hash(job.session_token), runtime.cipher)
         row.state, row.attempts = "running", 1
         db.commit()
     from worker.upstream import exchange_tokens

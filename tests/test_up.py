@@ -75,8 +75,8 @@ def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path
         resp = httpx.post(url + "/connect/finish", json=GUIDE_EXAMPLE)
         assert resp.status_code == 202 and resp.json()["requestId"] == final["requestId"]
     finally:
-        _stop(proc)
-    assert proc.returncode == 0
+        out = _stop(proc)
+    assert proc.returncode == 0, out[-3000:]
 
 
 def test_procfile_runs_the_commands_up_runs() -> None:

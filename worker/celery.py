@@ -23,6 +23,9 @@ from worker.settings import Settings, settings_or_exit
 QUEUE = "humanconnect"
 VISIBILITY_TIMEOUT_S = 180
 EXCHANGE_TASK = "humanconnect.exchange_session"
+RELAY_TASK = "humanconnect.relay_events"
+# How often beat sweeps the outbox for events a worker could not relay itself.
+RELAY_INTERVAL_S = 5.0
 
 app = Celery("humanconnect", include=["worker.tasks"])
 
@@ -60,7 +63,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
-        "beat_schedule": {},
+        "beat_schedule": {
+            "relay-events": {
+                "task": RELAY_TASK,
+                "schedule": RELAY_INTERVAL_S,
+                # A sweep that waited longer than one interval is superseded by the next.
+                "options": {"expires": RELAY_INTERVAL_S},
+            },
+        },
     }
 
 

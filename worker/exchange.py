@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,9 +28,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from worker import status, store
+from worker import events, metrics, status, store
 from worker.clock import now
-from worker.crypto import session_hash
+from worker.crypto import Cipher, session_hash
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.models import Session, User
 from worker.runtime import Runtime
@@ -54,6 +55,8 @@ class Job:
     client_id: str
     session_token: str
     received_us: int
+    #: When the retry window opened: the receive time, or when an operator re-queued it.
+    window_start_us: int | None = None
 
     def __repr__(self) -> str:
         return f"Job(request_id={self.request_id!r}, human_id={self.human_id!r})"
@@ -112,12 +115,13 @@ class Exchanger:
 
     def _run_locked(self, job: Job, key: str, lock: Lock, retries: int) -> Outcome:
         with self.rt.db() as db:
-            row = _load_or_create(db, job, key)
+            row = _load_or_create(db, job, key, self.rt.cipher)
             if row.state in ("succeeded", "failed"):
                 db.commit()
                 self._mirror_final(job, row)
                 return Outcome(row.state, error=row.error)
-            deadline_us = job.received_us + to_us(self.settings.retry_window_s)
+            start_us = job.window_start_us or job.received_us
+            deadline_us = start_us + to_us(self.settings.retry_window_s)
             # A run that died while `running` may have reached the upstream unanswered.
             ambiguous_before = row.ambiguous or (row.state == "running" and row.attempts > 0)
             row.state = "running"
@@ -139,6 +143,7 @@ class Exchanger:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, UpstreamError) and exc.ambiguous:
                 ambiguous_now = True
+            metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="inline")
             log.info(
                 "upstream transient, retrying inline request=%s attempt=%d reason=%s",
                 job.request_id,
@@ -163,13 +168,16 @@ class Exchanger:
                 reason = f"upstream unavailable for the whole retry window: {exc.reason}"
                 return self._fail(job, key, reason, "transient", calls)
             self._mark_retrying(job, key, exc.reason, ambiguous_now)
+            metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="queue")
             return Outcome("retrying", retry_in=pause, error=exc.reason, upstream_calls=calls)
 
         lock.reacquire()
         try:
-            applied = self._store(job, key, tokens)
+            applied, event_id = self._store(job, key, tokens)
         except PermanentUpstreamError as exc:
             return self._fail(job, key, exc.reason, "permanent", calls)
+        self._relay(event_id)
+        metrics.inc(self.rt.redis, "exchanges", outcome="succeeded")
         self._status(
             job,
             "succeeded",
@@ -197,15 +205,21 @@ class Exchanger:
 
         def call() -> Tokens:
             before_call()
-            return exchange_tokens(
-                s.base_url,
-                human_id=job.human_id,
-                client_id=job.client_id,
-                client_secret=secret,
-                session_token=job.session_token,
-                connect_timeout=s.connect_timeout_s,
-                read_timeout=s.read_timeout_s,
-            )
+            started = time.monotonic()
+            try:
+                return exchange_tokens(
+                    s.base_url,
+                    human_id=job.human_id,
+                    client_id=job.client_id,
+                    client_secret=secret,
+                    session_token=job.session_token,
+                    connect_timeout=s.connect_timeout_s,
+                    read_timeout=s.read_timeout_s,
+                )
+            finally:
+                metrics.observe(
+                    self.rt.redis, "upstream_seconds", time.monotonic() - started, endpoint="tokens"
+                )
 
         retrying = Retrying(
             retry=retry_if_exception_type(TransientUpstreamError),
@@ -216,7 +230,7 @@ class Exchanger:
         )
         return retrying(call)
 
-    def _store(self, job: Job, key: str, tokens: Tokens) -> bool:
+    def _store(self, job: Job, key: str, tokens: Tokens) -> tuple[bool, int]:
         """Commit tokens and the session's success together, riding out a database blip.
 
         The upstream has consumed the session token by now: giving up here would lose the
@@ -244,9 +258,17 @@ class Exchanger:
                 row.state = "succeeded"
                 row.client_user_id = tokens.client_user_id
                 row.error = row.error_kind = None
+                row.sealed_session_token = None
                 row.updated_at = now()
+                event = events.record(
+                    db,
+                    "connect.completed",
+                    humanId=tokens.human_id,
+                    clientUserId=tokens.client_user_id,
+                    requestId=job.request_id,
+                )
                 db.commit()
-                return applied
+                return applied, event.id
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _fail(self, job: Job, key: str, reason: str, kind: str, calls: int) -> Outcome:
@@ -263,7 +285,12 @@ class Exchanger:
             row.error = reason
             row.error_kind = kind
             row.updated_at = now()
+            event = events.record(
+                db, "connect.failed", humanId=job.human_id, requestId=job.request_id, error=reason
+            )
             db.commit()
+        self._relay(event.id)
+        metrics.inc(self.rt.redis, "exchanges", outcome=kind)
         self._status(job, "failed", error=reason)
         log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
         return Outcome("failed", error=reason, upstream_calls=calls)
@@ -273,11 +300,27 @@ class Exchanger:
         key = session_hash(job.session_token)
         with self.rt.db() as db:
             row = db.get(Session, key)
-            if row is not None and row.state not in ("succeeded", "failed"):
+            if row is not None and row.state in ("succeeded", "failed"):
+                return
+            if row is not None:
                 row.state, row.error, row.error_kind = "failed", reason, "internal"
                 row.updated_at = now()
-                db.commit()
+            event = events.record(
+                db, "connect.failed", humanId=job.human_id, requestId=job.request_id, error=reason
+            )
+            db.commit()
+        self._relay(event.id)
+        metrics.inc(self.rt.redis, "exchanges", outcome="internal")
         self._status(job, "failed", error=reason)
+
+    def _relay(self, event_id: int) -> None:
+        """Send a just-committed event now; if Redis is away the sweep sends it later."""
+        try:
+            with self.rt.db() as db:
+                sent = events.relay_ids(db, self.rt.redis, self.settings.events_stream, [event_id])
+            metrics.inc(self.rt.redis, "events", sent)
+        except (redis.exceptions.RedisError, OperationalError) as exc:
+            log.warning("event left for the sweep: %s", type(exc).__name__)
 
     def _mark_retrying(self, job: Job, key: str, reason: str, ambiguous: bool) -> None:
         with self.rt.db() as db:
@@ -323,7 +366,7 @@ def _wait_honouring_retry_after(initial: float, budget: float) -> Callable[[Retr
     return wait
 
 
-def _load_or_create(db: DbSession, job: Job, key: str) -> Session:
+def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Session:
     """The session's durable record, created on first delivery (a race-free insert)."""
     name = db.get_bind().dialect.name
     insert = postgresql.insert if name == "postgresql" else sqlite.insert
@@ -337,6 +380,7 @@ def _load_or_create(db: DbSession, job: Job, key: str) -> Session:
             received_us=job.received_us,
             state="queued",
             attempts=0,
+            sealed_session_token=cipher.seal(job.session_token),
             ambiguous=False,
             created_at=stamp,
             updated_at=stamp,
@@ -346,3 +390,12 @@ def _load_or_create(db: DbSession, job: Job, key: str) -> Session:
     row = db.get(Session, key, populate_existing=True)
     assert row is not None
     return row
+
+
+def retry_cause(exc: BaseException | None) -> str:
+    """A fixed label for why a call is retried (never text from the upstream)."""
+    if isinstance(exc, UpstreamError) and exc.status is not None:
+        return "429" if exc.status == 429 else ("5xx" if exc.status >= 500 else str(exc.status))
+    if isinstance(exc, UpstreamError):
+        return "timeout" if "timeout" in exc.reason else "connection"
+    return "other"

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 # JSON-ish `"accessToken": "..."`, `accessToken=...` and their snake_case twins.
 _FIELD = re.compile(
@@ -15,6 +16,9 @@ _FIELD = re.compile(
 )
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 REDACTED = "[redacted]"
+
+#: The finish request a log line belongs to, carried from the producer into the worker.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 class RedactingFilter(logging.Filter):
@@ -36,6 +40,7 @@ class RedactingFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         record.msg = self.redact(message)
         record.args = None
+        record.request_id = request_id.get()
         if record.exc_text:
             record.exc_text = self.redact(record.exc_text)
         return True
@@ -51,6 +56,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        rid = getattr(record, "request_id", None)
+        if rid:
+            out["requestId"] = rid
         if record.exc_text:
             out["exc"] = record.exc_text
         return json.dumps(out)

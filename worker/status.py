@@ -32,6 +32,10 @@ def request_key(request_id: str) -> str:
     return f"hc:request:{request_id}"
 
 
+def done_channel(request_id: str) -> str:
+    return f"hc:done:{request_id}"
+
+
 def new_request_id() -> str:
     """128 bits of randomness, URL-safe: the status it leads to carries a publicToken."""
     return secrets.token_urlsafe(16)
@@ -47,6 +51,9 @@ def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields:
     if state not in ("succeeded", "failed"):
         pipe.hdel(request_key(request_id), "error")
     pipe.expire(request_key(request_id), ttl_s)
+    if state in ("succeeded", "failed"):
+        # Wakes a producer holding a `Prefer: wait` request for it.
+        pipe.publish(done_channel(request_id), state)
     pipe.execute()
 
 

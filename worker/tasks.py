@@ -10,10 +10,11 @@ from typing import Any
 
 import redis
 from celery import Task, signals
+from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 
-from worker import logs, migrate, status
-from worker.celery import EXCHANGE_TASK, app
+from worker import events, logs, metrics, migrate, status
+from worker.celery import EXCHANGE_TASK, RELAY_TASK, app
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
 from worker.exchange import Exchanger, Job, backoff
@@ -47,8 +48,33 @@ def exchange_session(
     client_id: str,
     sealed_session_token: str,
     received_us: int,
+    window_start_us: int | None = None,
 ) -> None:
     """Exchange one accepted session for tokens, store them, or schedule the next try."""
+    token = logs.request_id.set(request_id)
+    try:
+        _exchange(
+            self,
+            request_id,
+            human_id,
+            client_id,
+            sealed_session_token,
+            received_us,
+            window_start_us,
+        )
+    finally:
+        logs.request_id.reset(token)
+
+
+def _exchange(
+    self: Task,
+    request_id: str,
+    human_id: str,
+    client_id: str,
+    sealed_session_token: str,
+    received_us: int,
+    window_start_us: int | None,
+) -> None:
     rt = runtime()
     try:
         session_token = rt.cipher.open(sealed_session_token)
@@ -66,6 +92,7 @@ def exchange_session(
         client_id=client_id,
         session_token=session_token,
         received_us=received_us,
+        window_start_us=window_start_us,
     )
     retries = self.request.retries or 0
     try:
@@ -96,6 +123,29 @@ def exchange_session(
         return
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
+
+
+@app.task(name=RELAY_TASK, ignore_result=True)
+def relay_events() -> int:
+    """Sweep committed events that their worker could not relay (Redis was away, it died)."""
+    rt = runtime()
+    lock = Lock(rt.redis, "hc:lock:relay", timeout=60)
+    if not lock.acquire(blocking=False):
+        return 0
+    sent = 0
+    try:
+        with rt.db() as db:
+            while batch := events.relay_pending(db, rt.redis, rt.settings.events_stream):
+                sent += batch
+                metrics.inc(rt.redis, "events", batch)
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass
+    if sent:
+        log.info("relayed %d pending events", sent)
+    return sent
 
 
 def _require_or_exit(*, secret: bool) -> None:

@@ -1,0 +1,209 @@
+"""`POST /connect/finish` and `GET /connect/finish/{requestId}`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
+
+from producer.accept import Accepted, SessionConflict
+from producer.body import BadRequest, check_content_type, parse, read_limited
+from producer.errors import error, unavailable
+from producer.state import Parts
+from producer.waiters import parse_prefer_wait
+from worker.crypto import Cipher
+from worker.errors import QueueUnavailableError
+from worker.models import Session, User
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+FINAL = ("succeeded", "failed")
+
+FINISHES = Counter(
+    "humanconnect_finishes",
+    "Finish requests by outcome (accepted, duplicate, refused) and reason",
+    ["outcome", "reason"],
+    registry=None,
+)
+
+
+def status_body(record: dict[str, str], request_id: str, cipher: Cipher) -> dict[str, Any]:
+    """The public status of a request: never an accessToken, the publicToken decrypted."""
+    body: dict[str, Any] = {
+        "requestId": request_id,
+        "status": record.get("state", "queued"),
+        "humanId": record.get("humanId"),
+    }
+    if body["status"] == "succeeded":
+        body["clientUserId"] = record.get("clientUserId")
+        sealed = record.get("publicToken")
+        body["publicToken"] = cipher.open(sealed) if sealed else None
+    if body["status"] == "failed":
+        body["error"] = record.get("error") or "failed"
+    return body
+
+
+def status_from_db(rt: Runtime, request_id: str) -> dict[str, str] | None:
+    """Fallback when Redis no longer has the record (expired, or a Redis without AOF)."""
+    with rt.db() as db:
+        row = db.scalar(select(Session).where(Session.request_id == request_id))
+        if row is None:
+            return None
+        record = {"state": row.state, "humanId": row.human_id}
+        if row.client_user_id:
+            record["clientUserId"] = row.client_user_id
+            sealed = db.scalar(select(User.public_token).where(User.human_id == row.human_id))
+            if sealed:
+                record["publicToken"] = sealed
+        if row.error:
+            record["error"] = row.error
+        return record
+
+
+def _refused(status_code: int, reason: str, body: dict[str, Any], **headers: str) -> JSONResponse:
+    FINISHES.labels("refused", reason).inc()
+    return JSONResponse(body, status_code=status_code, headers=headers or None)
+
+
+def router(parts_of: Any) -> APIRouter:
+    """The finish routes; `parts_of(request)` gives the app's shared `Parts`."""
+    api = APIRouter()
+
+    @api.post(
+        "/connect/finish",
+        status_code=202,
+        summary="Finish a Human Connect session: validate, enqueue, answer at once",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/FinishBody"}}
+                },
+            },
+            "parameters": [
+                {
+                    "name": "Prefer",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "example": "wait=5"},
+                    "description": "RFC 7240 wait=N (N <= 30): answer 201 if done within N s",
+                }
+            ],
+        },
+    )
+    async def finish(request: Request) -> JSONResponse:
+        started = time.monotonic()
+        parts: Parts = parts_of(request)
+        try:
+            raw = await read_limited(request)
+            check_content_type(request)
+            body = parse(raw)
+        except BadRequest as exc:
+            return _refused(exc.status, str(exc.status), exc.body)
+        if body.clientId != parts.settings.effective_client_id:
+            return _refused(
+                422,
+                "client_id",
+                {"error": "clientId is not this app's", "fields": {"clientId": "does not match"}},
+            )
+        try:
+            accepted = await parts.acceptor.accept(body)
+        except SessionConflict:
+            return _refused(
+                409,
+                "conflict",
+                {
+                    "error": "sessionToken already used with another humanId",
+                    "fields": {"humanId": "conflict"},
+                },
+            )
+        except QueueUnavailableError as exc:
+            log.warning("finish refused: %s", exc)
+            FINISHES.labels("refused", "queue_unavailable").inc()
+            return unavailable("queue unavailable, try again")
+        FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
+        wait_s = parse_prefer_wait(request.headers.get("prefer"))
+        if wait_s is not None:
+            return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)
+        return _accepted(accepted.request_id, accepted.state)
+
+    @api.get("/connect/finish/{request_id}", summary="The status of a finish request")
+    async def finish_status(request_id: str, request: Request) -> JSONResponse:
+        if not REQUEST_ID.match(request_id):
+            return error(404, "unknown requestId")
+        parts: Parts = parts_of(request)
+        record = await _record(parts, request_id)
+        if isinstance(record, JSONResponse):
+            return record
+        if record is None:
+            return error(404, "unknown requestId")
+        return JSONResponse(status_body(record, request_id, parts.rt.cipher))
+
+    return api
+
+
+async def _record(parts: Parts, request_id: str) -> dict[str, str] | JSONResponse | None:
+    try:
+        record = await parts.claims.state(request_id)
+    except redis.exceptions.RedisError:
+        record = None
+    if record is None:
+        try:
+            record = await run_in_threadpool(status_from_db, parts.rt, request_id)
+        except OperationalError:
+            return unavailable("status store unavailable")
+    return record
+
+
+def _accepted(request_id: str, state: str, **extra: str) -> JSONResponse:
+    url = f"/connect/finish/{request_id}"
+    return JSONResponse(
+        {"requestId": request_id, "status": state, "statusUrl": url},
+        status_code=202,
+        headers={"Location": url, **extra},
+    )
+
+
+async def _answer_after_wait(
+    parts: Parts, accepted: Accepted, deadline: float, wait_s: float
+) -> JSONResponse:
+    """201 if the exchange succeeds before `deadline`, 422 if it fails, else 202."""
+    applied = {"Preference-Applied": f"wait={wait_s:g}"}
+    request_id = accepted.request_id
+    record: dict[str, str] | None = None
+    async with parts.waiters.waiting(request_id) as done:
+        while True:
+            try:
+                record = await parts.claims.state(request_id)
+            except redis.exceptions.RedisError:
+                record = None
+            state = (record or {}).get("state")
+            remaining = deadline - time.monotonic()
+            if state in FINAL or remaining <= 0:
+                break
+            # Woken by the worker's publish; the one-second slices only cover a missed
+            # message (the listener reconnecting), at most N reads of one Redis hash.
+            try:
+                await asyncio.wait_for(asyncio.shield(done), min(1.0, remaining))
+            except TimeoutError:
+                pass
+    if record and record.get("state") == "succeeded":
+        return JSONResponse(
+            status_body(record, request_id, parts.rt.cipher), status_code=201, headers=applied
+        )
+    if record and record.get("state") == "failed":
+        return JSONResponse(
+            status_body(record, request_id, parts.rt.cipher), status_code=422, headers=applied
+        )
+    return _accepted(request_id, (record or {}).get("state", accepted.state), **applied)

@@ -1,0 +1,96 @@
+"""Operations: `/healthz`, `/readyz`, `/metrics`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from redis.asyncio import Redis as AsyncRedis
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from producer.finish import FINISHES
+from producer.state import Parts
+from worker import events
+from worker.celery import QUEUE
+from worker.metrics import RedisCollector
+from worker.runtime import Runtime
+
+
+def registry_for(rt: Runtime) -> CollectorRegistry:
+    """The web's own counters (shared across processes when PROMETHEUS_MULTIPROC_DIR is set)
+    plus the workers' metrics and the scrape-time gauges, read from Redis and the database."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(FINISHES)
+
+    def outbox_backlog() -> float:
+        with rt.db() as db:
+            return float(events.backlog(db))
+
+    registry.register(
+        RedisCollector(
+            rt.redis,
+            {
+                "humanconnect_queue_depth": (
+                    "Sessions waiting in the queue",
+                    lambda: float(rt.redis.llen(QUEUE)),
+                ),
+                "humanconnect_queue_unacked": (
+                    "Messages delivered to workers and not yet acknowledged",
+                    lambda: float(rt.redis.hlen("unacked")),
+                ),
+                "humanconnect_outbox_backlog": ("Events not yet relayed", outbox_backlog),
+            },
+        )
+    )
+    return registry
+
+
+def router(parts_of: Any, registry: CollectorRegistry) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Redis and the database are reachable")
+    async def readyz(request: Request) -> JSONResponse:
+        parts: Parts = parts_of(request)
+        checks = {"redis": await _redis_ready(parts.aredis)}
+        checks["database"] = await run_in_threadpool(_database_ready, parts.rt)
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return api
+
+
+async def _redis_ready(r: AsyncRedis) -> str:
+    try:
+        await r.ping()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return type(exc).__name__
+
+
+def _database_ready(rt: Runtime) -> str:
+    try:
+        with rt.db() as db:
+            db.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return type(exc).__name__

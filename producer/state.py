@@ -1,0 +1,38 @@
+"""What the routes share: built once per app, the async parts inside the server's loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from redis.asyncio import Redis as AsyncRedis
+
+from producer.accept import Acceptor
+from producer.claims import Claims
+from producer.waiters import Waiters
+from worker.runtime import Runtime, async_redis_client
+from worker.settings import Settings
+
+
+@dataclass
+class Parts:
+    settings: Settings
+    rt: Runtime
+    aredis: AsyncRedis
+    claims: Claims
+    acceptor: Acceptor
+    waiters: Waiters
+
+    @classmethod
+    async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
+        assert settings.redis_url is not None
+        aredis = async_redis_client(settings.redis_url)
+        claims = Claims(aredis, settings.status_ttl_s)
+        waiters = Waiters(aredis)
+        await waiters.start()
+        return cls(settings, rt, aredis, claims, Acceptor(claims, celery, rt.cipher), waiters)
+
+    async def stop(self) -> None:
+        await self.waiters.stop()
+        self.acceptor.close()
+        await self.aredis.aclose()

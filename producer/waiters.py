@@ -1,0 +1,107 @@
+"""`Prefer: wait=N`: wake waiting requests when their exchange finishes.
+
+One pattern subscription per web process (not one connection per waiting request), fed by
+the worker's `PUBLISH hc:done:{requestId}`; each waiting request holds a future, not a thread,
+and never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from worker.status import done_channel
+
+log = logging.getLogger(__name__)
+
+PATTERN = done_channel("*")
+# RFC 7240: `Prefer: wait=5`, possibly among other preferences.
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([^\s,;\"]*)\"?", re.IGNORECASE)
+MAX_WAIT_S = 30.0
+#: What a `wait` that asks for too much, or can't be read, gets instead of an error.
+DEFAULT_WAIT_S = 10.0
+
+
+def parse_prefer_wait(header: str | None) -> float | None:
+    """Seconds to wait from a Prefer header: None without `wait`, the default when bad."""
+    if not header:
+        return None
+    match = _WAIT.search(header)
+    if match is None:
+        return None
+    try:
+        seconds = float(match.group(1))
+    except ValueError:
+        return DEFAULT_WAIT_S
+    if not 0 <= seconds <= MAX_WAIT_S or seconds != seconds:  # NaN is not a wait
+        return DEFAULT_WAIT_S
+    return seconds
+
+
+class Waiters:
+    """Futures keyed by requestId, resolved by one background subscriber."""
+
+    def __init__(self, r: Redis):
+        self.r = r
+        self._waiting: dict[str, list[asyncio.Future[str]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="prefer-wait-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.r.pubsub() as pubsub:
+                    await pubsub.psubscribe(PATTERN)
+                    self._ready.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "pmessage":
+                            self._wake(
+                                str(message["channel"]).rsplit(":", 1)[1], str(message["data"])
+                            )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: waiters time out, we retry
+                self._ready.clear()
+                log.warning("wait listener reconnecting: %s", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    def _wake(self, request_id: str, state: str) -> None:
+        for future in self._waiting.pop(request_id, []):
+            if not future.done():
+                future.set_result(state)
+
+    @contextlib.asynccontextmanager
+    async def waiting(self, request_id: str) -> AsyncIterator[asyncio.Future[str]]:
+        """Register interest first, so a finish between the check and the wait isn't missed."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(request_id, []).append(future)
+        try:
+            yield future
+        finally:
+            futures = self._waiting.get(request_id)
+            if futures and future in futures:
+                futures.remove(future)
+                if not futures:
+                    del self._waiting[request_id]
+
+    async def ready(self, timeout: float) -> bool:
+        """True once the subscription is live (a wait without it could miss its wake-up)."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False

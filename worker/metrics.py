@@ -1,0 +1,129 @@
+"""The worker's metrics, kept in Redis so that `GET /metrics` on any web process shows the
+whole deployment (workers may run on other hosts than the web).
+
+Counters are `HINCRBY` on one hash; a histogram is a counter per bucket plus sum and count.
+Label values are fixed words chosen here, never data from a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+KEY = "hc:metrics"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+COUNTERS = {
+    "exchanges": (
+        "humanconnect_exchanges",
+        "Exchanges by outcome (succeeded, failed, answer_lost, ...)",
+    ),
+    "retries": ("humanconnect_retries", "Upstream retries by cause"),
+    "repairs": ("humanconnect_repairs", "publicToken repairs by outcome"),
+    "events": ("humanconnect_events_relayed", "Events relayed to the stream"),
+}
+HISTOGRAMS = {
+    "upstream_seconds": ("humanconnect_upstream_seconds", "Upstream call latency in seconds"),
+}
+
+
+def _field(name: str, labels: dict[str, str]) -> str:
+    return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def inc(r: redis.Redis, name: str, amount: int = 1, **labels: str) -> None:
+    """Add to a counter; a metrics failure never fails the work it measures."""
+    try:
+        r.hincrby(KEY, _field(name, labels), amount)
+    except redis.exceptions.RedisError:
+        log.debug("metric %s not recorded", name)
+
+
+def observe(r: redis.Redis, name: str, seconds: float, **labels: str) -> None:
+    """Record one observation in a histogram."""
+    try:
+        pipe = r.pipeline(transaction=False)
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                pipe.hincrby(KEY, _field(name, {**labels, "le": str(bound)}), 1)
+        pipe.hincrbyfloat(KEY, _field(name + ":sum", labels), seconds)
+        pipe.hincrby(KEY, _field(name + ":count", labels), 1)
+        pipe.execute()
+    except redis.exceptions.RedisError:
+        log.debug("metric %s not recorded", name)
+
+
+def _parse(field: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = field.partition("|")
+    labels = dict(pair.split("=", 1) for pair in rest.split(",") if pair)
+    return name, labels
+
+
+class RedisCollector(Collector):
+    """Exposes the Redis-kept worker metrics, plus gauges computed at scrape time."""
+
+    def __init__(self, r: redis.Redis, gauges: dict[str, Any]):
+        self.r = r
+        #: name -> (help, function returning the value); a failing gauge is skipped.
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            raw = self.r.hgetall(KEY)
+        except redis.exceptions.RedisError:
+            raw = {}
+        values = {_key(k): float(v) for k, v in raw.items()}
+        yield from self._counters(values)
+        yield from self._histograms(values)
+        for name, (help_, fn) in self.gauges.items():
+            try:
+                value = fn()
+            except Exception:  # noqa: BLE001 - a scrape must not fail on one gauge
+                continue
+            gauge = GaugeMetricFamily(name, help_)
+            gauge.add_metric([], value)
+            yield gauge
+
+    def _counters(self, values: dict[str, float]) -> Iterator[CounterMetricFamily]:
+        for key, (metric, help_) in COUNTERS.items():
+            series = [
+                (labels, v) for f, v in values.items() for n, labels in [_parse(f)] if n == key
+            ]
+            names = sorted({k for labels, _ in series for k in labels})
+            family = CounterMetricFamily(metric, help_, labels=names)
+            for labels, v in series:
+                family.add_metric([labels.get(n, "") for n in names], v)
+            yield family
+
+    def _histograms(self, values: dict[str, float]) -> Iterator[HistogramMetricFamily]:
+        for key, (metric, help_) in HISTOGRAMS.items():
+            groups: dict[tuple[tuple[str, str], ...], dict[str, float]] = defaultdict(dict)
+            for f, v in values.items():
+                name, labels = _parse(f)
+                if name == key:
+                    le = labels.pop("le")
+                    groups[tuple(sorted(labels.items()))][le] = v
+                elif name in (key + ":sum", key + ":count"):
+                    groups[tuple(sorted(labels.items()))][name.rsplit(":", 1)[1]] = v
+            names = sorted({k for g in groups for k, _ in g})
+            family = HistogramMetricFamily(metric, help_, labels=names)
+            for group, data in groups.items():
+                labels = dict(group)
+                buckets = [(str(b), data.get(str(b), 0.0)) for b in LATENCY_BUCKETS]
+                buckets.append(("+Inf", data.get("count", 0.0)))
+                family.add_metric(
+                    [labels.get(n, "") for n in names], buckets, sum_value=data.get("sum", 0.0)
+                )
+            yield family
+
+
+def _key(k: bytes | str) -> str:
+    return k.decode() if isinstance(k, bytes) else k
