@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--users", type=int, default=100)
     p_demo.add_argument("--url", default="http://127.0.0.1:8000")
     p_demo.add_argument("--concurrency", type=int, default=50)
+    p_failed = sub.add_parser("failed", help="list permanently failed exchanges")
+    p_failed.add_argument(
+        "--retry", action="store_true", help="re-queue those whose error was transient"
+    )
     p_db = sub.add_parser("db", help="database schema")
     p_db.add_argument("action", choices=["upgrade"])
     p_keys = sub.add_parser("keys", help="encryption keys")
@@ -46,6 +50,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError("--users must be at least 1")
         client_id = settings.client_id or SANDBOX_CLIENT_ID
         return demo(args.url, args.users, client_id, concurrency=args.concurrency)
+    if args.command == "failed":
+        return _failed(settings, retry=args.retry)
     if args.command == "db":
         from worker import migrate
 
@@ -66,3 +72,39 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _failed(settings: Settings, *, retry: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.celery import EXCHANGE_TASK, app
+    from worker.failures import list_failed, requeue_transient
+    from worker.runtime import Runtime
+
+    rt = Runtime(settings)
+    console = Console()
+    if retry:
+        settings.require(secret=False)
+
+        def send(kwargs: dict[str, object]) -> None:
+            app.send_task(EXCHANGE_TASK, kwargs=kwargs, task_id=str(kwargs["request_id"]))
+
+        count = requeue_transient(rt, send)
+        console.print(f"re-queued {count} sessions whose last error was transient")
+        return 0
+    failures = list_failed(rt)
+    table = Table(title=f"{len(failures)} failed exchanges")
+    for col in ("requestId", "humanId", "kind", "retryable", "when", "error"):
+        table.add_column(col)
+    for f in failures:
+        table.add_row(
+            f.request_id,
+            f.human_id,
+            f.error_kind or "",
+            "yes" if f.retryable else "no",
+            f.updated_at.isoformat(timespec="seconds"),
+            (f.error or "")[:120],
+        )
+    console.print(table)
+    return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,14 @@ from tests.support import (
     CLIENT_ID,
     CLIENT_SECRET,
     FERNET_KEY,
+    ROOT,
+    Process,
     RedisServer,
     create_pg_database,
     drop_pg_database,
+    service_env,
+    start_web,
+    start_worker,
 )
 from worker import migrate
 from worker.db import dispose_all
@@ -25,6 +31,50 @@ from worker.runtime import Runtime
 from worker.settings import Settings
 
 PG_BASE = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
+
+
+@dataclass
+class Deployment:
+    url: str
+    env: dict[str, str]
+    web: Process
+    worker: Process
+    db_url: str
+    logs: list[Path]
+
+
+@pytest.fixture
+def deploy(
+    redis_url: str, redis_client: redis.Redis, db_url: str, standin: Running, tmp_path: Path
+) -> Iterator[Callable[..., Deployment]]:
+    """Start `web` and `worker` as the Procfile does, with only the contract's variables."""
+    started: list[Process] = []
+
+    def make(**extra: str) -> Deployment:
+        env = service_env(
+            REDIS_URL=redis_url,
+            DATABASE_URL=db_url,
+            HUMANAPI_BASE_URL=standin.url,
+            HUMANAPI_CLIENT_ID=CLIENT_ID,
+            HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
+            HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
+            HUMANAPI_MAX_RPS="500",
+            HUMANCONNECT_RETRY_INITIAL_S="0.05",
+            HUMANCONNECT_RETRY_INLINE_BUDGET_S="1",
+            HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
+            **extra,
+        )
+        web, url = start_web(env, ROOT, tmp_path / "web.log")
+        started.append(web)
+        worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=32)
+        started.append(worker)
+        return Deployment(
+            url, env, web, worker, db_url, [tmp_path / "web.log", tmp_path / "worker.log"]
+        )
+
+    yield make
+    for proc in started:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

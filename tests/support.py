@@ -265,3 +265,14 @@ def redis_text(r: Any) -> bytes:
                 for k, v in fields.items():
                     out.extend((k, v))
     return b"\n".join(out)
+
+
+def stream_entries(r: Any, name: str = "humanconnect:events") -> list[dict[str, str]]:
+    """The entries of a Redis Stream as dicts of str."""
+    return [
+        {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        for _id, fields in r.xrange(name)
+    ]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,67 +13,22 @@ from sqlalchemy import select, text
 
 from humanconnect.standin import Faults, Running
 from tests import factories
+from tests.conftest import Deployment
 from tests.support import (
     BIN,
     CLIENT_ID,
     CLIENT_SECRET,
     FERNET_KEY,
     ROOT,
-    Process,
     redis_text,
     service_env,
-    start_web,
-    start_worker,
+    stream_entries,
     wait_for,
 )
 from worker import store
 from worker.crypto import Cipher
 from worker.db import session_factory
 from worker.models import Session, User
-
-
-@dataclass
-class Deployment:
-    url: str
-    env: dict[str, str]
-    web: Process
-    worker: Process
-    db_url: str
-    logs: list[Path]
-
-
-@pytest.fixture
-def deploy(
-    redis_url: str, redis_client: redis.Redis, db_url: str, standin: Running, tmp_path: Path
-) -> Iterator[Callable[..., Deployment]]:
-    """Start `web` and `worker` as the Procfile does, with only the contract's variables."""
-    started: list[Process] = []
-
-    def make(**extra: str) -> Deployment:
-        env = service_env(
-            REDIS_URL=redis_url,
-            DATABASE_URL=db_url,
-            HUMANAPI_BASE_URL=standin.url,
-            HUMANAPI_CLIENT_ID=CLIENT_ID,
-            HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
-            HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
-            HUMANAPI_MAX_RPS="500",
-            HUMANCONNECT_RETRY_INITIAL_S="0.05",
-            HUMANCONNECT_RETRY_INLINE_BUDGET_S="1",
-            HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
-            **extra,
-        )
-        web, url = start_web(env, ROOT, tmp_path / "web.log")
-        started.append(web)
-        worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=32)
-        started.append(worker)
-        return Deployment(
-            url, env, web, worker, db_url, [tmp_path / "web.log", tmp_path / "worker.log"]
-        )
-
-    yield make
-    for proc in started:
-        proc.stop()
 
 
 async def _burst(url: str, bodies: list[dict[str, str]], concurrency: int) -> list[httpx.Response]:
@@ -150,8 +103,32 @@ def test_burst_with_upstream_faults_stores_everyone_once(
         assert status["status"] == "succeeded"
         assert status["publicToken"] == standin.state.by_human[body["humanId"]].public_token
         assert users[body["humanId"]].access_token not in str(status)
-    # No secret anywhere: Redis, logs, database.
+    # Exactly one connect.completed per user, each matching a stored user.
+    entries = wait_for(
+        lambda: (e := completed_events(redis_client)) and len(e) >= 300 and e,
+        30,
+        what="300 completion events",
+    )
+    assert len(entries) == 300
+    assert len({e["eventId"] for e in entries}) == 300
+    assert {(e["humanId"], e["clientUserId"]) for e in entries} == {
+        (h, u.client_user_id) for h, u in users.items()
+    }
+    # No secret anywhere: Redis (events included), logs, metrics, database.
+    public = [u.public_token or "" for u in users.values()]
+    sessions = [b["sessionToken"] for b in bodies]
     assert_no_secrets(d, redis_client, [u.access_token for u in users.values()])
+    metrics = httpx.get(d.url + "/metrics").text
+    assert "humanconnect_exchanges_total" in metrics
+    events_text = str(completed_events(redis_client))
+    for needle in [CLIENT_SECRET, *public, *sessions]:
+        assert needle not in metrics and needle not in events_text
+        for log in d.logs:
+            assert needle not in log.read_text(errors="replace")
+
+
+def completed_events(r: redis.Redis) -> list[dict[str, str]]:
+    return [e for e in stream_entries(r) if e["type"] == "connect.completed"]
 
 
 def assert_no_secrets(d: Deployment, r: redis.Redis, access_tokens: list[str]) -> None:

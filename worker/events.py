@@ -69,9 +69,11 @@ def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) ->
     return _send(db, r, stream, events)
 
 
-def relay_pending(db: DbSession, r: redis.Redis, stream: str, limit: int = 500) -> int:
-    """Relay up to `limit` unsent events older than the grace period, oldest first."""
-    cutoff = now().timestamp() - SWEEP_GRACE_S
+def relay_pending(
+    db: DbSession, r: redis.Redis, stream: str, limit: int = 500, grace_s: float = SWEEP_GRACE_S
+) -> int:
+    """Relay up to `limit` unsent events older than `grace_s`, oldest first."""
+    cutoff = now().timestamp() - grace_s
     query = (
         select(OutboxEvent)
         .where(OutboxEvent.sent_at.is_(None))

@@ -1,0 +1,128 @@
+"""Completion events: outbox in the same transaction, relayed once Redis takes them."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from humanconnect.standin import Faults, Running
+from tests import factories
+from tests.support import RedisServer, stream_entries
+from worker import events
+from worker.exchange import Exchanger
+from worker.models import OutboxEvent
+from worker.runtime import Runtime
+
+STREAM = "humanconnect:events"
+
+
+def stream(r: redis.Redis, name: str = STREAM) -> list[dict[str, str]]:
+    return stream_entries(r, name)
+
+
+def test_success_emits_one_completed_event(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A stored token set yields exactly one connect.completed, with no token in it."""
+    job = factories.job()
+    Exchanger(runtime, lambda: 0.0).run(job)
+    entries = stream(runtime.redis)
+    assert len(entries) == 1
+    event = entries[0]
+    issued = standin.state.by_human[job.human_id]
+    assert event["type"] == "connect.completed"
+    assert event["humanId"] == job.human_id and event["requestId"] == job.request_id
+    assert event["clientUserId"] == issued.client_user_id
+    assert {"eventId", "occurredAt"} <= event.keys()
+    text = str(event)
+    for secret in (issued.access_token, issued.public_token, job.session_token):
+        assert secret not in text
+    with runtime.db() as db:
+        assert db.scalars(select(OutboxEvent.sent_at)).one() is not None
+    # A duplicate delivery emits nothing more.
+    Exchanger(runtime, lambda: 0.0).run(job)
+    assert len(stream(runtime.redis)) == 1
+
+
+def test_permanent_failure_emits_one_failed_event(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A refusal yields one connect.failed with a short reason."""
+    standin.state.faults = Faults(refuse_status=401)
+    job = factories.job()
+    Exchanger(runtime, lambda: 0.0).run(job)
+    (event,) = stream(runtime.redis)
+    assert event["type"] == "connect.failed" and "401" in event["error"]
+    assert event["requestId"] == job.request_id
+
+
+def test_retry_window_exhausted_emits_failed(
+    make_settings, db_url: str, standin: Running, redis_client
+) -> None:
+    """A session failed because the upstream stayed down also gets its connect.failed."""
+    rt = Runtime(
+        make_settings(
+            DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url, HUMANCONNECT_RETRY_WINDOW_S="1"
+        )
+    )
+    standin.state.faults = Faults(down=True)
+    Exchanger(rt, lambda: 0.0).run(factories.job(received_us=factories.now_us() - 5_000_000))
+    (event,) = stream(rt.redis)
+    assert event["type"] == "connect.failed" and "retry window" in event["error"]
+
+
+def test_events_wait_out_a_redis_outage(make_settings, db_url: str, own_redis: RedisServer) -> None:
+    """Committed while Redis is away, an event stays pending and is relayed once it is back."""
+    rt = Runtime(make_settings(DATABASE_URL=db_url, REDIS_URL=own_redis.url))
+    with rt.db() as db:
+        events.record(db, "connect.completed", humanId="h1", clientUserId="u1", requestId="r1")
+        db.commit()
+    own_redis.kill()
+    with rt.db() as db, pytest.raises(redis.exceptions.ConnectionError):
+        events.relay_pending(db, rt.redis, STREAM, limit=10, grace_s=0)
+    with rt.db() as db:
+        assert events.backlog(db) == 1
+    own_redis.start()
+    with rt.db() as db:
+        assert events.relay_pending(db, rt.redis, STREAM, grace_s=0) == 1
+        assert events.backlog(db) == 0
+    (entry,) = stream(rt.redis)
+    assert entry["humanId"] == "h1"
+
+
+def test_relay_dying_after_xadd_resends_the_same_event_id(
+    make_settings, db_url: str, redis_client
+) -> None:
+    """XADD done, mark not committed: the next relay sends it again with the same eventId."""
+    rt = Runtime(make_settings(DATABASE_URL=db_url))
+    with rt.db() as db:
+        event = events.record(db, "connect.failed", humanId="h2", requestId="r2", error="x")
+        db.commit()
+        event_id = event.id
+    # Given a relay whose process dies between XADD and its commit
+    with rt.db() as db:
+        original = db.commit
+
+        def die() -> None:
+            raise SystemExit("killed between XADD and commit")
+
+        db.commit = die
+        with pytest.raises(SystemExit):
+            events.relay_ids(db, rt.redis, STREAM, [event_id])
+        db.commit = original
+        db.rollback()
+    # When the sweep comes by
+    with rt.db() as db:
+        assert events.backlog(db) == 1
+        assert events.relay_ids(db, rt.redis, STREAM, [event_id]) == 1
+    # Then the stream has it twice, one eventId: consumers dedupe on it
+    entries = stream(rt.redis)
+    assert len(entries) == 2 and entries[0]["eventId"] == entries[1]["eventId"]
+
+
+def test_events_refuse_secret_fields(make_settings, sqlite_url: str) -> None:
+    """No caller can put a token or the secret into an event."""
+    rt = Runtime(make_settings(DATABASE_URL=sqlite_url))
+    with rt.db() as db, pytest.raises(ValueError):
+        events.record(db, "connect.completed", humanId="h", accessToken="nope")
