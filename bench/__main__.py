@@ -25,6 +25,23 @@ STACKS = {
 }
 
 
+def _wait_stored(db_url: str, count: int, s: Any, timeout: float = 300) -> int:
+    engine = create_engine(db_url)
+    deadline = time.monotonic() + timeout
+    stored = 0
+    while time.monotonic() < deadline:
+        with engine.connect() as c:
+            stored = c.execute(
+                text("SELECT count(*) FROM sessions WHERE state = 'succeeded'")
+            ).scalar_one()
+        s.sample_rss()
+        if stored >= count:
+            break
+        time.sleep(0.5)
+    engine.dispose()
+    return int(stored)
+
+
 def accept_burst(users: int, concurrency: int) -> dict[str, Any]:
     """2,000 finishes at concurrency 50, per stack variant; then every one drained and stored."""
     out: dict[str, Any] = {}
@@ -40,19 +57,7 @@ def accept_burst(users: int, concurrency: int) -> dict[str, Any]:
                 closed_loop(url, [body(i, run) for i in range(users)], concurrency)
             )
             s.sample_rss()
-            engine = create_engine(s.env["DATABASE_URL"])
-            deadline = time.monotonic() + 300
-            stored = 0
-            while time.monotonic() < deadline:
-                with engine.connect() as c:
-                    stored = c.execute(
-                        text("SELECT count(*) FROM sessions WHERE state = 'succeeded'")
-                    ).scalar_one()
-                s.sample_rss()
-                if stored >= users + 100:
-                    break
-                time.sleep(0.5)
-            result["stored"] = stored - 100
+            result["stored"] = _wait_stored(s.env["DATABASE_URL"], users + 100, s) - 100
             result["double_exchanges"] = s.standin.stats()["doubleExchanges"]
             result["peak_rss_mb"] = dict(s.peak_rss)
             out[name] = result
@@ -61,20 +66,47 @@ def accept_burst(users: int, concurrency: int) -> dict[str, Any]:
     return out
 
 
+def wait_mode(users: int, concurrency: int) -> dict[str, Any]:
+    """The same burst with and without `Prefer: wait=10`, upstream at 200 ms with faults."""
+    out: dict[str, Any] = {}
+    s = stack(Faults(latency_ms=200, p503=0.10, p429=0.05, retry_after_s=0.5))
+    try:
+        s.start_worker()
+        url = s.start_web(*STACKS["uvicorn httptools+uvloop"])
+        asyncio.run(closed_loop(url, [body(i, "w0") for i in range(100)], concurrency))
+        _wait_stored(s.env["DATABASE_URL"], 100, s)
+        for name, headers in (("without wait", None), ("Prefer: wait=10", {"Prefer": "wait=10"})):
+            run = "a1" if headers is None else "b2"
+            result = asyncio.run(
+                closed_loop(url, [body(i, run) for i in range(users)], concurrency, headers)
+            )
+            s.sample_rss()
+            out[name] = result
+            # Drained before the next mode, so one mode's backlog doesn't slow the other.
+            _wait_stored(s.env["DATABASE_URL"], 100 + users * len(out), s)
+    finally:
+        s.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--only", choices=["accept_burst", "wait_mode"], default=None)
     args = parser.parse_args(argv)
-    results = {
+    results: dict[str, Any] = {
         "machine": {
             "cpus": _cpus(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "accept_burst": accept_burst(args.users, args.concurrency),
     }
+    if args.only in (None, "accept_burst"):
+        results["accept_burst"] = accept_burst(args.users, args.concurrency)
+    if args.only in (None, "wait_mode"):
+        results["wait_mode"] = wait_mode(1000, args.concurrency)
     Path(args.out).write_text(json.dumps(results, indent=2))
     _print_table(results)
 
@@ -102,7 +134,7 @@ def _print_table(results: dict[str, Any]) -> None:
         "web MB",
     ):
         table.add_column(col, justify="right")
-    for name, r in results["accept_burst"].items():
+    for name, r in results.get("accept_burst", {}).items():
         table.add_row(
             name,
             f"{r['rate']:.0f}",
@@ -114,7 +146,21 @@ def _print_table(results: dict[str, Any]) -> None:
             str(r["double_exchanges"]),
             f"{r['peak_rss_mb'].get('web', 0):.0f}",
         )
-    Console(file=sys.stdout, width=160).print(table)
+    console = Console(file=sys.stdout, width=160)
+    console.print(table)
+    wait = Table(title="1,000 finishes at concurrency 50, with and without wait mode")
+    for col in ("mode", "req/s", "codes", "p50 ms", "p99 ms", "max ms"):
+        wait.add_column(col, justify="right")
+    for name, r in results.get("wait_mode", {}).items():
+        wait.add_row(
+            name,
+            f"{r['rate']:.0f}",
+            str(r["codes"]),
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            f"{r['max_ms']:.1f}",
+        )
+    console.print(wait)
 
 
 if __name__ == "__main__":

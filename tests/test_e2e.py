@@ -281,3 +281,50 @@ def test_message_sealed_with_an_unknown_key_fails_visibly(
         what="the failed status",
     )
     assert "encryption key" in final["error"]
+
+
+def test_failed_lists_and_retry_requeues_transient_failures(deploy, standin: Running) -> None:
+    """`humanconnect failed` lists sessions the outage failed; `--retry` finishes them after."""
+    # Given an upstream down for longer than a (short) retry window
+    standin.state.faults = Faults(down=True)
+    d = deploy(HUMANCONNECT_RETRY_WINDOW_S="2")
+    bodies = [factories.finish_body() for _ in range(3)]
+    assert {r.status_code for r in burst(d.url, bodies, concurrency=3)} == {202}
+    wait_for(lambda: states(d.db_url).get("failed") == 3, 30, what="3 transient failures")
+    cli = [str(BIN / "humanconnect"), "failed"]
+    listing = subprocess.run(cli, env=d.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    assert "3 failed exchanges" in listing.stdout and listing.stdout.count("transient") == 3
+    # When the upstream is back and an operator retries
+    standin.state.faults = Faults()
+    retry = subprocess.run(
+        [*cli, "--retry"], env=d.env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert retry.returncode == 0 and "re-queued 3" in retry.stdout, retry.stdout + retry.stderr
+    # Then all three are stored, and each has its failed and its completed event
+    wait_for(lambda: states(d.db_url).get("succeeded") == 3, 30, what="3 successes")
+    assert len(stored_users(d.db_url)) == 3
+    kinds = sorted(e["type"] for e in stream_entries(redis.Redis.from_url(d.env["REDIS_URL"])))
+    assert kinds == ["connect.completed"] * 3 + ["connect.failed"] * 3
+
+
+def test_json_logs_carry_the_request_id_into_the_worker(deploy, standin: Running) -> None:
+    """With HUMANCONNECT_LOG_JSON=1 the worker's lines are JSON and carry the requestId."""
+    import json
+
+    d = deploy(HUMANCONNECT_LOG_JSON="1")
+    resp = httpx.post(
+        d.url + "/connect/finish", json=factories.finish_body(), headers={"Prefer": "wait=5"}
+    )
+    assert resp.status_code == 201
+    request_id = resp.json()["requestId"]
+
+    def our_lines() -> list[dict]:
+        lines = []
+        for line in d.worker.output().splitlines():
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+        return [rec for rec in lines if rec.get("requestId") == request_id]
+
+    records = wait_for(our_lines, 10, what="JSON lines with the request id")
+    assert any("exchange succeeded" in rec["message"] for rec in records)

@@ -45,6 +45,20 @@ class User(Base):
     #: Tie-break between two sessions received in the same microsecond.
     session_hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: publicToken repair: transient failures so far, and not before when to try again.
+    repair_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    repair_after_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: Set when the upstream refused for good (404, 401): not retried until an operator asks.
+    repair_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        Index(
+            "ix_users_missing_public_token",
+            "id",
+            postgresql_where=text("public_token IS NULL"),
+            sqlite_where=text("public_token IS NULL"),
+        ),
+    )
 
 
 class Session(Base):

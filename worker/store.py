@@ -65,6 +65,10 @@ def save_tokens(
         "received_us": received_us,
         "session_hash": session_hash,
         "updated_at": now(),
+        # New tokens start the repair bookkeeping afresh.
+        "repair_attempts": 0,
+        "repair_after_us": None,
+        "repair_error": None,
     }
     stmt = insert(User).values(**values)
     newer = (User.received_us < stmt.excluded.received_us) | (

@@ -1,0 +1,156 @@
+"""Read-back, readiness and metrics, in process against real Redis and databases."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+
+from producer.app import create_app
+from tests import factories
+from tests.support import RedisServer, TcpProxy, wait_for
+from worker import store
+from worker.runtime import Runtime
+from worker.settings import Settings
+from worker.users import get_user_tokens
+
+API_TOKEN = "op-token-0123456789abcdef"
+
+
+@pytest.fixture
+def stored(make_settings: Callable[..., Settings], sqlite_url: str) -> tuple[Settings, str]:
+    settings = make_settings(DATABASE_URL=sqlite_url, HUMANCONNECT_API_TOKEN=API_TOKEN)
+    rt = Runtime(settings)
+    with rt.db() as db:
+        store.save_tokens(
+            db,
+            rt.cipher,
+            human_id="a" * 24,
+            client_user_id="user@example.com",
+            access_token="access-secret-1",
+            public_token="p" * 32,
+            received_us=factories.now_us(),
+            session_hash="x" * 64,
+        )
+        db.commit()
+    return settings, "user@example.com"
+
+
+@pytest.fixture
+def client(stored: tuple[Settings, str], redis_client: redis.Redis) -> Iterator[TestClient]:
+    with TestClient(create_app(stored[0])) as c:
+        yield c
+
+
+def test_read_back_with_the_right_token(client: TestClient) -> None:
+    """The right bearer token reads the decrypted tokens, not cacheable."""
+    resp = client.get("/users/user@example.com", headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["accessToken"] == "access-secret-1" and body["publicToken"] == "p" * 32
+    assert body["humanId"] == "a" * 24 and body["updatedAt"]
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/users/user@example.com", {}),
+        ("/users/user@example.com", {"Authorization": "Bearer wrong-token"}),
+        ("/users/user@example.com", {"Authorization": f"Basic {API_TOKEN}"}),
+        ("/users/user@example.com", {"Authorization": f"Bearer {API_TOKEN}x"}),
+        (f"/users/user@example.com?access_token={API_TOKEN}", {}),
+        (f"/users/user@example.com?token={API_TOKEN}", {}),
+    ],
+    ids=["none", "wrong", "basic", "longer", "query access_token", "query token"],
+)
+def test_read_back_refuses_without_the_header_token(
+    client: TestClient, path: str, headers: dict
+) -> None:
+    """No, wrong, or URL-borne tokens get 401 and no token in the body."""
+    resp = client.get(path, headers=headers)
+    assert resp.status_code == 401
+    assert "access-secret-1" not in resp.text
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_read_back_unknown_user_is_404(client: TestClient) -> None:
+    """An unknown clientUserId is 404 even with the right token."""
+    resp = client.get("/users/nobody", headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert resp.status_code == 404
+
+
+def test_read_back_disabled_without_a_configured_token(
+    make_settings: Callable[..., Settings], stored: tuple[Settings, str], redis_client: redis.Redis
+) -> None:
+    """With no HUMANCONNECT_API_TOKEN the endpoint does not exist (404), whatever is sent."""
+    settings = make_settings(DATABASE_URL=stored[0].database_url)
+    with TestClient(create_app(settings)) as c:
+        resp = c.get("/users/user@example.com", headers={"Authorization": "Bearer anything"})
+    assert resp.status_code == 404
+
+
+def test_embedding_function_reads_the_same(stored: tuple[Settings, str]) -> None:
+    """Apps that embed the store get the same tokens from a plain function."""
+    user = get_user_tokens("user@example.com", stored[0])
+    assert user is not None and user.access_token == "access-secret-1"
+    assert "access-secret-1" not in repr(user)
+    assert get_user_tokens("nobody", stored[0]) is None
+
+
+def test_readyz_follows_redis(
+    make_settings: Callable[..., Settings], sqlite_url: str, own_redis: RedisServer
+) -> None:
+    """/readyz goes 503 within 2 s of Redis going away, and back to 200 when it returns."""
+    with TestClient(
+        create_app(make_settings(DATABASE_URL=sqlite_url, REDIS_URL=own_redis.url))
+    ) as c:
+        assert c.get("/readyz").status_code == 200
+        own_redis.kill()
+        started = time.monotonic()
+        resp = c.get("/readyz")
+        assert resp.status_code == 503 and resp.json()["checks"]["redis"] != "ok"
+        assert time.monotonic() - started < 2
+        own_redis.start()
+        wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready again")
+
+
+@pytest.mark.postgres
+def test_readyz_follows_the_database(
+    make_settings: Callable[..., Settings], db_url: str, redis_client: redis.Redis
+) -> None:
+    """/readyz goes 503 within 2 s of PostgreSQL becoming unreachable, and back to 200."""
+    url = make_url(db_url)
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("the cut is made on the PostgreSQL connection")
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).open()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with TestClient(create_app(make_settings(DATABASE_URL=proxied))) as c:
+            assert c.get("/readyz").status_code == 200
+            proxy.cut()
+            started = time.monotonic()
+            resp = c.get("/readyz")
+            assert resp.status_code == 503 and resp.json()["checks"]["database"] != "ok"
+            assert time.monotonic() - started < 2
+            proxy.open()
+            wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready again")
+    finally:
+        proxy.cut()
+
+
+def test_metrics_expose_what_operators_alert_on(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    """/metrics is Prometheus text with finishes, queue depth and outbox backlog."""
+    client.post("/connect/finish", json=factories.finish_body())
+    client.post("/connect/finish", json={"humanId": "x"})
+    text = client.get("/metrics").text
+    assert 'humanconnect_finishes_total{outcome="accepted",reason=""} 1.0' in text
+    assert 'humanconnect_finishes_total{outcome="refused",reason="400"} 1.0' in text
+    assert "humanconnect_queue_depth 1.0" in text
+    assert "humanconnect_outbox_backlog 0.0" in text
