@@ -22,6 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     p_failed.add_argument(
         "--retry", action="store_true", help="re-queue those whose error was transient"
     )
+    p_repair = sub.add_parser("repair", help="run the publicToken repair now")
+    p_repair.add_argument("--dry-run", action="store_true", help="count and list, call nothing")
+    p_repair.add_argument("--limit", type=int, default=None, help="at most N users")
+    p_repair.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="first make users whose repair failed for good (404, 401) eligible again",
+    )
     p_db = sub.add_parser("db", help="database schema")
     p_db.add_argument("action", choices=["upgrade"])
     p_keys = sub.add_parser("keys", help="encryption keys")
@@ -50,6 +58,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError("--users must be at least 1")
         client_id = settings.client_id or SANDBOX_CLIENT_ID
         return demo(args.url, args.users, client_id, concurrency=args.concurrency)
+    if args.command == "repair":
+        from humanconnect.repair_cli import repair
+
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+        return repair(
+            settings, limit=args.limit, dry_run=args.dry_run, retry_failed=args.retry_failed
+        )
     if args.command == "failed":
         return _failed(settings, retry=args.retry)
     if args.command == "db":

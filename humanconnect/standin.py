@@ -57,6 +57,10 @@ class State:
     rng: random.Random = field(default_factory=random.Random)
     #: Successful exchanges per session token (tests assert it never exceeds 1).
     exchanges: Counter[str] = field(default_factory=Counter)
+    #: publictokens calls per humanId (tests assert who was asked how often), and the last
+    #: publicToken issued to each.
+    public_calls: Counter[str] = field(default_factory=Counter)
+    public_tokens: dict[str, str] = field(default_factory=dict)
     #: Calls received per endpoint and outcome.
     calls: Counter[str] = field(default_factory=Counter)
     #: The tokens issued by session token, and the newest per humanId.
@@ -194,12 +198,15 @@ class StandIn:
             self.state.calls[f"publictokens:{body.status}"] += 1
             return body
         human_id = body.get("humanId")
+        if isinstance(human_id, str):
+            self.state.public_calls[human_id] += 1
         if not isinstance(human_id, str) or (
             human_id not in self.state.by_human and human_id not in self.state.known_humans
         ):
             self.state.calls["publictokens:404"] += 1
             return web.json_response({"error": "unknown humanId"}, status=404)
         token = secrets.token_hex(16)
+        self.state.public_tokens[human_id] = token
         if human_id in self.state.by_human:
             self.state.by_human[human_id].public_token = token
         self.state.calls["publictokens:200"] += 1

@@ -135,13 +135,24 @@ def test_readme_consumer_prints_each_event_once(redis_url: str, redis_client) ->
 
     from tests.support import ROOT, service_env
 
-    fields = {"type": "connect.completed", "eventId": "e-1", "humanId": "h-1",
-              "clientUserId": "u-1", "requestId": "r-1", "occurredAt": "2026-11-28T00:00:00+00:00"}
+    fields = {
+        "type": "connect.completed",
+        "eventId": "e-1",
+        "humanId": "h-1",
+        "clientUserId": "u-1",
+        "requestId": "r-1",
+        "occurredAt": "2026-11-28T00:00:00+00:00",
+    }
     redis_client.xadd(STREAM, fields)
     redis_client.xadd(STREAM, fields)  # the same event relayed twice
-    out = subprocess.run([sys.executable, "examples/consumer.py", "--once"], cwd=ROOT,
-                         env=service_env(REDIS_URL=redis_url), capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        [sys.executable, "examples/consumer.py", "--once"],
+        cwd=ROOT,
+        env=service_env(REDIS_URL=redis_url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["connect.completed humanId=h-1 eventId=e-1"]
     assert redis_client.xpending(STREAM, "my-app")["pending"] == 0

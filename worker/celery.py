@@ -24,6 +24,7 @@ QUEUE = "humanconnect"
 VISIBILITY_TIMEOUT_S = 180
 EXCHANGE_TASK = "humanconnect.exchange_session"
 RELAY_TASK = "humanconnect.relay_events"
+REPAIR_TASK = "humanconnect.repair_public_tokens"
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
 
@@ -69,6 +70,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": RELAY_INTERVAL_S,
                 # A sweep that waited longer than one interval is superseded by the next.
                 "options": {"expires": RELAY_INTERVAL_S},
+            },
+            "repair-public-tokens": {
+                "task": REPAIR_TASK,
+                "schedule": settings.repair_interval_s,
+                "options": {"expires": settings.repair_interval_s},
             },
         },
     }

@@ -14,11 +14,12 @@ from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 
 from worker import events, logs, metrics, migrate, status
-from worker.celery import EXCHANGE_TASK, RELAY_TASK, app
+from worker.celery import EXCHANGE_TASK, RELAY_TASK, REPAIR_TASK, app
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
 from worker.exchange import Exchanger, Job, backoff
 from worker.ratelimit import GlobalRateLimiter
+from worker.repair import Repairer
 from worker.runtime import Runtime
 from worker.settings import get_settings
 
@@ -146,6 +147,15 @@ def relay_events() -> int:
     if sent:
         log.info("relayed %d pending events", sent)
     return sent
+
+
+@app.task(name=REPAIR_TASK, ignore_result=True)
+def repair_public_tokens() -> int:
+    """The scheduled publicToken repair; skipped (and logged) while another run holds the lock."""
+    rt = runtime()
+    assert rt.settings.redis_url is not None
+    limiter = GlobalRateLimiter(rt.settings.redis_url, rt.settings.max_rps)
+    return Repairer(rt, limiter.acquire).run().repaired
 
 
 def _require_or_exit(*, secret: bool) -> None:

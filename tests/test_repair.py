@@ -1,0 +1,193 @@
+"""The publicToken repair against a real Redis, a real database and the stand-in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from unittest import mock
+
+from redis.lock import Lock
+from sqlalchemy import func, select
+
+from humanconnect.standin import Faults, Running
+from tests import factories
+from tests.support import stream_entries
+from worker import repair, store
+from worker.exchange import now_us
+from worker.models import User
+from worker.repair import LOCK_KEY, Repairer
+from worker.runtime import Runtime
+
+
+def seed(rt: Runtime, standin: Running, n: int, *, known: bool = True) -> list[str]:
+    """n users stored without a publicToken (the stand-in knows them unless told not to)."""
+    humans = [factories.human_id() for _ in range(n)]
+    with rt.db() as db:
+        for h in humans:
+            store.save_tokens(
+                db,
+                rt.cipher,
+                human_id=h,
+                client_user_id=f"{h}@app",
+                access_token=f"access-{h}",
+                public_token=None,
+                received_us=now_us(),
+                session_hash=h,
+            )
+        db.commit()
+    if known:
+        standin.state.known_humans.update(humans)
+    return humans
+
+
+def missing(rt: Runtime) -> int:
+    with rt.db() as db:
+        return int(db.scalar(select(func.count()).where(User.public_token.is_(None))) or 0)
+
+
+def repairer(rt: Runtime) -> Repairer:
+    return Repairer(rt, lambda: 0.0, threads=8)
+
+
+def test_faulty_upstream_all_repaired_in_a_few_runs_one_event_each(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """1,000 users, 20 % 503 and 10 % 429: all repaired within a few runs, one event each."""
+    humans = seed(runtime, standin, 1000)
+    standin.state.faults = Faults(p503=0.2, p429=0.1, retry_after_s=0.05)
+    runs = 0
+    clock = [now_us()]
+    # Each later run happens after the backoff has passed (time moves through now()).
+    with mock.patch("worker.repair.now_us", lambda: clock[0]):
+        while missing(runtime) and runs < 5:
+            repairer(runtime).run()
+            runs += 1
+            clock[0] += int(repair.BACKOFF_CAP_S * 1.2 * 1_000_000)
+    assert missing(runtime) == 0 and runs <= 3
+    events = [e for e in stream_entries(redis_client) if e["type"] == "publictoken.repaired"]
+    assert sorted(e["humanId"] for e in events) == sorted(humans)
+    assert len({e["eventId"] for e in events}) == 1000
+    with runtime.db() as db:
+        for h in humans:
+            user = store.get_user(db, runtime.cipher, f"{h}@app")
+            assert user is not None and user.public_token == standin.state.public_tokens[h]
+
+
+def test_transient_failures_back_off_and_wait(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A user failing transiently is not tried again before its growing backoff."""
+    (human,) = seed(runtime, standin, 1)
+    standin.state.faults = Faults(down=True)
+    repairer(runtime).run()
+    calls = standin.state.public_calls[human]
+    repairer(runtime).run()  # straight after: still backing off
+    assert standin.state.public_calls[human] == calls
+    with runtime.db() as db:
+        first = db.scalar(select(User.repair_after_us))
+        assert first is not None and first > now_us() + 50_000_000
+    # A later run, after the backoff, tries again and doubles it.
+    with mock.patch("worker.repair.now_us", lambda: first + 1):
+        repairer(runtime).run()
+    with runtime.db() as db:
+        row = db.scalars(select(User)).one()
+        assert row.repair_attempts == 2 and row.repair_after_us is not None
+        assert row.repair_after_us - first > 100_000_000
+
+
+def test_unknown_human_is_called_once_then_recorded(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A 404 is recorded with its reason and not asked again, until an operator says so."""
+    (human,) = seed(runtime, standin, 1, known=False)
+    for _ in range(3):
+        repairer(runtime).run()
+    assert standin.state.public_calls[human] == 1
+    with runtime.db() as db:
+        assert "404" in (db.scalar(select(User.repair_error)) or "")
+    assert repair.retry_failed(runtime) == 1
+    repairer(runtime).run()
+    assert standin.state.public_calls[human] == 2
+
+
+def test_two_runs_at_once_send_each_user_once(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """Two runs started together: one works, the other is skipped; nobody is asked twice."""
+    humans = seed(runtime, standin, 300)
+    standin.state.faults = Faults(latency_ms=5)
+    barrier = threading.Barrier(2)
+    reports = []
+
+    def go() -> None:
+        barrier.wait()
+        reports.append(repairer(runtime).run())
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.skipped for r in reports) == [False, True]
+    assert all(standin.state.public_calls[h] == 1 for h in humans)
+    assert missing(runtime) == 0
+
+
+def test_newer_finish_during_repair_keeps_its_token(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A finish that stores tokens while the repair call is in flight wins."""
+    (human,) = seed(runtime, standin, 1)
+    original = repair.fetch_public_token
+
+    def slow_fetch(*args: object, **kwargs: object) -> str:
+        token = original(*args, **kwargs)  # type: ignore[arg-type]
+        # Meanwhile a newer session of the same user is stored.
+        with runtime.db() as db:
+            store.save_tokens(
+                db,
+                runtime.cipher,
+                human_id=human,
+                client_user_id=f"{human}@app",
+                access_token="newer-access",
+                public_token="newer-public-token-0000000000000",
+                received_us=now_us(),
+                session_hash="newer",
+            )
+            db.commit()
+        return token
+
+    with mock.patch("worker.repair.fetch_public_token", slow_fetch):
+        report = repairer(runtime).run()
+    assert report.superseded == 1 and report.repaired == 0
+    with runtime.db() as db:
+        user = store.get_user(db, runtime.cipher, f"{human}@app")
+    assert user is not None and user.public_token == "newer-public-token-0000000000000"
+    assert not [e for e in stream_entries(redis_client) if e["type"] == "publictoken.repaired"]
+
+
+def test_dead_runs_lock_expires_and_the_next_run_resumes(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A run killed mid-way leaves a lock that expires; the next run repairs the rest."""
+    seed(runtime, standin, 500)
+    # Given a run that repaired one batch and died holding the lock
+    repairer(runtime).run(limit=repair.BATCH)
+    dead = Lock(runtime.redis, LOCK_KEY, timeout=1)
+    assert dead.acquire(blocking=False)
+    assert repairer(runtime).run().skipped
+    # When its lock expires
+    time.sleep(1.2)
+    # Then the next run picks up where it stopped
+    report = repairer(runtime).run()
+    assert not report.skipped and report.repaired == 500 - repair.BATCH
+    assert missing(runtime) == 0
+
+
+def test_dry_run_counts_and_calls_nothing(runtime: Runtime, standin: Running, redis_client) -> None:
+    """--dry-run lists who would be repaired and sends nothing upstream."""
+    humans = seed(runtime, standin, 30)
+    report = repairer(runtime).run(dry_run=True, limit=20)
+    assert report.seen == 20 and len(report.dry_run) == 20 and set(report.dry_run) <= set(humans)
+    assert standin.state.calls.total() == 0
+    assert missing(runtime) == 30
