@@ -17,6 +17,7 @@ import aiohttp
 import redis
 
 from humanconnect.embedded import free_port, redis_binary
+from humanconnect.procs import commands
 from humanconnect.standin import Faults
 from worker import migrate
 
@@ -130,14 +131,9 @@ class Stack:
 
     def start_web(self, *extra: str) -> str:
         port = free_port()
+        # The Procfile's command; options given again later (a stack variant) override it.
         argv = [
-            str(BIN / "uvicorn"),
-            "producer.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
+            *commands(port, self.workdir)["web"],
             "--log-level",
             "warning",
             *extra,
@@ -149,10 +145,7 @@ class Stack:
 
     def start_worker(self, concurrency: int = 32) -> None:
         argv = [
-            str(BIN / "celery"),
-            "-A",
-            "worker",
-            "worker",
+            *commands(0, self.workdir)["worker"],
             "-l",
             "WARNING",
             "--concurrency",

@@ -15,10 +15,9 @@ from producer.body import FinishBody
 from producer.claims import Claim, Claims
 from worker import logs
 from worker.celery import EXCHANGE_TASK
-from worker.clock import now
+from worker.clock import now, to_us
 from worker.crypto import Cipher, session_hash
 from worker.errors import HumanConnectError, QueueUnavailableError
-from worker.exchange import to_us
 
 log = logging.getLogger(__name__)
 
@@ -107,4 +106,5 @@ class Acceptor:
         )
 
     def close(self) -> None:
-        self._publisher.shutdown(wait=True)
+        # uvicorn has finished every request by now: nothing is being published.
+        self._publisher.shutdown(wait=False, cancel_futures=True)

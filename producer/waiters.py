@@ -58,26 +58,29 @@ class Waiters:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a shutdown must not hang on a Redis that stopped answering.
+            await asyncio.wait({self._task}, timeout=2)
 
     async def _listen(self) -> None:
         while True:
+            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
             try:
-                async with self.r.pubsub() as pubsub:
-                    await pubsub.psubscribe(PATTERN)
-                    self._ready.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "pmessage":
-                            self._wake(
-                                str(message["channel"]).rsplit(":", 1)[1], str(message["data"])
-                            )
+                await pubsub.psubscribe(PATTERN)
+                self._ready.set()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "pmessage":
+                        channel, state = str(message["channel"]), str(message["data"])
+                        self._wake(channel.rsplit(":", 1)[1], state)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: waiters time out, we retry
-                self._ready.clear()
                 log.warning("wait listener reconnecting: %s", type(exc).__name__)
                 await asyncio.sleep(1.0)
+            finally:
+                self._ready.clear()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
 
     def _wake(self, request_id: str, state: str) -> None:
         for future in self._waiting.pop(request_id, []):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 
 from tests.support import CLIENT_ID
-from worker.exchange import Job, now_us
+from worker.clock import now_us
+from worker.exchange import Job
 
 
 def human_id() -> str:

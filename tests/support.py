@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 
+from humanconnect.procs import commands
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -179,21 +181,7 @@ class Process:
 
 def start_web(env: dict[str, str], cwd: Path, log: Path) -> tuple[Process, str]:
     port = free_port()
-    proc = Process(
-        "web",
-        [
-            str(BIN / "uvicorn"),
-            "producer.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        env,
-        cwd,
-        log,
-    )
+    proc = Process("web", commands(port, cwd / "var")["web"], env, cwd, log)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -209,14 +197,10 @@ def start_worker(env: dict[str, str], cwd: Path, log: Path, *, concurrency: int 
     proc = Process(
         "worker",
         [
-            str(BIN / "celery"),
-            "-A",
-            "worker",
-            "worker",
-            "-l",
-            "INFO",
+            *commands(0, cwd / "var")["worker"],
             "--concurrency",
             str(concurrency),
+            # Alone on the broker: skip the cluster chatter that only slows start-up.
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

@@ -6,17 +6,20 @@ import threading
 import time
 from unittest import mock
 
+import pytest
 from redis.lock import Lock
 from sqlalchemy import func, select
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.support import stream_entries
+from tests.conftest import Deployment
+from tests.support import BIN, ROOT, start_worker, stream_entries, wait_for
 from worker import repair, store
-from worker.exchange import now_us
+from worker.clock import now_us
 from worker.models import User
 from worker.repair import LOCK_KEY, Repairer
 from worker.runtime import Runtime
+from worker.settings import Settings
 
 
 def seed(rt: Runtime, standin: Running, n: int, *, known: bool = True) -> list[str]:
@@ -191,3 +194,68 @@ def test_dry_run_counts_and_calls_nothing(runtime: Runtime, standin: Running, re
     assert report.seen == 20 and len(report.dry_run) == 20 and set(report.dry_run) <= set(humans)
     assert standin.state.calls.total() == 0
     assert missing(runtime) == 30
+
+
+def _seed_env(d: Deployment, standin: Running, n: int) -> list[str]:
+    settings = Settings.model_validate({k: v for k, v in d.env.items() if k.isupper()})
+    return seed(Runtime(settings), standin, n)
+
+
+@pytest.mark.slow
+def test_killed_worker_mid_repair_next_run_finishes(deploy, standin: Running, redis_client) -> None:
+    """SIGKILL the worker mid-repair: its lock expires, a new worker's run repairs the rest."""
+    import signal
+
+    from celery import Celery
+
+    from worker.celery import REPAIR_TASK, celery_config
+
+    # Given 2,000 users and a worker repairing them slowly
+    standin.state.faults = Faults(latency_ms=20)
+    d = deploy()
+    humans = _seed_env(d, standin, 2000)
+    sender = Celery("test-sender")
+    sender.conf.update(celery_config(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]})))
+    sender.send_task(REPAIR_TASK)
+    wait_for(lambda: len(standin.state.public_tokens) >= 300, 60, what="the repair under way")
+    # When the worker is killed outright
+    d.worker.signal(signal.SIGKILL)
+    d.worker.proc.wait(10)
+    ttl = redis_client.pttl(LOCK_KEY)
+    assert 0 < ttl <= repair.LOCK_TTL_S * 1000
+    wait_for(
+        lambda: not redis_client.exists(LOCK_KEY),
+        repair.LOCK_TTL_S + 5,
+        what="the dead worker's lock to expire",
+    )
+    # Then a new worker's run picks up where it stopped
+    worker = start_worker(d.env, ROOT, d.worker.log_path.with_name("worker2.log"))
+    try:
+        sender.send_task(REPAIR_TASK)
+        rt = Runtime(Settings.model_validate({k: v for k, v in d.env.items() if k.isupper()}))
+        wait_for(lambda: missing(rt) == 0, 120, interval=0.5, what="every user repaired")
+    finally:
+        worker.stop()
+    events = [e for e in stream_entries(redis_client) if e["type"] == "publictoken.repaired"]
+    assert sorted(e["humanId"] for e in events) == sorted(humans)
+
+
+def test_repair_command_dry_run_then_real(deploy, standin: Running) -> None:
+    """`humanconnect repair --dry-run` counts without calling; the real run repairs them all."""
+    import subprocess
+
+    d = deploy()
+    _seed_env(d, standin, 25)
+    cli = [str(BIN / "humanconnect"), "repair"]
+    dry = subprocess.run(
+        [*cli, "--dry-run"], env=d.env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "25 users would be repaired" in dry.stdout
+    assert standin.state.calls.total() == 0
+    real = subprocess.run(
+        [*cli, "--limit", "10"], env=d.env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert real.returncode == 0, real.stderr
+    assert "seen 10: repaired 10" in real.stdout
+    assert sum(standin.state.public_calls.values()) == 10

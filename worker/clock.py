@@ -6,3 +6,13 @@ from datetime import UTC, datetime
 def now() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+def to_us(seconds: float) -> int:
+    """Seconds as whole microseconds: the integer times compare alike on every database."""
+    return int(seconds * 1_000_000)
+
+
+def now_us() -> int:
+    """`now()` in microseconds since the epoch."""
+    return to_us(now().timestamp())

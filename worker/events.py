@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from worker.clock import now
@@ -31,19 +31,31 @@ STREAM_MAXLEN = 100_000
 SWEEP_GRACE_S = 5.0
 
 
-def record(db: DbSession, type_: str, **fields: str) -> OutboxEvent:
-    """Add an event to the current transaction; it is relayed only if that commits."""
+def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, object]:
     if type_ not in TYPES:
         raise ValueError(f"unknown event type {type_!r}")
     leaked = FORBIDDEN & fields.keys()
     if leaked:
         raise ValueError(f"events never carry {sorted(leaked)}")
-    stamp = now()
     event_id = str(uuid.uuid4())
     body = {"type": type_, "eventId": event_id, "occurredAt": stamp.isoformat(), **fields}
-    event = OutboxEvent(event_id=event_id, fields=json.dumps(body), created_at=stamp)
+    return {"event_id": event_id, "fields": json.dumps(body), "created_at": stamp}
+
+
+def record(db: DbSession, type_: str, **fields: str) -> OutboxEvent:
+    """Add an event to the current transaction; it is relayed only if that commits."""
+    event = OutboxEvent(**_row(type_, fields, now()))
     db.add(event)
     return event
+
+
+def record_many(db: DbSession, type_: str, many: Sequence[dict[str, str]]) -> list[int]:
+    """Add one event per item in one statement; returns their outbox ids."""
+    if not many:
+        return []
+    stamp = now()
+    rows = [_row(type_, fields, stamp) for fields in many]
+    return list(db.scalars(insert(OutboxEvent).returning(OutboxEvent.id), rows).all())
 
 
 def _send(db: DbSession, r: redis.Redis, stream: str, events: Sequence[OutboxEvent]) -> int:

@@ -7,7 +7,6 @@ Plain functions and one class, testable without Celery. The task only maps an `O
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ from tenacity import (
 )
 
 from worker import events, metrics, status, store
-from worker.clock import now
+from worker.clock import now, now_us, to_us
 from worker.crypto import Cipher, session_hash
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.models import Session, User
+from worker.retry import backoff, retry_cause, wait_honouring_retry_after
 from worker.runtime import Runtime
 from worker.upstream import Tokens, exchange_tokens
 
@@ -70,23 +70,6 @@ class Outcome:
     retry_in: float | None = None
     error: str | None = None
     upstream_calls: int = 0
-
-
-def to_us(seconds: float) -> int:
-    return int(seconds * 1_000_000)
-
-
-def now_us() -> int:
-    return to_us(now().timestamp())
-
-
-def backoff(retries: int, *, initial: float, cap: float, retry_after: float | None) -> float:
-    """Exponential, jittered pause before Celery retry number `retries` (0-based)."""
-    ceiling = min(cap, max(initial, 1.0) * 2.0**retries)
-    pause = ceiling / 2 + random.uniform(0, ceiling / 2)
-    if retry_after is not None:
-        pause = max(pause, min(retry_after, cap))
-    return pause
 
 
 class Exchanger:
@@ -224,7 +207,7 @@ class Exchanger:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientUpstreamError),
             stop=stop_before_delay(s.retry_inline_budget_s) | stop_after_attempt(4),
-            wait=_wait_honouring_retry_after(s.retry_initial_s, s.retry_inline_budget_s),
+            wait=wait_honouring_retry_after(s.retry_initial_s, s.retry_inline_budget_s),
             before_sleep=note,
             reraise=True,
         )
@@ -352,20 +335,6 @@ class Exchanger:
         status.set_state(self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields)
 
 
-def _wait_honouring_retry_after(initial: float, budget: float) -> Callable[[RetryCallState], float]:
-    """Exponential jittered waits, or the upstream's Retry-After when it asks for longer."""
-    base = wait_random_exponential(multiplier=max(initial, 0.001), max=max(initial, budget / 2))
-
-    def wait(state: RetryCallState) -> float:
-        pause = base(state)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, UpstreamError) and exc.retry_after is not None:
-            pause = max(pause, exc.retry_after)
-        return pause
-
-    return wait
-
-
 def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Session:
     """The session's durable record, created on first delivery (a race-free insert)."""
     name = db.get_bind().dialect.name
@@ -390,12 +359,3 @@ def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Sessio
     row = db.get(Session, key, populate_existing=True)
     assert row is not None
     return row
-
-
-def retry_cause(exc: BaseException | None) -> str:
-    """A fixed label for why a call is retried (never text from the upstream)."""
-    if isinstance(exc, UpstreamError) and exc.status is not None:
-        return "429" if exc.status == 429 else ("5xx" if exc.status >= 500 else str(exc.status))
-    if isinstance(exc, UpstreamError):
-        return "timeout" if "timeout" in exc.reason else "connection"
-    return "other"

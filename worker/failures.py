@@ -9,8 +9,7 @@ from datetime import datetime
 from sqlalchemy import select
 
 from worker import status
-from worker.clock import now
-from worker.exchange import now_us
+from worker.clock import now, now_us
 from worker.models import Session
 from worker.runtime import Runtime
 

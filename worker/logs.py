@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 # JSON-ish `"accessToken": "..."`, `accessToken=...` and their snake_case twins.
@@ -19,6 +20,16 @@ REDACTED = "[redacted]"
 
 #: The finish request a log line belongs to, carried from the producer into the worker.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+@contextmanager
+def request_context(rid: str) -> Iterator[None]:
+    """Tag every log line written inside with the finish request it belongs to."""
+    token = request_id.set(rid)
+    try:
+        yield
+    finally:
+        request_id.reset(token)
 
 
 class RedactingFilter(logging.Filter):

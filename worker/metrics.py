@@ -61,6 +61,23 @@ def observe(r: redis.Redis, name: str, seconds: float, **labels: str) -> None:
         log.debug("metric %s not recorded", name)
 
 
+def observe_many(r: redis.Redis, name: str, values: list[float], **labels: str) -> None:
+    """Record a batch of observations in one round trip."""
+    if not values:
+        return
+    counts = {bound: sum(1 for v in values if v <= bound) for bound in LATENCY_BUCKETS}
+    try:
+        pipe = r.pipeline(transaction=False)
+        for bound, n in counts.items():
+            if n:
+                pipe.hincrby(KEY, _field(name, {**labels, "le": str(bound)}), n)
+        pipe.hincrbyfloat(KEY, _field(name + ":sum", labels), sum(values))
+        pipe.hincrby(KEY, _field(name + ":count", labels), len(values))
+        pipe.execute()
+    except redis.exceptions.RedisError:
+        log.debug("metric %s not recorded", name)
+
+
 def _parse(field: str) -> tuple[str, dict[str, str]]:
     name, _, rest = field.partition("|")
     labels = dict(pair.split("=", 1) for pair in rest.split(",") if pair)

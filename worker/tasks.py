@@ -17,9 +17,10 @@ from worker import events, logs, metrics, migrate, status
 from worker.celery import EXCHANGE_TASK, RELAY_TASK, REPAIR_TASK, app
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
-from worker.exchange import Exchanger, Job, backoff
+from worker.exchange import Exchanger, Job
 from worker.ratelimit import GlobalRateLimiter
 from worker.repair import Repairer
+from worker.retry import backoff
 from worker.runtime import Runtime
 from worker.settings import get_settings
 
@@ -34,11 +35,16 @@ def runtime() -> Runtime:
 
 
 @lru_cache(maxsize=1)
+def limiter() -> GlobalRateLimiter:
+    """The process's handle on the global upstream limit (shared by exchanges and repairs)."""
+    settings = runtime().settings
+    assert settings.redis_url is not None
+    return GlobalRateLimiter(settings.redis_url, settings.max_rps)
+
+
+@lru_cache(maxsize=1)
 def exchanger() -> Exchanger:
-    rt = runtime()
-    assert rt.settings.redis_url is not None
-    limiter = GlobalRateLimiter(rt.settings.redis_url, rt.settings.max_rps)
-    return Exchanger(rt, limiter.acquire)
+    return Exchanger(runtime(), limiter().acquire)
 
 
 @app.task(bind=True, name=EXCHANGE_TASK, max_retries=None)
@@ -52,49 +58,37 @@ def exchange_session(
     window_start_us: int | None = None,
 ) -> None:
     """Exchange one accepted session for tokens, store them, or schedule the next try."""
-    token = logs.request_id.set(request_id)
-    try:
-        _exchange(
-            self,
-            request_id,
-            human_id,
-            client_id,
-            sealed_session_token,
-            received_us,
-            window_start_us,
+    with logs.request_context(request_id):
+        rt = runtime()
+        try:
+            session_token = rt.cipher.open(sealed_session_token)
+        except DecryptError:
+            # Retrying cannot help: the key that sealed it is gone from the configured keys.
+            reason = "session token sealed with an encryption key that is no longer configured"
+            log.error("cannot open session token request=%s", request_id)
+            status.set_state(
+                rt.redis,
+                request_id,
+                "failed",
+                rt.settings.status_ttl_s,
+                humanId=human_id,
+                error=reason,
+            )
+            return
+        job = Job(
+            request_id=request_id,
+            human_id=human_id,
+            client_id=client_id,
+            session_token=session_token,
+            received_us=received_us,
+            window_start_us=window_start_us,
         )
-    finally:
-        logs.request_id.reset(token)
+        _run(self, rt, job)
 
 
-def _exchange(
-    self: Task,
-    request_id: str,
-    human_id: str,
-    client_id: str,
-    sealed_session_token: str,
-    received_us: int,
-    window_start_us: int | None,
-) -> None:
-    rt = runtime()
-    try:
-        session_token = rt.cipher.open(sealed_session_token)
-    except DecryptError:
-        # Retrying cannot help: the key that sealed it is gone from HUMANCONNECT_ENCRYPTION_KEYS.
-        reason = "session token sealed with an encryption key that is no longer configured"
-        log.error("cannot open session token request=%s", request_id)
-        status.set_state(
-            rt.redis, request_id, "failed", rt.settings.status_ttl_s, humanId=human_id, error=reason
-        )
-        return
-    job = Job(
-        request_id=request_id,
-        human_id=human_id,
-        client_id=client_id,
-        session_token=session_token,
-        received_us=received_us,
-        window_start_us=window_start_us,
-    )
+def _run(self: Task, rt: Runtime, job: Job) -> None:
+    """Run one delivery and turn its outcome into done or a Celery retry."""
+    request_id = job.request_id
     retries = self.request.retries or 0
     try:
         outcome = exchanger().run(job, retries=retries)
@@ -153,9 +147,7 @@ def relay_events() -> int:
 def repair_public_tokens() -> int:
     """The scheduled publicToken repair; skipped (and logged) while another run holds the lock."""
     rt = runtime()
-    assert rt.settings.redis_url is not None
-    limiter = GlobalRateLimiter(rt.settings.redis_url, rt.settings.max_rps)
-    return Repairer(rt, limiter.acquire).run().repaired
+    return Repairer(rt, limiter().acquire).run().repaired
 
 
 def _require_or_exit(*, secret: bool) -> None:
