@@ -143,6 +143,26 @@ class Stack:
         _wait_http(self.web_url + "/healthz")
         return self.web_url
 
+    def start_web_app(self, target: str, *extra: str) -> str:
+        """Another ASGI app (the inline baseline) on the same stack, as `web`."""
+        port = free_port()
+        argv = [
+            str(BIN / "uvicorn"),
+            target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+        self._spawn("web", argv)
+        self.web_url = f"http://127.0.0.1:{port}"
+        _wait_http(self.web_url + "/openapi.json")
+        return self.web_url
+
     def start_worker(self, concurrency: int = 32) -> None:
         argv = [
             *commands(0, self.workdir)["worker"],
@@ -294,6 +314,41 @@ async def closed_loop(
         "rate": len(bodies) / elapsed,
         "accepted": codes.get(202, 0) + codes.get(201, 0),
         "accept_rate": (codes.get(202, 0) + codes.get(201, 0)) / len(bodies),
+        "codes": codes,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies),
+    }
+
+
+async def open_loop(
+    url: str, bodies: list[dict[str, str]], rate: float, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """Send body i at start + i/rate whatever the previous answers do (no coordinated
+    omission): latency counts from the scheduled time, so a slow server can't hide it."""
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=timeout) as session:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.5
+
+        async def one(i: int, b: dict[str, str]) -> None:
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            try:
+                async with session.post("/connect/finish", json=b) as resp:
+                    await resp.read()
+                    codes[resp.status] = codes.get(resp.status, 0) + 1
+            except (aiohttp.ClientError, TimeoutError):
+                codes[0] = codes.get(0, 0) + 1
+            latencies.append((loop.time() - due) * 1000)
+
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+    return {
+        "requests": len(bodies),
+        "offered_rate": rate,
         "codes": codes,
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),

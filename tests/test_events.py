@@ -57,21 +57,6 @@ def test_permanent_failure_emits_one_failed_event(
     assert event["requestId"] == job.request_id
 
 
-def test_retry_window_exhausted_emits_failed(
-    make_settings, db_url: str, standin: Running, redis_client
-) -> None:
-    """A session failed because the upstream stayed down also gets its connect.failed."""
-    rt = Runtime(
-        make_settings(
-            DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url, HUMANCONNECT_RETRY_WINDOW_S="1"
-        )
-    )
-    standin.state.faults = Faults(down=True)
-    Exchanger(rt, lambda: 0.0).run(factories.job(received_us=factories.now_us() - 5_000_000))
-    (event,) = stream(rt.redis)
-    assert event["type"] == "connect.failed" and "retry window" in event["error"]
-
-
 def test_events_wait_out_a_redis_outage(make_settings, db_url: str, own_redis: RedisServer) -> None:
     """Committed while Redis is away, an event stays pending and is relayed once it is back."""
     rt = Runtime(make_settings(DATABASE_URL=db_url, REDIS_URL=own_redis.url))

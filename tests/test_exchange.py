@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from humanconnect.standin import Faults, Running
 from tests import factories
+from tests.support import stream_entries
 from worker import status, store
 from worker.crypto import session_hash
 from worker.exchange import Exchanger, Job
@@ -130,7 +131,7 @@ def test_retry_after_is_honoured_in_the_countdown(
 def test_outage_longer_than_the_window_fails_as_transient(
     make_settings, db_url: str, standin: Running, redis_client
 ) -> None:
-    """Past the retry window, a session fails with a reason that says the upstream was down."""
+    """Past the retry window, a session fails saying the upstream was down, with its event."""
     rt = Runtime(
         make_settings(
             DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url, HUMANCONNECT_RETRY_WINDOW_S="1"
@@ -142,6 +143,8 @@ def test_outage_longer_than_the_window_fails_as_transient(
     assert outcome.state == "failed"
     row = session_row(rt, job)
     assert row.error_kind == "transient" and "retry window" in (row.error or "")
+    (event,) = stream_entries(rt.redis)
+    assert event["type"] == "connect.failed" and "retry window" in event["error"]
 
 
 def test_lost_answer_then_refusal_is_reported_apart(
