@@ -16,6 +16,7 @@ from redis.lock import Lock
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session as DbSession
 from tenacity import (
     RetryCallState,
@@ -97,20 +98,22 @@ class Exchanger:
                 log.warning("session lock expired before release request=%s", job.request_id)
 
     def _run_locked(self, job: Job, key: str, lock: Lock, retries: int) -> Outcome:
+        start_us = job.window_start_us or job.received_us
+        deadline_us = start_us + to_us(self.settings.retry_window_s)
         with self.rt.db() as db:
             row = _load_or_create(db, job, key, self.rt.cipher)
-            if row.state in ("succeeded", "failed"):
-                db.commit()
-                self._mirror_final(job, row)
-                return Outcome(row.state, error=row.error)
-            start_us = job.window_start_us or job.received_us
-            deadline_us = start_us + to_us(self.settings.retry_window_s)
+            finished = row.state in ("succeeded", "failed")
             # A run that died while `running` may have reached the upstream unanswered.
             ambiguous_before = row.ambiguous or (row.state == "running" and row.attempts > 0)
-            row.state = "running"
-            row.attempts += 1
-            row.updated_at = now()
+            if not finished:
+                row.state = "running"
+                row.attempts += 1
+                row.updated_at = now()
             db.commit()
+        if finished:
+            # Outside that session: SQLite runs on one pooled connection per process.
+            self._mirror_final(job, row)
+            return Outcome(row.state, error=row.error)
         self._status(job, "running")
 
         calls = 0
@@ -220,7 +223,7 @@ class Exchanger:
         user, so this step retries far longer than the others (the lock is renewed).
         """
         for attempt in Retrying(
-            retry=retry_if_exception_type(OperationalError),
+            retry=retry_if_exception_type((OperationalError, PoolTimeout)),
             stop=stop_after_delay(LOCK_TTL_S * 0.8),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
             reraise=True,

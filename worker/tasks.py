@@ -12,6 +12,7 @@ import redis
 from celery import Task, signals
 from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from worker import events, logs, metrics, migrate, status
 from worker.celery import EXCHANGE_TASK, RELAY_TASK, REPAIR_TASK, app
@@ -94,6 +95,7 @@ def _run(self: Task, rt: Runtime, job: Job) -> None:
         outcome = exchanger().run(job, retries=retries)
     except (
         OperationalError,
+        PoolTimeout,
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
     ) as exc:

@@ -1,0 +1,163 @@
+"""Saturation (how fast the web accepts) and drain (how fast workers exchange), each beside
+the plain-Celery figure it is measured against."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import create_engine, text
+
+from bench.harness import BIN, Stack, body, closed_loop, stack
+from humanconnect.standin import Faults
+from worker.celery import EXCHANGE_TASK, QUEUE, celery_config
+from worker.crypto import Cipher
+from worker.settings import Settings
+
+KWARGS = {
+    "request_id": "benchbenchbenchbench00",
+    "human_id": "h" * 24,
+    "client_id": "c" * 40,
+    "received_us": 1,
+}
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def _sender(s: Stack) -> Celery:
+    app = Celery("bench-sender")
+    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": s.redis_url})))
+    return app
+
+
+def saturation(requests: int = 5000, concurrency: int = 100) -> dict[str, Any]:
+    """Closed loop at concurrency 100 (no worker: the queue just fills), against a bare loop
+    of `send_task` to the same Redis with a message of the same size."""
+    s = stack(Faults())
+    try:
+        url = s.start_web()
+        asyncio.run(closed_loop(url, [body(i, "x0") for i in range(200)], concurrency))
+        ours = asyncio.run(closed_loop(url, [body(i, "x1") for i in range(requests)], concurrency))
+        s.sample_rss()
+        app = _sender(s)
+        sealed = Cipher([s.env["HUMANCONNECT_ENCRYPTION_KEYS"]]).seal("s" * 32)
+        for _ in range(200):
+            app.send_task(EXCHANGE_TASK, kwargs={**KWARGS, "sealed_session_token": sealed})
+        started = time.perf_counter()
+        for _ in range(requests):
+            app.send_task(EXCHANGE_TASK, kwargs={**KWARGS, "sealed_session_token": sealed})
+        bare = requests / (time.perf_counter() - started)
+        return {
+            "accept_rate": ours["rate"],
+            "p99_ms": ours["p99_ms"],
+            "codes": ours["codes"],
+            "bare_send_task_rate": bare,
+            "ratio": ours["rate"] / bare,
+            "web_peak_rss_mb": s.peak_rss.get("web", 0.0),
+        }
+    finally:
+        s.close()
+
+
+def _stored(db_url: str) -> int:
+    engine = create_engine(db_url)
+    with engine.connect() as c:
+        n = c.execute(text("SELECT count(*) FROM sessions WHERE state = 'succeeded'")).scalar_one()
+    engine.dispose()
+    return int(n)
+
+
+def _drain_one(latency_ms: float, sessions: int) -> dict[str, Any]:
+    s = stack(Faults(latency_ms=latency_ms))
+    try:
+        url = s.start_web()
+        queued = asyncio.run(closed_loop(url, [body(i, "d1") for i in range(sessions)], 100))
+        # Under a saturating burst a few finishes may be shed with 503: drain what was queued.
+        sessions = queued["codes"].get(202, 0)
+        s.stop("web")
+        s.start_worker()
+        worker = s.procs["worker"]
+        cpu0 = _cpu_s(worker.pid)
+        started = time.monotonic()
+        while _stored(s.env["DATABASE_URL"]) < sessions and time.monotonic() - started < 300:
+            s.sample_rss()
+            time.sleep(0.25)
+        elapsed = time.monotonic() - started
+        cpu = _cpu_s(worker.pid) - cpu0
+        return {
+            "sessions": sessions,
+            "seconds": elapsed,
+            "rate": sessions / elapsed,
+            "cpu_s_per_exchange": cpu / sessions,
+            "worker_peak_rss_mb": s.peak_rss.get("worker", 0.0),
+        }
+    finally:
+        s.close()
+
+
+def _drain_noop(sessions: int) -> dict[str, Any]:
+    """The same number of no-op tasks through a worker with the same settings."""
+    import subprocess
+
+    import redis
+
+    s = stack(Faults())
+    try:
+        app = _sender(s)
+        for _ in range(sessions):
+            app.send_task("bench.noop", kwargs=KWARGS)
+        r = redis.Redis.from_url(s.redis_url)
+        log = open(s.workdir / "noop.log", "ab")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "bench.noop_app",
+                "worker",
+                "-l",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=s.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        s.procs["worker"] = proc
+        time.sleep(0.5)
+        cpu0 = _cpu_s(proc.pid)
+        started = time.monotonic()
+        while (r.llen(QUEUE) or r.hlen("unacked")) and time.monotonic() - started < 120:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        return {
+            "sessions": sessions,
+            "seconds": elapsed,
+            "rate": sessions / elapsed,
+            "cpu_s_per_task": (_cpu_s(proc.pid) - cpu0) / sessions,
+        }
+    finally:
+        s.close()
+
+
+def drain(sessions: int = 5000) -> dict[str, Any]:
+    """5,000 queued sessions exchanged at 0 ms and 100 ms upstream, beside no-op tasks."""
+    zero = _drain_one(0, sessions)
+    hundred = _drain_one(100, sessions)
+    noop = _drain_noop(sessions)
+    return {
+        "0 ms": zero,
+        "100 ms": hundred,
+        "no-op tasks": noop,
+        "0 ms vs no-op": zero["rate"] / noop["rate"],
+        "100 ms vs 0 ms": hundred["rate"] / zero["rate"],
+    }
