@@ -91,7 +91,7 @@ def open_loop_burst(rate: float = 300, seconds: float = 20) -> dict[str, Any]:
         s.stop("web")
         s.stop("worker")
         s.peak_rss.clear()
-        base_url = s.start_web_app("bench.sync_baseline:app", *STACKS[CHOSEN])
+        base_url = s.start_web(*STACKS[CHOSEN], app="bench.sync_baseline:app")
         asyncio.run(closed_loop(base_url, [body(i, "s0") for i in range(100)], 50))
         base = asyncio.run(open_loop(base_url, [body(i, "s1") for i in range(users)], rate))
         s.sample_rss()

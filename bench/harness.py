@@ -129,36 +129,13 @@ class Stack:
         for name, proc in self.procs.items():
             self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss_mb(proc.pid))
 
-    def start_web(self, *extra: str) -> str:
+    def start_web(self, *extra: str, app: str = "producer.main:app") -> str:
+        """The Procfile's `web` command (or another ASGI app on the same command line, for
+        the inline baseline); options given again in `extra` override it."""
         port = free_port()
-        # The Procfile's command; options given again later (a stack variant) override it.
-        argv = [
-            *commands(port, self.workdir)["web"],
-            "--log-level",
-            "warning",
-            *extra,
-        ]
-        self._spawn("web", argv)
-        self.web_url = f"http://127.0.0.1:{port}"
-        _wait_http(self.web_url + "/healthz")
-        return self.web_url
-
-    def start_web_app(self, target: str, *extra: str) -> str:
-        """Another ASGI app (the inline baseline) on the same stack, as `web`."""
-        port = free_port()
-        argv = [
-            str(BIN / "uvicorn"),
-            target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            *extra,
-        ]
-        self._spawn("web", argv)
+        argv = commands(port, self.workdir)["web"]
+        argv[argv.index("producer.main:app")] = app
+        self._spawn("web", [*argv, "--log-level", "warning", *extra])
         self.web_url = f"http://127.0.0.1:{port}"
         _wait_http(self.web_url + "/openapi.json")
         return self.web_url
