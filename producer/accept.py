@@ -61,17 +61,26 @@ class Acceptor:
                 return Accepted(claim.request_id, current.get("state", "queued"), duplicate=True)
         except redis.exceptions.RedisError as exc:
             raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
-        kwargs = {
+        # Sealed: neither the queue nor Redis ever holds a usable session token.
+        sealed = self.cipher.seal(body.sessionToken)
+        kwargs: dict[str, Any] = {
             "request_id": claim.request_id,
             "human_id": body.humanId,
             "client_id": body.clientId,
-            # Sealed: the queue never holds a usable session token.
-            "sealed_session_token": self.cipher.seal(body.sessionToken),
+            "sealed_session_token": sealed,
             "received_us": received_us,
         }
         try:
             await asyncio.get_running_loop().run_in_executor(self._publisher, self._send, kwargs)
-            await self.claims.confirm(key, claim)
+            await self.claims.confirm(
+                key,
+                claim,
+                {
+                    "clientId": body.clientId,
+                    "sealedSessionToken": sealed,
+                    "receivedUs": str(received_us),
+                },
+            )
         except Exception as exc:
             log.warning("enqueue failed, releasing claim: %s", type(exc).__name__)
             try:

@@ -12,11 +12,12 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
 from worker.clock import now
-from worker.status import new_request_id, request_key, session_key
+from worker.status import PENDING, new_request_id, request_key, session_key
 
 # A claim that is never confirmed (the producer died mid-enqueue) frees itself this fast.
 CLAIM_TTL_S = 15
@@ -65,12 +66,17 @@ class Claims:
         data = json.loads(existing)
         return Claim(data["requestId"], data["humanId"], data["phase"], mine=False)
 
-    async def confirm(self, session_hash: str, claim: Claim) -> None:
-        """Mark a claim as safely queued, keeping it for the dedupe window."""
+    async def confirm(self, session_hash: str, claim: Claim, message: dict[Any, Any]) -> None:
+        """Mark a claim as safely queued, keeping it for the dedupe window, and keep what a
+        re-send needs (see worker/reconcile.py) with the request, pending until it ends."""
         record = json.dumps(
             {"requestId": claim.request_id, "humanId": claim.human_id, "phase": "queued"}
         )
-        await self.r.set(session_key(session_hash), record, ex=self.ttl)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(session_key(session_hash), record, ex=self.ttl)
+        pipe.hset(request_key(claim.request_id), mapping=message)
+        pipe.zadd(PENDING, {claim.request_id: time.time()})
+        await pipe.execute()
 
     async def release(self, session_hash: str, claim: Claim) -> None:
         """Undo a claim whose enqueue failed: nothing half-accepted stays behind."""

@@ -25,6 +25,9 @@ VISIBILITY_TIMEOUT_S = 180
 EXCHANGE_TASK = "humanconnect.exchange_session"
 RELAY_TASK = "humanconnect.relay_events"
 REPAIR_TASK = "humanconnect.repair_public_tokens"
+RECONCILE_TASK = "humanconnect.reconcile_pending"
+# How often beat looks for accepted requests that stopped making progress.
+RECONCILE_INTERVAL_S = 30.0
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
 
@@ -70,6 +73,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": RELAY_INTERVAL_S,
                 # A sweep that waited longer than one interval is superseded by the next.
                 "options": {"expires": RELAY_INTERVAL_S},
+            },
+            "reconcile-pending": {
+                "task": RECONCILE_TASK,
+                "schedule": RECONCILE_INTERVAL_S,
+                "options": {"expires": RECONCILE_INTERVAL_S},
             },
             "repair-public-tokens": {
                 "task": REPAIR_TASK,

@@ -15,12 +15,15 @@ The database's `sessions` table stays the durable truth; these records are fast 
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 import redis
 
 from worker.clock import now
 
+#: Accepted requests not yet finished, scored by their last sign of progress (epoch seconds).
+PENDING = "hc:pending"
 STATES = ("queued", "running", "retrying", "succeeded", "failed")
 
 
@@ -52,8 +55,13 @@ def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields:
         pipe.hdel(request_key(request_id), "error")
     pipe.expire(request_key(request_id), ttl_s)
     if state in ("succeeded", "failed"):
+        pipe.hdel(request_key(request_id), "sealedSessionToken")
+        pipe.zrem(PENDING, request_id)
         # Wakes a producer holding a `Prefer: wait` request for it.
         pipe.publish(done_channel(request_id), state)
+    else:
+        # Progress: the reconciler leaves a request alone while a worker is moving it on.
+        pipe.zadd(PENDING, {request_id: time.time()})
     pipe.execute()
 
 

@@ -15,11 +15,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from worker import events, logs, metrics, migrate, status
-from worker.celery import EXCHANGE_TASK, RELAY_TASK, REPAIR_TASK, app
+from worker.celery import EXCHANGE_TASK, RECONCILE_TASK, RELAY_TASK, REPAIR_TASK, app
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
 from worker.exchange import Exchanger, Job
 from worker.ratelimit import GlobalRateLimiter
+from worker.reconcile import requeue_stale
 from worker.repair import Repairer
 from worker.retry import backoff
 from worker.runtime import Runtime
@@ -150,6 +151,16 @@ def repair_public_tokens() -> int:
     """The scheduled publicToken repair; skipped (and logged) while another run holds the lock."""
     rt = runtime()
     return Repairer(rt, limiter().acquire).run().repaired
+
+
+@app.task(name=RECONCILE_TASK, ignore_result=True)
+def reconcile_pending() -> int:
+    """Re-send accepted requests that made no progress (a message the broker lost)."""
+
+    def send(kwargs: dict[str, Any]) -> None:
+        app.send_task(EXCHANGE_TASK, kwargs=kwargs, task_id=str(kwargs["request_id"]))
+
+    return requeue_stale(runtime().redis, send)
 
 
 def _require_or_exit(*, secret: bool) -> None:

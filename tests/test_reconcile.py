@@ -1,0 +1,64 @@
+"""The safety net: accepted requests that stop making progress are sent again."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from worker import status
+from worker.reconcile import requeue_stale
+from worker.status import PENDING, request_key
+
+TTL = 3600
+
+
+def _accepted(r: redis.Redis, request_id: str, age_s: float) -> None:
+    """What the producer leaves for an accepted request (see producer/claims.py confirm)."""
+    r.hset(
+        request_key(request_id),
+        mapping={
+            "state": "queued",
+            "humanId": "h" * 24,
+            "clientId": "c" * 40,
+            "sealedSessionToken": "sealed-" + request_id,
+            "receivedUs": "123",
+        },
+    )
+    r.zadd(PENDING, {request_id: time.time() - age_s})
+
+
+def test_only_stalled_requests_are_sent_again(redis_client: redis.Redis) -> None:
+    """A request with no progress for the stale window is re-sent once; others are not."""
+    sent: list[dict[str, Any]] = []
+    _accepted(redis_client, "lost", age_s=600)
+    _accepted(redis_client, "fresh", age_s=1)
+    _accepted(redis_client, "done", age_s=600)
+    status.set_state(redis_client, "done", "succeeded", TTL, humanId="h" * 24)
+    assert requeue_stale(redis_client, sent.append, stale_s=150) == 1
+    assert sent == [
+        {
+            "request_id": "lost",
+            "human_id": "h" * 24,
+            "client_id": "c" * 40,
+            "sealed_session_token": "sealed-lost",
+            "received_us": 123,
+        }
+    ]
+    # Sent again means progress: not re-sent on the next pass; the finished one is gone.
+    assert requeue_stale(redis_client, sent.append, stale_s=150) == 0
+    assert redis_client.zscore(PENDING, "done") is None
+    assert redis_client.zscore(PENDING, "fresh") is not None
+
+
+def test_worker_progress_and_end_move_the_pending_set(redis_client: redis.Redis) -> None:
+    """Running/retrying refresh a request's score; succeeded or failed removes it and the
+    sealed token with it."""
+    _accepted(redis_client, "r1", age_s=600)
+    status.set_state(redis_client, "r1", "running", TTL)
+    score = redis_client.zscore(PENDING, "r1")
+    assert score is not None and score > time.time() - 5
+    status.set_state(redis_client, "r1", "failed", TTL, error="x")
+    assert redis_client.zscore(PENDING, "r1") is None
+    assert redis_client.hget(request_key("r1"), "sealedSessionToken") is None
