@@ -228,3 +228,21 @@ def test_refusal_after_a_crashed_run_is_answer_lost(
     # Then the refusal is reported as a lost answer, not a plain refusal
     assert outcome.state == "failed"
     assert session_row(runtime, job).error_kind == "answer_lost"
+
+
+def test_tokens_and_success_commit_together(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """A crash between the token upsert and the session's success leaves neither behind."""
+    from unittest import mock
+
+    job = factories.job()
+    # Given a store step that dies after the upsert (inside its transaction)
+    with mock.patch("worker.exchange.events.record", side_effect=SystemExit("killed")):
+        with pytest.raises(SystemExit):
+            exchanger(runtime).run(job)
+    # Then no tokens were committed without the session's success
+    with runtime.db() as db:
+        assert db.scalar(select(User).where(User.human_id == job.human_id)) is None
+        row = db.get(Session, session_hash(job.session_token))
+        assert row is not None and row.state == "running"

@@ -22,6 +22,11 @@ def normalize_url(url: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling is off: it would not BEGIN before a SAVEPOINT, so a
+    # nested transaction committed on its own. (Found by the chaos test: a worker killed
+    # between the token upsert and the session's success left tokens stored and the session
+    # `running`.) SQLAlchemy's documented workaround: we emit BEGIN ourselves, below.
+    dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     # WAL lets readers and one writer work at once; the busy timeout makes concurrent
     # writers queue instead of failing with "database is locked".
@@ -29,6 +34,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 def engine_for(url: str) -> Engine:
@@ -49,6 +58,7 @@ def _create(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(
         url,
