@@ -62,3 +62,12 @@ def test_worker_progress_and_end_move_the_pending_set(redis_client: redis.Redis)
     status.set_state(redis_client, "r1", "failed", TTL, error="x")
     assert redis_client.zscore(PENDING, "r1") is None
     assert redis_client.hget(request_key("r1"), "sealedSessionToken") is None
+
+
+def test_operator_requeue_is_covered_with_its_fresh_window(redis_client: redis.Redis) -> None:
+    """A request re-queued by `failed --retry` is re-sent with its fresh retry window."""
+    _accepted(redis_client, "again", age_s=600)
+    redis_client.hset(request_key("again"), "windowStartUs", "456")
+    sent: list[dict[str, Any]] = []
+    assert requeue_stale(redis_client, sent.append, stale_s=150) == 1
+    assert sent[0]["window_start_us"] == 456

@@ -58,8 +58,19 @@ def requeue_transient(rt: Runtime, send: Callable[[dict[str, object]], None]) ->
                 continue
             row.state, row.error, row.error_kind, row.updated_at = "queued", None, None, now()
             db.commit()
+            window_start_us = now_us()
+            # The same re-send fields the producer keeps, so the reconciler covers this
+            # enqueue too (worker/reconcile.py).
             status.set_state(
-                rt.redis, row.request_id, "queued", rt.settings.status_ttl_s, humanId=row.human_id
+                rt.redis,
+                row.request_id,
+                "queued",
+                rt.settings.status_ttl_s,
+                humanId=row.human_id,
+                clientId=rt.settings.effective_client_id,
+                sealedSessionToken=row.sealed_session_token,
+                receivedUs=str(row.received_us),
+                windowStartUs=str(window_start_us),
             )
             send(
                 {
@@ -68,7 +79,7 @@ def requeue_transient(rt: Runtime, send: Callable[[dict[str, object]], None]) ->
                     "client_id": rt.settings.effective_client_id,
                     "sealed_session_token": row.sealed_session_token,
                     "received_us": row.received_us,
-                    "window_start_us": now_us(),
+                    "window_start_us": window_start_us,
                 }
             )
             queued += 1

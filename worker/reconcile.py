@@ -41,15 +41,16 @@ def requeue_stale(
         if record.get("state") in ("succeeded", "failed") or "sealedSessionToken" not in record:
             r.zrem(PENDING, request_id)
             continue
-        send(
-            {
-                "request_id": request_id,
-                "human_id": record["humanId"],
-                "client_id": record["clientId"],
-                "sealed_session_token": record["sealedSessionToken"],
-                "received_us": int(record["receivedUs"]),
-            }
-        )
+        kwargs: dict[str, Any] = {
+            "request_id": request_id,
+            "human_id": record["humanId"],
+            "client_id": record["clientId"],
+            "sealed_session_token": record["sealedSessionToken"],
+            "received_us": int(record["receivedUs"]),
+        }
+        if "windowStartUs" in record:  # re-queued by `humanconnect failed --retry`
+            kwargs["window_start_us"] = int(record["windowStartUs"])
+        send(kwargs)
         r.zadd(PENDING, {request_id: now_s})
         sent += 1
     if sent:
