@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 # How long a duplicate waits for the first request of its session to finish enqueueing.
 DUPLICATE_WAIT_S = 1.5
+# Longest wait for the broker to take a message. With Redis gone, publishes queue behind
+# each other's connect timeouts; the contract wants the 503 within 2 s, so stop waiting.
+# A publish that lands after this is harmless: the client sends again and the worker's
+# session record makes the second message a no-op.
+PUBLISH_DEADLINE_S = 0.8
 
 
 class SessionConflict(HumanConnectError):
@@ -71,7 +76,8 @@ class Acceptor:
             "received_us": received_us,
         }
         try:
-            await asyncio.get_running_loop().run_in_executor(self._publisher, self._send, kwargs)
+            publish = asyncio.get_running_loop().run_in_executor(self._publisher, self._send, kwargs)
+            await asyncio.wait_for(publish, PUBLISH_DEADLINE_S)
             await self.claims.confirm(
                 key,
                 claim,

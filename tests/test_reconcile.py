@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -71,3 +72,26 @@ def test_operator_requeue_is_covered_with_its_fresh_window(redis_client: redis.R
     sent: list[dict[str, Any]] = []
     assert requeue_stale(redis_client, sent.append, stale_s=150) == 1
     assert sent[0]["window_start_us"] == 456
+
+
+def test_a_backlog_is_waiting_not_lost(redis_client: redis.Redis) -> None:
+    """Requests behind the next queued message are not re-sent, however old; one that was
+    ahead of it (popped, then lost) is."""
+    queue = "hc-test-queue"
+    _accepted(redis_client, "lost", age_s=600)
+    _accepted(redis_client, "next", age_s=500)
+    _accepted(redis_client, "behind", age_s=400)
+    # The transport pushes on the left and pops on the right: "next" is taken first.
+    for request_id in ("next", "behind"):
+        redis_client.lpush(queue, json.dumps({"headers": {"id": request_id}, "body": ""}))
+    sent: list[dict[str, Any]] = []
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 1
+    assert [k["request_id"] for k in sent] == ["lost"]
+    # Once the queue has drained, what is still pending and stale is sent.
+    redis_client.delete(queue)
+    redis_client.zadd(PENDING, {"lost": time.time()})
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 2
+    # A queue whose next messages can't be placed makes the pass do nothing.
+    redis_client.lpush(queue, b"not json")
+    redis_client.zadd(PENDING, {"next": 0, "behind": 0})
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 0

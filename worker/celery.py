@@ -4,9 +4,9 @@
 - A task whose worker dies is re-queued (reject on worker lost; for a SIGKILLed worker,
   the broker's visibility timeout brings the message back).
 - Prefetch of one per thread: a busy worker doesn't hoard messages another could run.
-- Visibility timeout (180 s) above every countdown the code sets (at most 120 s, see
-  Settings.retry_max_countdown_s), and checked every 10 s, so a crashed worker's sessions are
-  back in the queue within about 3 minutes of a worker running again.
+- Visibility timeout (Settings.visibility_timeout_s, 180 s) at least twice every countdown
+  the code sets, and checked every 10 s, so a crashed worker's sessions are back in the
+  queue within about 3 minutes of a worker running again.
 - JSON only, no result backend: no token can end up in a result.
 - Thread pool: an exchange is I/O (waiting on the upstream), so 32 threads per process keep
   the upstream's latency hidden without 32 processes' memory.
@@ -21,13 +21,10 @@ from celery import Celery
 from worker.settings import Settings, settings_or_exit
 
 QUEUE = "humanconnect"
-VISIBILITY_TIMEOUT_S = 180
 EXCHANGE_TASK = "humanconnect.exchange_session"
 RELAY_TASK = "humanconnect.relay_events"
 REPAIR_TASK = "humanconnect.repair_public_tokens"
 RECONCILE_TASK = "humanconnect.reconcile_pending"
-# How often beat looks for accepted requests that stopped making progress.
-RECONCILE_INTERVAL_S = 30.0
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
 
@@ -36,14 +33,13 @@ app = Celery("humanconnect", include=["worker.tasks"])
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for `settings`; kept a function so tests can build their own app."""
-    assert settings.retry_max_countdown_s < VISIBILITY_TIMEOUT_S
     return {
         "broker_url": settings.redis_url or "redis://127.0.0.1:6379/0",
         "broker_connection_retry_on_startup": True,
         # The producer must answer 503 within 2 s when Redis is away, not hang on a retry.
         "broker_connection_timeout": 1.0,
         "broker_transport_options": {
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": 1.0,
@@ -76,8 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
             "reconcile-pending": {
                 "task": RECONCILE_TASK,
-                "schedule": RECONCILE_INTERVAL_S,
-                "options": {"expires": RECONCILE_INTERVAL_S},
+                "schedule": settings.reconcile_interval_s,
+                "options": {"expires": settings.reconcile_interval_s},
             },
             "repair-public-tokens": {
                 "task": REPAIR_TASK,

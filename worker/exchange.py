@@ -39,10 +39,12 @@ from worker.upstream import Tokens, exchange_tokens
 
 log = logging.getLogger(__name__)
 
-# Longest one run can hold a session: inline retries, timeouts and rate-limit waits fit well
-# inside it; the lock is renewed before the store step. A killed worker's lock frees itself
-# this fast, well before its message is redelivered (broker visibility timeout, 180 s).
-LOCK_TTL_S = 90
+# The session lock (Settings.session_lock_s, 90 s) is renewed before every upstream call and
+# every store attempt, so it only has to outlast one of them; a killed worker's lock frees
+# itself well before its message is redelivered (the broker's visibility timeout, 180 s).
+#: How long the store step keeps trying through a database outage. The upstream has
+#: consumed the session token by then: giving up would lose the user.
+STORE_PATIENCE_S = 600.0
 # Pause before looking again at a session another delivery is working on.
 BUSY_COUNTDOWN_S = 5.0
 
@@ -85,7 +87,7 @@ class Exchanger:
     def run(self, job: Job, *, retries: int = 0) -> Outcome:
         """Exchange `job` unless it is already done or being done by another delivery."""
         key = session_hash(job.session_token)
-        lock = Lock(self.rt.redis, f"hc:lock:session:{key}", timeout=LOCK_TTL_S)
+        lock = Lock(self.rt.redis, f"hc:lock:session:{key}", timeout=self.settings.session_lock_s)
         if not lock.acquire(blocking=False):
             return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
         try:
@@ -122,6 +124,8 @@ class Exchanger:
         def before_call() -> None:
             nonlocal calls
             self.acquire_slot()
+            # A full lock term for this call: a slow run never lets a duplicate in.
+            lock.reacquire()
             calls += 1
 
         def note(state: RetryCallState) -> None:
@@ -157,9 +161,8 @@ class Exchanger:
             metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="queue")
             return Outcome("retrying", retry_in=pause, error=exc.reason, upstream_calls=calls)
 
-        lock.reacquire()
         try:
-            applied, event_id = self._store(job, key, tokens)
+            applied, event_id = self._store(job, key, tokens, lock)
         except PermanentUpstreamError as exc:
             return self._fail(job, key, exc.reason, "permanent", calls)
         self._relay(event_id)
@@ -216,18 +219,19 @@ class Exchanger:
         )
         return retrying(call)
 
-    def _store(self, job: Job, key: str, tokens: Tokens) -> tuple[bool, int]:
-        """Commit tokens and the session's success together, riding out a database blip.
+    def _store(self, job: Job, key: str, tokens: Tokens, lock: Lock) -> tuple[bool, int]:
+        """Commit tokens and the session's success together, riding out a database outage.
 
         The upstream has consumed the session token by now: giving up here would lose the
-        user, so this step retries far longer than the others (the lock is renewed).
+        user, so this step retries far longer than the others, renewing the lock each time.
         """
         for attempt in Retrying(
             retry=retry_if_exception_type((OperationalError, PoolTimeout)),
-            stop=stop_after_delay(LOCK_TTL_S * 0.8),
+            stop=stop_after_delay(STORE_PATIENCE_S),
             wait=wait_random_exponential(multiplier=0.2, max=5.0),
             reraise=True,
         ):
+            _renew(lock)
             with attempt, self.rt.db() as db:
                 applied = store.save_tokens(
                     db,
@@ -265,16 +269,26 @@ class Exchanger:
                 "connect again"
             )
         with self.rt.db() as db:
-            row = db.get(Session, key)
+            row = db.get(Session, key, with_for_update=True)
             assert row is not None
-            row.state = "failed"
-            row.error = reason
-            row.error_kind = kind
-            row.updated_at = now()
-            event = events.record(
-                db, "connect.failed", humanId=job.human_id, requestId=job.request_id, error=reason
-            )
+            stored = row.state == "succeeded"
+            if not stored:
+                row.state = "failed"
+                row.error = reason
+                row.error_kind = kind
+                row.updated_at = now()
+                event = events.record(
+                    db,
+                    "connect.failed",
+                    humanId=job.human_id,
+                    requestId=job.request_id,
+                    error=reason,
+                )
             db.commit()
+        if stored:
+            # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
+            self._mirror_final(job, row)
+            return Outcome("succeeded", upstream_calls=calls)
         self._relay(event.id)
         metrics.inc(self.rt.redis, "exchanges", outcome=kind)
         self._status(job, "failed", error=reason)
@@ -336,6 +350,15 @@ class Exchanger:
     def _status(self, job: Job, state: str, **fields: str) -> None:
         fields.setdefault("humanId", job.human_id)
         status.set_state(self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields)
+
+
+def _renew(lock: Lock) -> None:
+    """Renew the session lock if Redis answers; the store goes ahead either way, because the
+    tokens in hand are the user's only copy (a duplicate delivery can't overwrite a success)."""
+    try:
+        lock.reacquire()
+    except redis.exceptions.RedisError as exc:
+        log.warning("could not renew the session lock before storing: %s", type(exc).__name__)
 
 
 def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Session:

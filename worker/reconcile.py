@@ -3,12 +3,18 @@
 Redis's Celery transport pops a message and records it as unacked in two steps; a worker
 SIGKILLed between them loses that message (the chaos test saw one in 300, each kill). Every
 accepted request is therefore also in the sorted set `hc:pending`, scored by its last sign of
-progress; one with none for `STALE_S` is sent again under the same request id. A duplicate
-is harmless: the session lock and the `sessions` record make it a no-op.
+progress; one with none for `Settings.reconcile_after_s` (150 s) is sent again under the
+same request id. A duplicate is harmless: the session lock and the `sessions` record make it
+a no-op.
+
+A request still waiting in the queue is not lost, however long the backlog: only requests
+older than the next message the workers will take are looked at, so a deep queue never
+fills itself with re-sends.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,22 +26,30 @@ from worker.status import PENDING, get_state
 
 log = logging.getLogger(__name__)
 
-# Longer than any countdown (60 s) plus a prefetched message's wait; short enough that a
-# lost session is sent again well within 5 minutes of a worker running.
-STALE_S = 150.0
+
+# How many of the next messages in the queue are read to find where the backlog stands.
+PEEK = 20
 
 
 def requeue_stale(
     r: redis.Redis,
     send: Callable[[dict[str, Any]], None],
     *,
-    stale_s: float = STALE_S,
+    stale_s: float,
+    queue: str | None = None,
     limit: int = 1000,
 ) -> int:
-    """Re-send up to `limit` requests with no progress for `stale_s`; returns how many."""
+    """Re-send up to `limit` requests with no progress for `stale_s` that are no longer
+    waiting in `queue` (the broker's list); returns how many."""
     now_s = time.time()
+    cutoff = now_s - stale_s
+    if queue is not None:
+        head = _backlog_head(r, queue)
+        if head is None:
+            return 0
+        cutoff = min(cutoff, head)
     sent = 0
-    for raw in r.zrangebyscore(PENDING, 0, now_s - stale_s, start=0, num=limit):
+    for raw in r.zrangebyscore(PENDING, 0, f"({cutoff}", start=0, num=limit):
         request_id = raw.decode() if isinstance(raw, bytes) else str(raw)
         record = get_state(r, request_id) or {}
         if record.get("state") in ("succeeded", "failed") or "sealedSessionToken" not in record:
@@ -56,3 +70,22 @@ def requeue_stale(
     if sent:
         log.warning("re-sent %d requests that made no progress for %.0f s", sent, stale_s)
     return sent
+
+
+def _backlog_head(r: redis.Redis, queue: str) -> float | None:
+    """The pending score of the next exchange the workers will take from `queue` (anything
+    at or after it is still waiting, not lost); +inf when the queue is empty; None when
+    the next messages can't be placed (then nothing is re-sent this pass)."""
+    waiting = r.lrange(queue, -PEEK, -1)
+    if not waiting:
+        return float("inf")
+    # The Redis transport pushes on the left and pops on the right: the last is next.
+    for raw in reversed(waiting):
+        try:
+            task_id = json.loads(raw)["headers"]["id"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        score = r.zscore(PENDING, task_id)
+        if score is not None:
+            return float(score)
+    return None

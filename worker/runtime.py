@@ -7,6 +7,9 @@ from functools import cached_property
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy.orm import sessionmaker
 
 from worker.crypto import Cipher
@@ -17,6 +20,9 @@ from worker.settings import Settings
 # Short socket timeouts: a Redis that is down must turn into a 503 within 2 seconds.
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_SOCKET_TIMEOUT_S = 1.0
+# One immediate retry (a pooled connection the server closed), no more: redis-py's default
+# of three with exponential backoff held a finish for ~5 s while Redis was down.
+REDIS_RETRIES = 1
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -26,6 +32,7 @@ def redis_client(url: str) -> redis.Redis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=15,
+        retry=Retry(NoBackoff(), REDIS_RETRIES),
     )
 
 
@@ -36,6 +43,7 @@ def async_redis_client(url: str) -> AsyncRedis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=15,
+        retry=AsyncRetry(NoBackoff(), REDIS_RETRIES),
         decode_responses=True,
     )
 

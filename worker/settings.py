@@ -10,7 +10,14 @@ from functools import lru_cache
 from typing import NoReturn
 
 from cryptography.fernet import Fernet
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -63,10 +70,16 @@ class Settings(BaseSettings):
     retry_window_s: float = Field(
         7200.0, gt=0, validation_alias=_env("HUMANCONNECT_RETRY_WINDOW_S")
     )
-    #: Longest pause between two Celery-level retries. Must stay below the broker's visibility
-    #: timeout (see worker.celery) or a waiting retry would be delivered twice.
+    #: Longest pause between two Celery-level retries. At most half the visibility timeout:
+    #: a waiting retry is an unacked message, and would otherwise be delivered twice.
     retry_max_countdown_s: float = Field(
-        60.0, gt=0, le=120, validation_alias=_env("HUMANCONNECT_RETRY_MAX_COUNTDOWN_S")
+        60.0, gt=0, validation_alias=_env("HUMANCONNECT_RETRY_MAX_COUNTDOWN_S")
+    )
+    #: How long a message a dead worker held stays invisible before Redis hands it out again.
+    #: The session lock (half of it) and the reconciler's patience (five sixths) follow it, so
+    #: this one number sets how soon a crash's sessions are picked up again.
+    visibility_timeout_s: float = Field(
+        180.0, ge=10, le=3600, validation_alias=_env("HUMANCONNECT_VISIBILITY_TIMEOUT_S")
     )
     #: First in-process (tenacity) retry pause; doubled each attempt, jittered.
     retry_initial_s: float = Field(0.5, ge=0, validation_alias=_env("HUMANCONNECT_RETRY_INITIAL_S"))
@@ -97,6 +110,37 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(True, validation_alias=_env("HUMANCONNECT_AUTO_MIGRATE"))
     #: One JSON object per log line.
     log_json: bool = Field(False, validation_alias=_env("HUMANCONNECT_LOG_JSON"))
+
+    @model_validator(mode="after")
+    def _timing_fits(self) -> Settings:
+        if self.retry_max_countdown_s > self.visibility_timeout_s / 2:
+            raise ValueError(
+                "HUMANCONNECT_RETRY_MAX_COUNTDOWN_S must be at most half of "
+                "HUMANCONNECT_VISIBILITY_TIMEOUT_S"
+            )
+        if self.session_lock_s >= self.visibility_timeout_s:
+            raise ValueError(
+                "HUMANCONNECT_VISIBILITY_TIMEOUT_S must exceed twice one upstream call "
+                "(connect + read timeout + 5 s)"
+            )
+        return self
+
+    @property
+    def session_lock_s(self) -> float:
+        """How long one delivery holds a session between renewals (renewed before every
+        upstream call): a killed worker's lock frees itself before its message comes back."""
+        return max(self.visibility_timeout_s / 2, self.connect_timeout_s + self.read_timeout_s + 5)
+
+    @property
+    def reconcile_after_s(self) -> float:
+        """No progress for this long and an accepted request is sent again: past any
+        countdown, before the visibility timeout would have brought a lost message back."""
+        return self.visibility_timeout_s * 5 / 6
+
+    @property
+    def reconcile_interval_s(self) -> float:
+        """How often beat looks for requests that stopped making progress."""
+        return self.visibility_timeout_s / 6
 
     @field_validator("client_id")
     @classmethod

@@ -15,7 +15,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from worker import events, logs, metrics, migrate, status
-from worker.celery import EXCHANGE_TASK, RECONCILE_TASK, RELAY_TASK, REPAIR_TASK, app
+from worker.celery import (
+    EXCHANGE_TASK,
+    QUEUE,
+    RECONCILE_TASK,
+    RELAY_TASK,
+    REPAIR_TASK,
+    app,
+)
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
 from worker.exchange import Exchanger, Job
@@ -160,7 +167,8 @@ def reconcile_pending() -> int:
     def send(kwargs: dict[str, Any]) -> None:
         app.send_task(EXCHANGE_TASK, kwargs=kwargs, task_id=str(kwargs["request_id"]))
 
-    return requeue_stale(runtime().redis, send)
+    rt = runtime()
+    return requeue_stale(rt.redis, send, stale_s=rt.settings.reconcile_after_s, queue=QUEUE)
 
 
 def _require_or_exit(*, secret: bool) -> None:
