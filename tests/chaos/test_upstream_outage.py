@@ -1,0 +1,78 @@
+"""The upstream down for a minute, or hanging on some calls, mid-burst."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from tests.chaos.conftest import SESSIONS, Chaos, bodies
+from tests.support import wait_for
+
+OUTAGE_S = 60
+MAX_RPS = 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_minute_of_503s_stores_everyone_without_a_herd(chaos: Chaos) -> None:
+    """Only 503s for 60 s, then healthy: all stored, none failed, and the calls during the
+    outage and after it stay within HUMANAPI_MAX_RPS (backoff plus the global limit)."""
+    state = chaos.standin.state
+    state.faults.latency_ms = 50
+    chaos.start(HUMANAPI_MAX_RPS=str(MAX_RPS))
+    sent = bodies()
+    sending = chaos.send_in_background(sent)
+    wait_for(lambda: chaos.stored_count() >= SESSIONS // 5, 120, interval=0.2, what="progress")
+    state.faults.down = True
+    down_at = time.monotonic()
+    time.sleep(OUTAGE_S)
+    stored_in_outage = chaos.stored_count()
+    state.faults.down = False
+    up_at = time.monotonic()
+    assert stored_in_outage < SESSIONS, "the outage must land mid-burst"
+    assert {s.status for s in sending.result(120)} == {202}
+    chaos.wait_ended({b["humanId"] for b in sent}, 240)
+    # Calls per second, from the stand-in's own clock (the same monotonic clock as ours).
+    per_second = Counter(int(t - down_at) for t in state.call_times if t >= down_at)
+    during = [per_second.get(s, 0) for s in range(OUTAGE_S)]
+    after = [per_second.get(s, 0) for s in range(OUTAGE_S, OUTAGE_S + 10)]
+    # The moving window admits at most MAX_RPS in any second; a little slack for the edges
+    # of our one-second buckets against the limiter's window.
+    assert max(during) <= MAX_RPS * 1.1, during
+    assert max(after) <= MAX_RPS * 1.1, after
+    assert sum(during) > 0 and up_at - down_at >= OUTAGE_S
+    tally = chaos.verify("upstream-503-60s", len(sent), sent, may_lose_answers=False)
+    tally.extra.update(
+        calls_during_outage=sum(during),
+        peak_calls_per_s_during=max(during),
+        mean_calls_per_s_during=round(sum(during) / OUTAGE_S, 1),
+        peak_calls_per_s_after=max(after),
+        limit_rps=MAX_RPS,
+        stored_during_outage=stored_in_outage,
+    )
+    tally.report()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_calls_hanging_past_the_read_timeout_strand_no_worker(chaos: Chaos) -> None:
+    """5 % of calls hang for two minutes (before the token is used): each is cut at the 1 s
+    read timeout and retried, so every session is stored long before a hung call would end."""
+    state = chaos.standin.state
+    state.faults.latency_ms = 20
+    state.faults.phang = 0.05
+    state.faults.hang_s = 120
+    started = time.monotonic()
+    chaos.start(HUMANAPI_READ_TIMEOUT_S="1")
+    sent = bodies()
+    assert {s.status for s in chaos.send(sent)} == {202}
+    # A thread stuck on a hung call would hold its session for 120 s: end well before that.
+    chaos.wait_ended({b["humanId"] for b in sent}, 90)
+    took = time.monotonic() - started
+    hangs = state.calls["tokens:hang"]
+    assert hangs >= 20, "the fault must have happened"
+    tally = chaos.verify("upstream-hangs", len(sent), sent, may_lose_answers=False)
+    tally.extra.update(hung_calls=hangs, hang_s=120, read_timeout_s=1, ended_within_s=round(took))
+    tally.report()
