@@ -79,7 +79,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from worker.runtime import Runtime
 
         rotated = rotate_all(Runtime(settings))
-        sys.stdout.write(f"re-encrypted {rotated} users under the first key\n")
+        sys.stdout.write(
+            f"re-encrypted {rotated.users} users and {rotated.sessions} kept session tokens "
+            "under the first key\n"
+        )
         return 0
     raise AssertionError(args.command)
 

@@ -1,17 +1,36 @@
-"""Key rotation: re-encrypt every stored token under the first key, in resumable batches."""
+"""Key rotation: re-encrypt every sealed value in the database under the first key.
+
+Users' tokens and the session tokens kept for retries are rewritten in keyset batches, each
+its own transaction: an interrupted run leaves every row readable (under the old key or the
+new) and running it again finishes the job. Values outside the database (queued messages,
+status records in Redis) are not rewritten: keep the old key listed until they have expired
+(the retry window for messages, HUMANCONNECT_STATUS_TTL_S for status records).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select
 
-from worker.models import User
+from worker.models import Session, User
 from worker.runtime import Runtime
 
 BATCH = 500
 
 
-def rotate_all(rt: Runtime, batch: int = BATCH) -> int:
-    """Re-encrypt all users' tokens; each batch commits, so an interrupted run just resumes."""
+@dataclass(frozen=True)
+class Rotated:
+    users: int
+    sessions: int
+
+
+def rotate_all(rt: Runtime, batch: int = BATCH) -> Rotated:
+    """Re-encrypt every user's tokens and every kept session token under the first key."""
+    return Rotated(users=_rotate_users(rt, batch), sessions=_rotate_sessions(rt, batch))
+
+
+def _rotate_users(rt: Runtime, batch: int) -> int:
     done, last_id = 0, 0
     while True:
         with rt.db() as db:
@@ -27,3 +46,23 @@ def rotate_all(rt: Runtime, batch: int = BATCH) -> int:
             db.commit()
             done += len(rows)
             last_id = rows[-1].id
+
+
+def _rotate_sessions(rt: Runtime, batch: int) -> int:
+    done, last = 0, ""
+    while True:
+        with rt.db() as db:
+            rows = db.scalars(
+                select(Session)
+                .where(Session.session_hash > last, Session.sealed_session_token.is_not(None))
+                .order_by(Session.session_hash)
+                .limit(batch)
+            ).all()
+            if not rows:
+                return done
+            for row in rows:
+                assert row.sealed_session_token is not None
+                row.sealed_session_token = rt.cipher.rotate(row.sealed_session_token)
+            db.commit()
+            done += len(rows)
+            last = rows[-1].session_hash
