@@ -81,6 +81,11 @@ def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) ->
     return _send(db, r, stream, events)
 
 
+def relay_committed(db: DbSession, r: redis.Redis, stream: str, event: OutboxEvent) -> int:
+    """Relay an event this process just committed, from the row it holds (no read back)."""
+    return _send(db, r, stream, [event])
+
+
 def relay_pending(
     db: DbSession, r: redis.Redis, stream: str, limit: int = 500, grace_s: float = SWEEP_GRACE_S
 ) -> int:

@@ -10,10 +10,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import redis
 from redis.lock import Lock
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -32,7 +34,7 @@ from worker import events, metrics, status, store
 from worker.clock import now, now_us, to_us
 from worker.crypto import Cipher, session_hash
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from worker.models import Session, User
+from worker.models import OutboxEvent, Session, User
 from worker.retry import backoff, retry_cause, wait_honouring_retry_after
 from worker.runtime import Runtime
 from worker.upstream import Tokens, exchange_tokens
@@ -87,7 +89,9 @@ class Exchanger:
     def run(self, job: Job, *, retries: int = 0) -> Outcome:
         """Exchange `job` unless it is already done or being done by another delivery."""
         key = session_hash(job.session_token)
-        lock = Lock(self.rt.redis, f"hc:lock:session:{key}", timeout=self.settings.session_lock_s)
+        lock = SessionLock(
+            self.rt.redis, f"hc:lock:session:{key}", timeout=self.settings.session_lock_s
+        )
         if not lock.acquire(blocking=False):
             return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
         try:
@@ -99,15 +103,18 @@ class Exchanger:
                 # Expired and maybe taken by another delivery: it is theirs now.
                 log.warning("session lock expired before release request=%s", job.request_id)
 
-    def _run_locked(self, job: Job, key: str, lock: Lock, retries: int) -> Outcome:
+    def _run_locked(self, job: Job, key: str, lock: SessionLock, retries: int) -> Outcome:
         start_us = job.window_start_us or job.received_us
         deadline_us = start_us + to_us(self.settings.retry_window_s)
         with self.rt.db() as db:
             row = _load_or_create(db, job, key, self.rt.cipher)
+            first = row not in db  # created by this delivery: already running, one attempt
             finished = row.state in ("succeeded", "failed")
             # A run that died while `running` may have reached the upstream unanswered.
-            ambiguous_before = row.ambiguous or (row.state == "running" and row.attempts > 0)
-            if not finished:
+            ambiguous_before = not first and (
+                row.ambiguous or (row.state == "running" and row.attempts > 0)
+            )
+            if not first and not finished:
                 row.state = "running"
                 row.attempts += 1
                 row.updated_at = now()
@@ -125,7 +132,7 @@ class Exchanger:
             nonlocal calls
             self.acquire_slot()
             # A full lock term for this call: a slow run never lets a duplicate in.
-            lock.reacquire()
+            lock.renew()
             calls += 1
 
         def note(state: RetryCallState) -> None:
@@ -162,10 +169,10 @@ class Exchanger:
             return Outcome("retrying", retry_in=pause, error=exc.reason, upstream_calls=calls)
 
         try:
-            applied, event_id = self._store(job, key, tokens, lock)
+            applied, event = self._store(job, key, tokens, lock)
         except PermanentUpstreamError as exc:
             return self._fail(job, key, exc.reason, "permanent", calls)
-        self._relay(event_id)
+        self._relay(event)
         metrics.inc(self.rt.redis, "exchanges", outcome="succeeded")
         self._status(
             job,
@@ -219,7 +226,9 @@ class Exchanger:
         )
         return retrying(call)
 
-    def _store(self, job: Job, key: str, tokens: Tokens, lock: Lock) -> tuple[bool, int]:
+    def _store(
+        self, job: Job, key: str, tokens: Tokens, lock: SessionLock
+    ) -> tuple[bool, OutboxEvent]:
         """Commit tokens and the session's success together, riding out a database outage.
 
         The upstream has consumed the session token by now: giving up here would lose the
@@ -243,13 +252,18 @@ class Exchanger:
                     received_us=job.received_us,
                     session_hash=key,
                 )
-                row = db.get(Session, key)
-                assert row is not None
-                row.state = "succeeded"
-                row.client_user_id = tokens.client_user_id
-                row.error = row.error_kind = None
-                row.sealed_session_token = None
-                row.updated_at = now()
+                db.execute(
+                    update(Session)
+                    .where(Session.session_hash == key)
+                    .values(
+                        state="succeeded",
+                        client_user_id=tokens.client_user_id,
+                        error=None,
+                        error_kind=None,
+                        sealed_session_token=None,
+                        updated_at=now(),
+                    )
+                )
                 event = events.record(
                     db,
                     "connect.completed",
@@ -258,7 +272,7 @@ class Exchanger:
                     requestId=job.request_id,
                 )
                 db.commit()
-                return applied, event.id
+                return applied, event
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _fail(self, job: Job, key: str, reason: str, kind: str, calls: int) -> Outcome:
@@ -289,7 +303,7 @@ class Exchanger:
             # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
             self._mirror_final(job, row)
             return Outcome("succeeded", upstream_calls=calls)
-        self._relay(event.id)
+        self._relay(event)
         metrics.inc(self.rt.redis, "exchanges", outcome=kind)
         self._status(job, "failed", error=reason)
         log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
@@ -309,15 +323,15 @@ class Exchanger:
                 db, "connect.failed", humanId=job.human_id, requestId=job.request_id, error=reason
             )
             db.commit()
-        self._relay(event.id)
+        self._relay(event)
         metrics.inc(self.rt.redis, "exchanges", outcome="internal")
         self._status(job, "failed", error=reason)
 
-    def _relay(self, event_id: int) -> None:
+    def _relay(self, event: OutboxEvent) -> None:
         """Send a just-committed event now; if Redis is away the sweep sends it later."""
         try:
             with self.rt.db() as db:
-                sent = events.relay_ids(db, self.rt.redis, self.settings.events_stream, [event_id])
+                sent = events.relay_committed(db, self.rt.redis, self.settings.events_stream, event)
             metrics.inc(self.rt.redis, "events", sent)
         except (redis.exceptions.RedisError, OperationalError) as exc:
             log.warning("event left for the sweep: %s", type(exc).__name__)
@@ -352,36 +366,62 @@ class Exchanger:
         status.set_state(self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields)
 
 
-def _renew(lock: Lock) -> None:
+class SessionLock(Lock):
+    """The session's Redis lock, renewed only once a third of its term has passed: a fresh
+    lock needs no round trip before the first call or the store."""
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:
+        got = bool(super().acquire(*args, **kwargs))
+        self.renewed = time.monotonic()
+        return got
+
+    def renew(self) -> None:
+        assert self.timeout is not None
+        if time.monotonic() - self.renewed > self.timeout / 3:
+            self.reacquire()
+            self.renewed = time.monotonic()
+
+
+def _renew(lock: SessionLock) -> None:
     """Renew the session lock if Redis answers; the store goes ahead either way, because the
     tokens in hand are the user's only copy (a duplicate delivery can't overwrite a success)."""
     try:
-        lock.reacquire()
+        lock.renew()
     except redis.exceptions.RedisError as exc:
         log.warning("could not renew the session lock before storing: %s", type(exc).__name__)
 
 
-def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Session:
-    """The session's durable record, created on first delivery (a race-free insert)."""
-    name = db.get_bind().dialect.name
-    insert = postgresql.insert if name == "postgresql" else sqlite.insert
-    stamp = now()
-    db.execute(
+@lru_cache(maxsize=4)
+def _create_session(dialect: str) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING RETURNING, built once (values come as parameters)."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
         insert(Session)
-        .values(
-            session_hash=key,
-            request_id=job.request_id,
-            human_id=job.human_id,
-            received_us=job.received_us,
-            state="queued",
-            attempts=0,
-            sealed_session_token=cipher.seal(job.session_token),
-            ambiguous=False,
-            created_at=stamp,
-            updated_at=stamp,
-        )
         .on_conflict_do_nothing(index_elements=[Session.session_hash])
+        .returning(Session.session_hash)
     )
+
+
+def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Session:
+    """The session's durable record. A first delivery creates it already `running` with one
+    attempt, in one statement (a race-free insert); a later one reads what is there."""
+    stamp = now()
+    values = {
+        "session_hash": key,
+        "request_id": job.request_id,
+        "human_id": job.human_id,
+        "received_us": job.received_us,
+        "state": "running",
+        "attempts": 1,
+        "sealed_session_token": cipher.seal(job.session_token),
+        "ambiguous": False,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+    created = db.execute(_create_session(db.get_bind().dialect.name), values).first()
+    if created is not None:
+        # What the row holds, without reading it back.
+        return Session(**values)
     row = db.get(Session, key, populate_existing=True)
     assert row is not None
     return row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import select
@@ -31,13 +32,36 @@ class StoredUser:
         return f"StoredUser(client_user_id={self.client_user_id!r}, human_id={self.human_id!r})"
 
 
-def _insert_for(db: DbSession) -> Any:
-    name = db.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise NotImplementedError(f"database {name!r} is not supported")
+_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+
+_UPSERT_COLUMNS = (
+    "client_user_id",
+    "access_token",
+    "public_token",
+    "received_us",
+    "session_hash",
+    "updated_at",
+    "repair_attempts",
+    "repair_after_us",
+    "repair_error",
+)
+
+
+@lru_cache(maxsize=4)
+def _upsert(dialect: str) -> Any:
+    """The token upsert, built once per dialect: building it per call cost more CPU than
+    running it (the values come as parameters)."""
+    stmt = _INSERTS[dialect](User)
+    newer = (User.received_us < stmt.excluded.received_us) | (
+        (User.received_us == stmt.excluded.received_us)
+        & (User.session_hash < stmt.excluded.session_hash)
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[User.human_id],
+        set_={k: stmt.excluded[k] for k in _UPSERT_COLUMNS},
+        where=newer,
+    ).returning(User.session_hash)
 
 
 def save_tokens(
@@ -55,8 +79,9 @@ def save_tokens(
 
     Returns True when these tokens are now the stored ones. One statement, so concurrent
     workers can't interleave a read and a write: the database compares the receive times.
+    A clientUserId held by another humanId raises PermanentUpstreamError and leaves the
+    transaction to be rolled back.
     """
-    insert = _insert_for(db)
     values = {
         "human_id": human_id,
         "client_user_id": client_user_id,
@@ -70,23 +95,15 @@ def save_tokens(
         "repair_after_us": None,
         "repair_error": None,
     }
-    stmt = insert(User).values(**values)
-    newer = (User.received_us < stmt.excluded.received_us) | (
-        (User.received_us == stmt.excluded.received_us)
-        & (User.session_hash < stmt.excluded.session_hash)
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[User.human_id],
-        set_={k: stmt.excluded[k] for k in values if k != "human_id"},
-        where=newer,
-    )
+    stmt = _upsert(db.get_bind().dialect.name)
     try:
-        with db.begin_nested():
-            db.execute(stmt)
+        # RETURNING answers "are these the stored tokens now?" in the same statement: no row
+        # comes back when the WHERE kept a newer session's tokens.
+        stored = db.execute(stmt, values).first()
     except IntegrityError:
+        # The transaction is spoilt: the caller's session context rolls it back.
         raise PermanentUpstreamError("clientUserId already belongs to another humanId") from None
-    current = db.scalar(select(User.session_hash).where(User.human_id == human_id))
-    return current == session_hash
+    return stored is not None
 
 
 def get_user(db: DbSession, cipher: Cipher, client_user_id: str) -> StoredUser | None:
