@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 from sqlalchemy import func, insert, select, update
@@ -62,15 +63,25 @@ def _send(db: DbSession, r: redis.Redis, stream: str, events: Sequence[OutboxEve
     if not events:
         return 0
     pipe = r.pipeline(transaction=False)
+    queue_xadd(pipe, stream, events)
+    pipe.execute()
+    mark_sent(db, events)
+    return len(events)
+
+
+def queue_xadd(pipe: Any, stream: str, events: Sequence[OutboxEvent]) -> None:
+    """The stream entries for `events`, added to a pipeline the caller executes; call
+    `mark_sent` once it has."""
     for event in events:
         pipe.xadd(stream, json.loads(event.fields), maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.execute()
-    # Only now, with Redis holding them, are they sent.
+
+
+def mark_sent(db: DbSession, events: Sequence[OutboxEvent]) -> None:
+    """Only now, with Redis holding them, are they sent."""
     db.execute(
         update(OutboxEvent).where(OutboxEvent.id.in_([e.id for e in events])).values(sent_at=now())
     )
     db.commit()
-    return len(events)
 
 
 def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) -> int:

@@ -172,19 +172,7 @@ class Exchanger:
             applied, event = self._store(job, key, tokens, lock)
         except PermanentUpstreamError as exc:
             return self._fail(job, key, exc.reason, "permanent", calls)
-        self._relay(event)
-        metrics.inc(self.rt.redis, "exchanges", outcome="succeeded")
-        self._status(
-            job,
-            "succeeded",
-            clientUserId=tokens.client_user_id,
-            humanId=tokens.human_id,
-            **(
-                {"publicToken": self.rt.cipher.seal(tokens.public_token)}
-                if tokens.public_token
-                else {}
-            ),
-        )
+        self._announce_success(job, tokens, event)
         log.info("exchange succeeded request=%s calls=%d newest=%s", job.request_id, calls, applied)
         return Outcome("succeeded", upstream_calls=calls)
 
@@ -326,6 +314,26 @@ class Exchanger:
         self._relay(event)
         metrics.inc(self.rt.redis, "exchanges", outcome="internal")
         self._status(job, "failed", error=reason)
+
+    def _announce_success(self, job: Job, tokens: Tokens, event: OutboxEvent) -> None:
+        """The event, the counters and the request's status in one Redis round trip, then
+        the event marked sent. If Redis fails here the outbox sweep sends the event and the
+        task's retry finds the session done and writes the status."""
+        fields = {"clientUserId": tokens.client_user_id, "humanId": tokens.human_id}
+        if tokens.public_token:
+            fields["publicToken"] = self.rt.cipher.seal(tokens.public_token)
+        pipe = self.rt.redis.pipeline(transaction=True)
+        events.queue_xadd(pipe, self.settings.events_stream, [event])
+        metrics.queue_inc(pipe, "events", 1)
+        metrics.queue_inc(pipe, "exchanges", outcome="succeeded")
+        status.queue_state(pipe, job.request_id, "succeeded", self.settings.status_ttl_s, **fields)
+        pipe.execute()
+        try:
+            with self.rt.db() as db:
+                events.mark_sent(db, [event])
+        except OperationalError as exc:
+            # Relayed but not marked: the sweep sends it again, with the same eventId.
+            log.warning("event relayed but not marked sent: %s", type(exc).__name__)
 
     def _relay(self, event: OutboxEvent) -> None:
         """Send a just-committed event now; if Redis is away the sweep sends it later."""

@@ -47,6 +47,11 @@ def inc(r: redis.Redis, name: str, amount: int = 1, **labels: str) -> None:
         log.debug("metric %s not recorded", name)
 
 
+def queue_inc(pipe: Any, name: str, amount: int = 1, **labels: str) -> None:
+    """`inc`, added to a pipeline the caller executes."""
+    pipe.hincrby(KEY, _field(name, labels), amount)
+
+
 def observe(r: redis.Redis, name: str, seconds: float, **labels: str) -> None:
     """Record one observation in a histogram."""
     try:

@@ -46,10 +46,16 @@ def new_request_id() -> str:
 
 def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields: str) -> None:
     """Write a request's state and any extra fields, refreshing its expiry."""
+    pipe = r.pipeline(transaction=True)
+    queue_state(pipe, request_id, state, ttl_s, **fields)
+    pipe.execute()
+
+
+def queue_state(pipe: Any, request_id: str, state: str, ttl_s: int, **fields: str) -> None:
+    """`set_state`'s commands, added to a pipeline the caller executes."""
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}")
     mapping: dict[Any, Any] = {"state": state, "updatedAt": now().isoformat(), **fields}
-    pipe = r.pipeline(transaction=True)
     pipe.hset(request_key(request_id), mapping=mapping)
     if state not in ("succeeded", "failed"):
         pipe.hdel(request_key(request_id), "error")
@@ -62,7 +68,6 @@ def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields:
     else:
         # Progress: the reconciler leaves a request alone while a worker is moving it on.
         pipe.zadd(PENDING, {request_id: time.time()})
-    pipe.execute()
 
 
 def get_state(r: redis.Redis, request_id: str) -> dict[str, str] | None:
