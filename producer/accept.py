@@ -76,7 +76,8 @@ class Acceptor:
             "received_us": received_us,
         }
         try:
-            publish = asyncio.get_running_loop().run_in_executor(self._publisher, self._send, kwargs)
+            loop = asyncio.get_running_loop()
+            publish = loop.run_in_executor(self._publisher, self._send, kwargs)
             await asyncio.wait_for(publish, PUBLISH_DEADLINE_S)
             await self.claims.confirm(
                 key,
