@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 from humanconnect.standin import Faults, Running, StandIn
 from tests.support import (
@@ -170,6 +171,17 @@ def make_settings(redis_url: str) -> Callable[..., Settings]:
         return Settings.model_validate(values)
 
     return make
+
+
+@pytest.fixture
+def client(
+    make_settings: Callable[..., Settings], sqlite_url: str, redis_client: redis.Redis
+) -> Iterator[TestClient]:
+    """The producer app in process, on the shared Redis and a fresh SQLite file."""
+    from producer.app import create_app
+
+    with TestClient(create_app(make_settings(DATABASE_URL=sqlite_url))) as c:
+        yield c
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -17,16 +17,6 @@ from worker.celery import QUEUE
 from worker.settings import Settings
 
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def client(
-    make_settings: Callable[..., Settings], sqlite_url: str, redis_client: redis.Redis
-) -> Iterator[TestClient]:
-    from producer.app import create_app
-
-    with TestClient(create_app(make_settings(DATABASE_URL=sqlite_url))) as c:
-        yield c
 
 
 def queued_messages(r: redis.Redis) -> list[dict]:

@@ -8,7 +8,7 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from tests.support import BIN, CLIENT_ID, FERNET_KEY, ROOT, Process, service_env, start_web
 from worker import migrate
 from worker.celery import QUEUE
-from worker.settings import Settings
 
 READ_BACK_TOKEN = "fuzz-read-back-token-0123456789"
 FIELDS = ("humanId", "clientId", "sessionToken", "human_id", "client_id", "session_token")
@@ -44,16 +43,6 @@ raw_body = (
 content_type = st.sampled_from(
     ["application/json", "application/json; charset=utf-8", "text/plain", "", "APPLICATION/JSON"]
 )
-
-
-@pytest.fixture
-def client(
-    make_settings: Callable[..., Settings], sqlite_url: str, redis_client: redis.Redis
-) -> Iterator[TestClient]:
-    from producer.app import create_app
-
-    with TestClient(create_app(make_settings(DATABASE_URL=sqlite_url))) as c:
-        yield c
 
 
 def _written(r: redis.Redis) -> tuple[int, int]:

@@ -32,6 +32,10 @@ class TransientUpstreamError(UpstreamError):
     """Raised when the upstream call may succeed if tried again (timeouts, 5xx, 429, ...)."""
 
 
+class CircuitOpen(TransientUpstreamError):
+    """Raised instead of calling while the breaker (worker.breaker) holds the upstream off."""
+
+
 class PermanentUpstreamError(UpstreamError):
     """Raised when trying again cannot help (other 4xx, a malformed success body)."""
 

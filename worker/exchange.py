@@ -7,6 +7,7 @@ Plain functions and one class, testable without Celery. The task only maps an `O
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_after_delay,
     stop_before_delay,
@@ -31,9 +33,15 @@ from tenacity import (
 )
 
 from worker import events, metrics, status, store
+from worker.breaker import Breaker
 from worker.clock import now, now_us, to_us
 from worker.crypto import Cipher, session_hash
-from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from worker.errors import (
+    CircuitOpen,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+    UpstreamError,
+)
 from worker.models import OutboxEvent, Session, User
 from worker.retry import backoff, retry_cause, wait_honouring_retry_after
 from worker.runtime import Runtime
@@ -84,6 +92,7 @@ class Exchanger:
         self.rt = rt
         self.settings = rt.settings
         self.acquire_slot = acquire_slot
+        self.breaker = Breaker(rt.redis)
 
     # -- the run -------------------------------------------------------------------------
     def run(self, job: Job, *, retries: int = 0) -> Outcome:
@@ -130,6 +139,13 @@ class Exchanger:
 
         def before_call() -> None:
             nonlocal calls
+            stay_away = self.breaker.wait()
+            if stay_away:
+                # Jittered, so the queue doesn't come back all at once when it closes.
+                raise CircuitOpen(
+                    "upstream failing: calls paused",
+                    retry_after=stay_away * (1 + random.random()),
+                )
             self.acquire_slot()
             # A full lock term for this call: a slow run never lets a duplicate in.
             lock.renew()
@@ -200,13 +216,19 @@ class Exchanger:
                     connect_timeout=s.connect_timeout_s,
                     read_timeout=s.read_timeout_s,
                 )
+            except TransientUpstreamError as exc:
+                if exc.status is None or exc.status >= 500:
+                    self._count_failure()
+                raise
             finally:
                 metrics.observe(
                     self.rt.redis, "upstream_seconds", time.monotonic() - started, endpoint="tokens"
                 )
 
         retrying = Retrying(
-            retry=retry_if_exception_type(TransientUpstreamError),
+            # An open breaker sends the run back to the queue at once.
+            retry=retry_if_exception_type(TransientUpstreamError)
+            & retry_if_not_exception_type(CircuitOpen),
             stop=stop_before_delay(s.retry_inline_budget_s) | stop_after_attempt(4),
             wait=wait_honouring_retry_after(s.retry_initial_s, s.retry_inline_budget_s),
             before_sleep=note,
@@ -315,6 +337,12 @@ class Exchanger:
         metrics.inc(self.rt.redis, "exchanges", outcome="internal")
         self._status(job, "failed", error=reason)
 
+    def _count_failure(self) -> None:
+        try:
+            self.breaker.failure()
+        except redis.exceptions.RedisError:
+            pass  # the breaker is an optimisation: never let it fail an exchange
+
     def _announce_success(self, job: Job, tokens: Tokens, event: OutboxEvent) -> None:
         """The event, the counters and the request's status in one Redis round trip, then
         the event marked sent. If Redis fails here the outbox sweep sends the event and the
@@ -326,6 +354,7 @@ class Exchanger:
         events.queue_xadd(pipe, self.settings.events_stream, [event])
         metrics.queue_inc(pipe, "events", 1)
         metrics.queue_inc(pipe, "exchanges", outcome="succeeded")
+        Breaker.queue_success(pipe)
         status.queue_state(pipe, job.request_id, "succeeded", self.settings.status_ttl_s, **fields)
         pipe.execute()
         try:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from tenacity import RetryCallState, wait_random_exponential
 
-from worker.errors import UpstreamError
+from worker.errors import CircuitOpen, UpstreamError
 
 
 def backoff(retries: int, *, initial: float, cap: float, retry_after: float | None) -> float:
@@ -35,6 +35,8 @@ def wait_honouring_retry_after(initial: float, budget: float) -> Callable[[Retry
 
 def retry_cause(exc: BaseException | None) -> str:
     """A fixed label for why a call is retried (never text from the upstream)."""
+    if isinstance(exc, CircuitOpen):
+        return "circuit_open"
     if isinstance(exc, UpstreamError) and exc.status is not None:
         return "429" if exc.status == 429 else ("5xx" if exc.status >= 500 else str(exc.status))
     if isinstance(exc, UpstreamError):

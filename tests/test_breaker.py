@@ -1,0 +1,74 @@
+"""The shared circuit breaker: opens on a run of upstream failures, holds calls off, closes on
+the first success."""
+
+from __future__ import annotations
+
+import redis
+
+from humanconnect.standin import Faults, Running
+from tests import factories
+from worker import breaker
+from worker.breaker import Breaker
+from worker.exchange import Exchanger
+from worker.runtime import Runtime
+
+
+def _fail(b: Breaker, n: int) -> None:
+    for _ in range(n):
+        b.failure()
+
+
+def test_opens_after_a_run_of_failures_and_closes_on_a_success(
+    redis_client: redis.Redis,
+) -> None:
+    b = Breaker(redis_client)
+    _fail(b, breaker.THRESHOLD - 1)
+    assert b.wait() == 0, "one short of the threshold: still closed"
+    b.failure()
+    assert 0 < Breaker(redis_client).wait() <= breaker.FIRST_COOL_OFF_S
+    pipe = redis_client.pipeline()
+    Breaker.queue_success(pipe)
+    pipe.execute()
+    assert Breaker(redis_client).wait() == 0
+
+
+def test_a_few_failures_among_many_successes_never_open_it(redis_client: redis.Redis) -> None:
+    pipe = redis_client.pipeline()
+    for _ in range(100):
+        Breaker.queue_success(pipe)
+    pipe.execute()
+    b = Breaker(redis_client)
+    _fail(b, breaker.THRESHOLD + 5)
+    assert b.wait() == 0
+
+
+def test_cool_off_doubles_while_the_outage_lasts(redis_client: redis.Redis) -> None:
+    b = Breaker(redis_client)
+    _fail(b, breaker.THRESHOLD)
+    first = redis_client.pttl(breaker.OPEN)
+    redis_client.delete(breaker.OPEN)  # the cool-off ends; calls resume and fail again
+    _fail(b, breaker.THRESHOLD)
+    second = redis_client.pttl(breaker.OPEN)
+    assert first <= breaker.FIRST_COOL_OFF_S * 1000 < second <= 2 * breaker.FIRST_COOL_OFF_S * 1000
+
+
+def test_an_open_breaker_sends_the_run_back_without_calling(
+    runtime: Runtime, standin: Running, redis_client: redis.Redis
+) -> None:
+    """While open: no upstream call, the session waits (jittered) and stays pending; once
+    closed, the next delivery exchanges it and its success resets the breaker's level."""
+    standin.state.faults = Faults(down=True)
+    ex = Exchanger(runtime, lambda: 0.0)
+    for _ in range(breaker.THRESHOLD // 4 + 1):
+        ex.run(factories.job())  # four failing calls each (the inline budget)
+    calls = sum(standin.state.calls.values())
+    assert calls >= breaker.THRESHOLD
+    job = factories.job()
+    outcome = Exchanger(runtime, lambda: 0.0).run(job)
+    assert outcome.state == "retrying" and outcome.upstream_calls == 0
+    assert outcome.retry_in is not None and outcome.retry_in > 0
+    assert sum(standin.state.calls.values()) == calls, "called through an open breaker"
+    standin.state.faults = Faults()
+    redis_client.delete(breaker.OPEN)
+    assert Exchanger(runtime, lambda: 0.0).run(job, retries=1).state == "succeeded"
+    assert redis_client.exists(breaker.LEVEL) == 0

@@ -1,0 +1,91 @@
+"""A circuit breaker on the upstream, shared by every worker process through Redis.
+
+When the upstream answers (almost) nothing but 5xx, timeouts and refused connections, a
+thousand sessions retrying on their own schedules still call it at the full rate limit for
+as long as the outage lasts. The breaker opens instead: for a cool-off (2 s, doubling up to
+30 s while the outage lasts) every delivery goes back to the queue without a call. When the
+cool-off ends, calls resume; if they fail again it re-opens for twice as long, and the first
+success resets it.
+
+Failures and successes are counted in 10-second windows. The breaker opens when a window
+holds at least `THRESHOLD` failures and five times more failures than successes, so a few
+faults under load never trip it. A success is counted inside the exchange's own final Redis
+round trip (`queue_success`), and the breaker's state is read from Redis at most every
+`CHECK_S` per process: the healthy path pays no extra round trip.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+
+OPEN = "hc:breaker:open"
+LEVEL = "hc:breaker:level"
+FAILS = "hc:breaker:fails"
+OKS = "hc:breaker:oks"
+WINDOW_S = 10
+THRESHOLD = 20
+FIRST_COOL_OFF_S = 2.0
+MAX_COOL_OFF_S = 30.0
+CHECK_S = 0.5
+
+# KEYS: fails, oks, open, level. ARGV: window, threshold, first cool-off ms, max cool-off ms.
+# Returns the cool-off in ms when this failure opened the breaker, else 0.
+_FAILURE = """
+local fails = redis.call('INCR', KEYS[1])
+if fails == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local oks = tonumber(redis.call('GET', KEYS[2]) or '0')
+if fails >= tonumber(ARGV[2]) and fails > 5 * oks and redis.call('EXISTS', KEYS[3]) == 0 then
+  local level = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], 3600)
+  local cool = math.min(tonumber(ARGV[3]) * 2 ^ (level - 1), tonumber(ARGV[4]))
+  redis.call('SET', KEYS[3], '1', 'PX', math.floor(cool))
+  redis.call('DEL', KEYS[1])
+  return math.floor(cool)
+end
+return 0
+"""
+
+
+class Breaker:
+    """One process's view of the shared breaker."""
+
+    def __init__(self, r: redis.Redis):
+        self.r = r
+        self._failure = r.register_script(_FAILURE)
+        self._lock = threading.Lock()
+        # Until when this process may call without asking Redis (the breaker was closed).
+        self._closed_until = 0.0
+
+    def wait(self) -> float:
+        """0 to go ahead and call, else how many seconds the caller should stay away."""
+        if time.monotonic() < self._closed_until:
+            return 0.0
+        left = int(self.r.pttl(OPEN))
+        if left <= 0:
+            with self._lock:
+                self._closed_until = time.monotonic() + CHECK_S
+            return 0.0
+        return left / 1000
+
+    def failure(self) -> None:
+        """Count a call the upstream failed (5xx, timeout, refused connection)."""
+        opened_ms = int(
+            self._failure(
+                keys=[FAILS, OKS, OPEN, LEVEL],
+                args=[WINDOW_S, THRESHOLD, FIRST_COOL_OFF_S * 1000, MAX_COOL_OFF_S * 1000],
+            )
+        )
+        if opened_ms:
+            with self._lock:
+                self._closed_until = 0.0
+
+    @staticmethod
+    def queue_success(pipe: Any) -> None:
+        """Count a successful call, closing the breaker; added to a pipeline the caller runs."""
+        pipe.incr(OKS)
+        pipe.expire(OKS, WINDOW_S, nx=True)
+        pipe.delete(OPEN, LEVEL)
