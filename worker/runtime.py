@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import redis
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
@@ -23,6 +24,7 @@ REDIS_SOCKET_TIMEOUT_S = 1.0
 # One immediate retry (a pooled connection the server closed), no more: redis-py's default
 # of three with exponential backoff held a finish for ~5 s while Redis was down.
 REDIS_RETRIES = 1
+ASYNC_POOL_SIZE = 200
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -37,15 +39,20 @@ def redis_client(url: str) -> redis.Redis:
 
 
 def async_redis_client(url: str) -> AsyncRedis:
-    """The same fail-fast client for asyncio code (the producer), decoding to str."""
-    return AsyncRedis.from_url(
+    """The same fail-fast client for asyncio code (the producer), decoding to str. Its pool
+    makes a request wait up to 0.5 s for a free connection under a burst instead of failing
+    at once (the default pool raises past 100 connections)."""
+    pool = AsyncBlockingConnectionPool.from_url(
         url,
+        max_connections=ASYNC_POOL_SIZE,
+        timeout=0.5,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         health_check_interval=15,
         retry=AsyncRetry(NoBackoff(), REDIS_RETRIES),
         decode_responses=True,
     )
+    return AsyncRedis(connection_pool=pool)
 
 
 @dataclass

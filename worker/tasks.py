@@ -112,10 +112,13 @@ def _run(self: Task, rt: Runtime, job: Job) -> None:
             retries, initial=1.0, cap=rt.settings.retry_max_countdown_s, retry_after=None
         )
         log.warning(
-            "infrastructure error, retrying request=%s in=%.1fs error=%s",
+            "infrastructure error, retrying request=%s in=%.1fs error=%s: %s",
             request_id,
             pause,
             type(exc).__name__,
+            # The driver's own message ("database is locked"), never the statement or its
+            # parameters, which SQLAlchemy's message carries.
+            str(getattr(exc, "orig", None) or exc)[:200],
         )
         raise self.retry(countdown=pause, exc=exc) from None
     except Exception as exc:

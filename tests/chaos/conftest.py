@@ -137,10 +137,7 @@ class Chaos:
     def start_worker(self) -> Process:
         self._started += 1
         log = self.tmp / f"worker{self._started}.log"
-        # Workers yield the CPU to `web`, as they would on machines of their own: on these 2
-        # shared cores a busy worker would otherwise set the web's latency, which is not
-        # what these scenarios are about.
-        worker = start_worker(self.env, ROOT, log, concurrency=THREADS, nice=10)
+        worker = start_worker(self.env, ROOT, log, concurrency=THREADS)
         self.workers.append(worker)
         return worker
 
