@@ -169,3 +169,30 @@ def _samples(text: str) -> dict[str, float]:
             series, _, value = line.rpartition(" ")
             out[series] = float(value)
     return out
+
+
+def test_read_back_compares_every_token_in_constant_time(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each presented token, whatever its length or how much of the real one it shares,
+    goes through hmac.compare_digest (no early return that a timer could see)."""
+    import hmac
+
+    import producer.users
+
+    seen: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(producer.users.hmac, "compare_digest", spy)
+    tries = ["x", API_TOKEN[:-1], API_TOKEN + "x", API_TOKEN[:-1] + "#", "y" * 200]
+    for token in tries:
+        resp = client.get("/users/user@example.com", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 401
+    assert [a.decode() for a, _ in seen] == tries
+    assert all(b == API_TOKEN.encode() for _, b in seen)
+    resp = client.get("/users/user@example.com", headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert resp.status_code == 200 and len(seen) == len(tries) + 1
