@@ -16,7 +16,6 @@ round trip (`queue_success`), and the breaker's state is read from Redis at most
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -56,7 +55,7 @@ class Breaker:
     def __init__(self, r: redis.Redis):
         self.r = r
         self._failure = r.register_script(_FAILURE)
-        self._lock = threading.Lock()
+        # (A float swap is atomic under the GIL: the worker's threads share it without a lock.)
         # Until when this process may call without asking Redis (the breaker was closed).
         self._closed_until = 0.0
 
@@ -66,8 +65,7 @@ class Breaker:
             return 0.0
         left = int(self.r.pttl(OPEN))
         if left <= 0:
-            with self._lock:
-                self._closed_until = time.monotonic() + CHECK_S
+            self._closed_until = time.monotonic() + CHECK_S
             return 0.0
         return left / 1000
 
@@ -80,8 +78,7 @@ class Breaker:
             )
         )
         if opened_ms:
-            with self._lock:
-                self._closed_until = 0.0
+            self._closed_until = 0.0
 
     @staticmethod
     def queue_success(pipe: Any) -> None:
