@@ -246,3 +246,44 @@ def test_tokens_and_success_commit_together(
         assert db.scalar(select(User).where(User.human_id == job.human_id)) is None
         row = db.get(Session, session_hash(job.session_token))
         assert row is not None and row.state == "running"
+
+
+def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """The connection breaks while the store's COMMIT is in flight, after the database applied
+    it: the retry must find the session stored and not record a second event (the chaos
+    test's PostgreSQL cut produced two connect.completed for one session before this)."""
+    from unittest import mock
+
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session as DbSession
+
+    from worker import events
+    from worker.models import OutboxEvent
+
+    real_commit, real_record = DbSession.commit, events.record
+    armed, fired = [], []
+
+    def record(*args, **kwargs):
+        armed.append(True)
+        return real_record(*args, **kwargs)
+
+    def commit(self):
+        real_commit(self)
+        if armed and not fired:  # the first store commit only: it lands, its answer is lost
+            fired.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    job = factories.job()
+    with (
+        mock.patch("worker.exchange.events.record", side_effect=record),
+        mock.patch.object(DbSession, "commit", commit),
+    ):
+        outcome = exchanger(runtime).run(job)
+    assert outcome.state == "succeeded"
+    with runtime.db() as db:
+        recorded = db.scalars(select(OutboxEvent.fields)).all()
+    assert len(recorded) == 1 and job.human_id in recorded[0]
+    assert (status.get_state(redis_client, job.request_id) or {}).get("state") == "succeeded"
+    assert standin.state.exchanges[job.session_token] == 1

@@ -238,8 +238,9 @@ class Exchanger:
 
     def _store(
         self, job: Job, key: str, tokens: Tokens, lock: SessionLock
-    ) -> tuple[bool, OutboxEvent]:
-        """Commit tokens and the session's success together, riding out a database outage.
+    ) -> tuple[bool, OutboxEvent | None]:
+        """Commit tokens and the session's success together, riding out a database outage;
+        the event is None when an earlier attempt's commit turns out to have landed.
 
         The upstream has consumed the session token by now: giving up here would lose the
         user, so this step retries far longer than the others, renewing the lock each time.
@@ -252,6 +253,27 @@ class Exchanger:
         ):
             _renew(lock)
             with attempt, self.rt.db() as db:
+                # Only a session not yet succeeded: if a connection broke while an earlier
+                # attempt's COMMIT was in flight, that commit may have landed, and its
+                # event must stay the only one.
+                marked = db.execute(
+                    update(Session)
+                    .where(Session.session_hash == key, Session.state != "succeeded")
+                    .values(
+                        state="succeeded",
+                        client_user_id=tokens.client_user_id,
+                        error=None,
+                        error_kind=None,
+                        sealed_session_token=None,
+                        updated_at=now(),
+                    )
+                ).rowcount
+                if not marked:
+                    db.rollback()
+                    log.info(
+                        "store had landed before its connection broke request=%s", job.request_id
+                    )
+                    return False, None
                 applied = store.save_tokens(
                     db,
                     self.rt.cipher,
@@ -261,18 +283,6 @@ class Exchanger:
                     public_token=tokens.public_token,
                     received_us=job.received_us,
                     session_hash=key,
-                )
-                db.execute(
-                    update(Session)
-                    .where(Session.session_hash == key)
-                    .values(
-                        state="succeeded",
-                        client_user_id=tokens.client_user_id,
-                        error=None,
-                        error_kind=None,
-                        sealed_session_token=None,
-                        updated_at=now(),
-                    )
                 )
                 event = events.record(
                     db,
@@ -343,7 +353,7 @@ class Exchanger:
         except redis.exceptions.RedisError:
             pass  # the breaker is an optimisation: never let it fail an exchange
 
-    def _announce_success(self, job: Job, tokens: Tokens, event: OutboxEvent) -> None:
+    def _announce_success(self, job: Job, tokens: Tokens, event: OutboxEvent | None) -> None:
         """The event, the counters and the request's status in one Redis round trip, then
         the event marked sent. If Redis fails here the outbox sweep sends the event and the
         task's retry finds the session done and writes the status."""
@@ -351,12 +361,15 @@ class Exchanger:
         if tokens.public_token:
             fields["publicToken"] = self.rt.cipher.seal(tokens.public_token)
         pipe = self.rt.redis.pipeline(transaction=True)
-        events.queue_xadd(pipe, self.settings.events_stream, [event])
-        metrics.queue_inc(pipe, "events", 1)
+        if event is not None:  # else the landed attempt's event is in the outbox, for the sweep
+            events.queue_xadd(pipe, self.settings.events_stream, [event])
+            metrics.queue_inc(pipe, "events", 1)
         metrics.queue_inc(pipe, "exchanges", outcome="succeeded")
         Breaker.queue_success(pipe)
         status.queue_state(pipe, job.request_id, "succeeded", self.settings.status_ttl_s, **fields)
         pipe.execute()
+        if event is None:
+            return
         try:
             with self.rt.db() as db:
                 events.mark_sent(db, [event])
