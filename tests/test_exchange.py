@@ -263,7 +263,8 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     from worker.models import OutboxEvent
 
     real_commit, real_record = DbSession.commit, events.record
-    armed, fired = [], []
+    armed: list[bool] = []
+    fired: list[bool] = []
 
     def record(*args, **kwargs):
         armed.append(True)
