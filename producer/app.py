@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the web app; `settings` defaults to the environment's."""
     settings = settings or get_settings()
     rt = Runtime(settings)
-    # Its own Celery app, configured from `settings`: it only ever sends by task name.
+    # Its own Celery app, configured from `settings`: it only builds exchange messages for the
+    # accept script (producer/message.py), by task name.
     celery_app = Celery("humanconnect-web")
     celery_app.conf.update(celery_config(settings))
 

@@ -9,6 +9,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from producer.accept import Acceptor
 from producer.claims import Claims
+from producer.message import MessageBuilder
 from producer.waiters import Waiters
 from worker.runtime import Runtime, async_redis_client
 from worker.settings import Settings
@@ -30,9 +31,15 @@ class Parts:
         claims = Claims(aredis, settings.status_ttl_s)
         waiters = Waiters(aredis)
         await waiters.start()
-        return cls(settings, rt, aredis, claims, Acceptor(claims, celery, rt.cipher), waiters)
+        return cls(
+            settings,
+            rt,
+            aredis,
+            claims,
+            Acceptor(claims, MessageBuilder(celery), rt.cipher),
+            waiters,
+        )
 
     async def stop(self) -> None:
         await self.waiters.stop()
-        self.acceptor.close()
         await self.aredis.aclose()

@@ -4,8 +4,9 @@ The producer writes the first record and the dedupe claim (producer/claims.py); 
 moves the state on from there.
 
 Two keys per session:
-- `hc:session:{hash}` -> JSON `{requestId, humanId, phase}`: the dedupe claim. `phase` is
-  `claimed` while the producer is enqueueing and `queued` once the broker has the message.
+- `hc:session:{hash}` -> JSON `{requestId, humanId, phase}`: the dedupe claim, written with
+  the message in one atomic call (`phase` is `queued`; an older producer wrote `claimed`
+  while it published).
 - `hc:request:{requestId}` -> a hash with `state`, `humanId`, `clientUserId`, `error`,
   `publicToken` (Fernet ciphertext, never plaintext), `updatedAt`.
 

@@ -1,0 +1,67 @@
+"""The exchange task's Celery message, built here so the accept script can queue it itself.
+
+`send_task` costs the web a thread hop, Kombu's publish path and a Redis round trip of its
+own; the accept script (producer/claims.py) LPUSHes this message in the same atomic call
+that claims the session. The message is what Celery's own `send_task` writes to the Redis
+transport (protocol 2 headers from Celery's `as_task_v2`, in Kombu's JSON envelope);
+`tests/test_message.py` compares the two field by field, so a Celery or Kombu upgrade that
+changes the format fails a test instead of a worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from worker.celery import EXCHANGE_TASK, QUEUE
+
+# The embed part of a protocol 2 body: no callbacks, chain or chord.
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class MessageBuilder:
+    """Celery protocol 2 messages for the exchange task, in Kombu's Redis envelope."""
+
+    def __init__(self, celery: Celery):
+        self.celery = celery
+        # Celery names the sending process in each message; the same for all of ours.
+        self.reply_to = celery.thread_oid
+
+    def exchange(self, kwargs: dict[str, Any]) -> str:
+        """The JSON to LPUSH onto the queue for one exchange task, its id the request id."""
+        task_id = kwargs["request_id"]
+        message = self.celery.amqp.as_task_v2(
+            task_id,
+            EXCHANGE_TASK,
+            kwargs=kwargs,
+            # Our own argument reprs: Celery shows them in logs and monitors, and they must
+            # never show the sealed session token.
+            argsrepr="()",
+            kwargsrepr=f"{{'request_id': {task_id!r}}}",
+            ignore_result=None,
+        )
+        body = json.dumps([[], kwargs, _EMBED]).encode()
+        return json.dumps(
+            {
+                "body": base64.b64encode(body).decode(),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": message.headers,
+                "properties": {
+                    **message.properties,
+                    "reply_to": self.reply_to,
+                    "argsrepr": "()",
+                    "kwargsrepr": message.headers["kwargsrepr"],
+                    "delivery_mode": 2,
+                    "delivery_info": {"exchange": "", "routing_key": QUEUE},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    # Kombu's tag for the unacked hash while a worker holds the message.
+                    "delivery_tag": str(uuid.uuid4()),
+                },
+            }
+        )
