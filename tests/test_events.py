@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.support import RedisServer, stream_entries
+from tests.support import RedisServer, stream_entries, wait_for
 from worker import events
 from worker.exchange import Exchanger
 from worker.models import OutboxEvent
@@ -19,6 +22,11 @@ STREAM = "humanconnect:events"
 
 def stream(r: redis.Redis, name: str = STREAM) -> list[dict[str, str]]:
     return stream_entries(r, name)
+
+
+def sent_at(runtime: Runtime) -> object:
+    with runtime.db() as db:
+        return db.scalars(select(OutboxEvent.sent_at)).one()
 
 
 def test_success_emits_one_completed_event(
@@ -38,8 +46,9 @@ def test_success_emits_one_completed_event(
     text = str(event)
     for secret in (issued.access_token, issued.public_token, job.session_token):
         assert secret not in text
-    with runtime.db() as db:
-        assert db.scalars(select(OutboxEvent.sent_at)).one() is not None
+    # Marked sent within the batching delay (events.SentMarks), with no other exchange
+    # to carry it.
+    wait_for(lambda: sent_at(runtime) is not None, 2, what="the event marked sent")
     # A duplicate delivery emits nothing more.
     Exchanger(runtime, lambda: 0.0).run(job)
     assert len(stream(runtime.redis)) == 1
@@ -141,3 +150,42 @@ def test_readme_consumer_prints_each_event_once(redis_url: str, redis_client) ->
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["connect.completed humanId=h-1 eventId=e-1"]
     assert redis_client.xpending(STREAM, "my-app")["pending"] == 0
+
+
+def test_sent_marks_are_batched_and_a_refused_batch_is_left_for_the_sweep(
+    runtime: Runtime, redis_client
+) -> None:
+    """Many relayed events, one UPDATE; a batch the database refuses stays unsent, and the
+    sweep (after its grace) sends those events again, with the same eventIds."""
+    from sqlalchemy import event as sa_event
+
+    with runtime.db() as db:
+        recorded = [events.record(db, "connect.completed", humanId=f"h{i}") for i in range(30)]
+        db.commit()
+    updates: list[str] = []
+    engine = runtime.db().get_bind()
+    sa_event.listen(engine, "before_cursor_execute", lambda *a: updates.append(a[2]))
+    # Given 20 events marked from many calls within the delay
+    marks = events.SentMarks(runtime.db, delay_s=0.3)
+    for e in recorded[:20]:
+        marks.add([e.id])
+
+    def unsent() -> list[int]:
+        with runtime.db() as db:
+            query = select(OutboxEvent.id).where(OutboxEvent.sent_at.is_(None))
+            return sorted(db.scalars(query).all())
+
+    # Then one UPDATE marked all of them
+    wait_for(lambda: unsent() == sorted(e.id for e in recorded[20:]), 3, what="the batch")
+    assert len([u for u in updates if u.lstrip().upper().startswith("UPDATE")]) == 1
+    # When the database refuses the next batch
+    broken = events.SentMarks(
+        lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down")))
+    )
+    broken.add([e.id for e in recorded[20:]])
+    broken.flush()
+    # Then those events are still unsent, and the sweep relays them past its grace
+    with runtime.db() as db:
+        assert events.relay_pending(db, runtime.redis, STREAM, grace_s=0) == 10
+    ids = {entry["eventId"] for entry in stream(runtime.redis)}
+    assert ids == {json.loads(e.fields)["eventId"] for e in recorded[20:]}

@@ -196,3 +196,30 @@ def test_read_back_compares_every_token_in_constant_time(
     assert all(b == API_TOKEN.encode() for _, b in seen)
     resp = client.get("/users/user@example.com", headers={"Authorization": f"Bearer {API_TOKEN}"})
     assert resp.status_code == 200 and len(seen) == len(tries) + 1
+
+
+def test_upstream_histogram_is_cumulative_at_scrape(redis_client) -> None:
+    """Each observation lands in one bucket; the scrape adds them up as Prometheus expects."""
+    from worker import metrics
+
+    metrics.observe_many(redis_client, "upstream_seconds", [0.01, 0.2, 0.3], endpoint="tokens")
+    metrics.observe(redis_client, "upstream_seconds", 20.0, endpoint="tokens")
+    (family,) = [
+        f
+        for f in metrics.RedisCollector(redis_client, {}).collect()
+        if f.name == "humanconnect_upstream_seconds"
+    ]
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets == {
+        "0.05": 1,
+        "0.1": 1,
+        "0.25": 2,
+        "0.5": 3,
+        "1.0": 3,
+        "2.5": 3,
+        "5.0": 3,
+        "10.0": 3,
+        "+Inf": 4,
+    }
+    (total,) = [s.value for s in family.samples if s.name.endswith("_sum")]
+    assert total == pytest.approx(20.51)

@@ -15,7 +15,7 @@ from humanconnect.standin import Faults, Running
 from tests.support import CLIENT_ID, CLIENT_SECRET, free_port
 from worker.clock import now
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
-from worker.upstream import Tokens, exchange_tokens, parse_retry_after
+from worker.upstream import Tokens, _proxies, exchange_tokens, parse_retry_after
 
 
 def call(base_url: str, read_timeout: float = 5.0) -> Tokens:
@@ -73,8 +73,10 @@ def test_dropped_connection_is_transient() -> None:
 class _Canned(BaseHTTPRequestHandler):
     status = 201
     payload: bytes = b""
+    paths: list[str]
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.paths.append(self.path)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
@@ -87,7 +89,7 @@ class _Canned(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def canned() -> Iterator[tuple[str, type[_Canned]]]:
-    handler = type("Handler", (_Canned,), {})
+    handler = type("Handler", (_Canned,), {"paths": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -136,3 +138,30 @@ def test_parse_retry_after_forms() -> None:
     when = format_datetime(now() + timedelta(seconds=30), usegmt=True)
     parsed = parse_retry_after(when)
     assert parsed is not None and 25 <= parsed <= 31
+
+
+def test_the_environments_proxy_settings_are_honoured(canned, monkeypatch) -> None:
+    """requests no longer reads the environment per call; HTTP(S)_PROXY and NO_PROXY still
+    decide, read once per URL."""
+    proxy, handler = canned
+    handler.payload = json.dumps(
+        {"humanId": "h", "accessToken": "a", "clientUserId": "u", "publicToken": "p"}
+    ).encode()
+    # Nothing listens on the target's port: only a proxy can answer for it.
+    target = f"http://127.0.0.1:{free_port()}"
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    _proxies.cache_clear()
+    try:
+        # Given a proxy in the environment, the call goes through it
+        assert call(target).client_user_id == "u"
+        assert handler.paths == [f"{target}/v1/connect/tokens"]
+        # And with the target in NO_PROXY it goes straight there (and is refused)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        _proxies.cache_clear()
+        with pytest.raises(TransientUpstreamError):
+            call(target)
+        assert len(handler.paths) == 1
+    finally:
+        _proxies.cache_clear()

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session as DbSession
 
 from worker.clock import now
-from worker.models import OutboxEvent
+from worker.models import OutboxEvent, outbox_table
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ FORBIDDEN = frozenset({"accessToken", "publicToken", "sessionToken", "clientSecr
 STREAM_MAXLEN = 100_000
 # The sweep leaves younger events to the worker that wrote them (no double relay).
 SWEEP_GRACE_S = 5.0
+
+
+_INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
 
 
 def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, object]:
@@ -44,10 +49,13 @@ def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, objec
 
 
 def record(db: DbSession, type_: str, **fields: str) -> OutboxEvent:
-    """Add an event to the current transaction; it is relayed only if that commits."""
-    event = OutboxEvent(**_row(type_, fields, now()))
-    db.add(event)
-    return event
+    """Add an event to the current transaction; it is relayed only if that commits.
+
+    One Core INSERT … RETURNING, not the ORM's unit of work (a fifth of an exchange's CPU
+    went to flushing this one row); the returned object is detached, for the relay."""
+    row = _row(type_, fields, now())
+    event_id = db.execute(_INSERT_ONE, row).scalar_one()
+    return OutboxEvent(id=event_id, **row)
 
 
 def record_many(db: DbSession, type_: str, many: Sequence[dict[str, str]]) -> list[int]:
@@ -82,6 +90,48 @@ def mark_sent(db: DbSession, events: Sequence[OutboxEvent]) -> None:
         update(OutboxEvent).where(OutboxEvent.id.in_([e.id for e in events])).values(sent_at=now())
     )
     db.commit()
+
+
+class SentMarks:
+    """Marks relayed events sent a batch at a time: one UPDATE every `delay_s` instead of a
+    transaction per exchange (that commit was a tenth of an exchange's CPU).
+
+    Marks not yet written when the process dies, or when the database refuses them, leave
+    their events to the sweep, which sends them again with the same eventIds (the contract
+    allows a resend). `delay_s` stays well under SWEEP_GRACE_S so that only happens then.
+    """
+
+    def __init__(self, db: Callable[[], Any], delay_s: float = 0.5):
+        self.db = db
+        self.delay_s = delay_s
+        self._lock = threading.Lock()
+        self._ids: list[int] = []
+        self._timer: threading.Timer | None = None
+
+    def add(self, ids: Sequence[int]) -> None:
+        """Mark `ids` sent within `delay_s`."""
+        with self._lock:
+            self._ids.extend(ids)
+            if self._timer is None:
+                self._timer = threading.Timer(self.delay_s, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Write the marks now (the timer's call, and at shutdown)."""
+        with self._lock:
+            ids, self._ids = self._ids, []
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if not ids:
+            return
+        try:
+            with self.db() as db:
+                db.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=now()))
+                db.commit()
+        except SQLAlchemyError as exc:
+            log.warning("%d relayed events left for the sweep: %s", len(ids), type(exc).__name__)
 
 
 def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) -> int:

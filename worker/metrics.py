@@ -54,30 +54,31 @@ def queue_inc(pipe: Any, name: str, amount: int = 1, **labels: str) -> None:
 
 def observe(r: redis.Redis, name: str, seconds: float, **labels: str) -> None:
     """Record one observation in a histogram."""
-    try:
-        pipe = r.pipeline(transaction=False)
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                pipe.hincrby(KEY, _field(name, {**labels, "le": str(bound)}), 1)
-        pipe.hincrbyfloat(KEY, _field(name + ":sum", labels), seconds)
-        pipe.hincrby(KEY, _field(name + ":count", labels), 1)
-        pipe.execute()
-    except redis.exceptions.RedisError:
-        log.debug("metric %s not recorded", name)
+    observe_many(r, name, [seconds], **labels)
+
+
+def queue_observe(pipe: Any, name: str, values: list[float], **labels: str) -> None:
+    """`observe_many`, added to a pipeline the caller executes."""
+    if not values:
+        return
+    # One field per observation, in its own bucket (not cumulative): a fast call would
+    # otherwise touch every bucket. The scrape adds them up (see `_histograms`).
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[next((str(b) for b in LATENCY_BUCKETS if v <= b), "+Inf")] += 1
+    for bound, n in counts.items():
+        pipe.hincrby(KEY, _field(name + ":bucket", {**labels, "le": bound}), n)
+    pipe.hincrbyfloat(KEY, _field(name + ":sum", labels), sum(values))
+    pipe.hincrby(KEY, _field(name + ":count", labels), len(values))
 
 
 def observe_many(r: redis.Redis, name: str, values: list[float], **labels: str) -> None:
     """Record a batch of observations in one round trip."""
     if not values:
         return
-    counts = {bound: sum(1 for v in values if v <= bound) for bound in LATENCY_BUCKETS}
     try:
         pipe = r.pipeline(transaction=False)
-        for bound, n in counts.items():
-            if n:
-                pipe.hincrby(KEY, _field(name, {**labels, "le": str(bound)}), n)
-        pipe.hincrbyfloat(KEY, _field(name + ":sum", labels), sum(values))
-        pipe.hincrby(KEY, _field(name + ":count", labels), len(values))
+        queue_observe(pipe, name, values, **labels)
         pipe.execute()
     except redis.exceptions.RedisError:
         log.debug("metric %s not recorded", name)
@@ -130,7 +131,7 @@ class RedisCollector(Collector):
             groups: dict[tuple[tuple[str, str], ...], dict[str, float]] = defaultdict(dict)
             for f, v in values.items():
                 name, labels = _parse(f)
-                if name == key:
+                if name == key + ":bucket":
                     le = labels.pop("le")
                     groups[tuple(sorted(labels.items()))][le] = v
                 elif name in (key + ":sum", key + ":count"):
@@ -139,7 +140,11 @@ class RedisCollector(Collector):
             family = HistogramMetricFamily(metric, help_, labels=names)
             for group, data in groups.items():
                 labels = dict(group)
-                buckets = [(str(b), data.get(str(b), 0.0)) for b in LATENCY_BUCKETS]
+                cumulative = 0.0
+                buckets = []
+                for b in LATENCY_BUCKETS:
+                    cumulative += data.get(str(b), 0.0)
+                    buckets.append((str(b), cumulative))
                 buckets.append(("+Inf", data.get("count", 0.0)))
                 family.add_metric(
                     [labels.get(n, "") for n in names], buckets, sum_value=data.get("sum", 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -12,6 +13,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     text,
 )
@@ -108,3 +110,10 @@ class OutboxEvent(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: Null until Redis took the entry; the relay picks up what is null.
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# The tables themselves, for Core statements on the hot path: they skip the ORM's unit of
+# work and bulk machinery, which cost more CPU than the statements.
+users_table = cast(Table, User.__table__)
+sessions_table = cast(Table, Session.__table__)
+outbox_table = cast(Table, OutboxEvent.__table__)

@@ -47,7 +47,9 @@ def new_request_id() -> str:
 
 def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields: str) -> None:
     """Write a request's state and any extra fields, refreshing its expiry."""
-    pipe = r.pipeline(transaction=True)
+    # No MULTI: nothing else writes this request's record meanwhile, and a transaction
+    # doubles the replies to parse.
+    pipe = r.pipeline(transaction=False)
     queue_state(pipe, request_id, state, ttl_s, **fields)
     pipe.execute()
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session as DbSession
 from worker.clock import now
 from worker.crypto import Cipher
 from worker.errors import PermanentUpstreamError
-from worker.models import User
+from worker.models import User, users_table
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,18 @@ _UPSERT_COLUMNS = (
 def _upsert(dialect: str) -> Any:
     """The token upsert, built once per dialect: building it per call cost more CPU than
     running it (the values come as parameters)."""
-    stmt = _INSERTS[dialect](User)
-    newer = (User.received_us < stmt.excluded.received_us) | (
-        (User.received_us == stmt.excluded.received_us)
-        & (User.session_hash < stmt.excluded.session_hash)
+    # On the table, not the mapped class: the Core path skips the ORM's bulk machinery.
+    users = users_table
+    stmt = _INSERTS[dialect](users)
+    newer = (users.c.received_us < stmt.excluded.received_us) | (
+        (users.c.received_us == stmt.excluded.received_us)
+        & (users.c.session_hash < stmt.excluded.session_hash)
     )
     return stmt.on_conflict_do_update(
-        index_elements=[User.human_id],
+        index_elements=[users.c.human_id],
         set_={k: stmt.excluded[k] for k in _UPSERT_COLUMNS},
         where=newer,
-    ).returning(User.session_hash)
+    ).returning(users.c.session_hash)
 
 
 def save_tokens(

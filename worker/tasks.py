@@ -192,6 +192,13 @@ def _on_worker_init(**_: Any) -> None:
         migrate.upgrade(settings.database_url)
 
 
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    # Marks still batched would leave their events to the sweep, to be sent twice.
+    if exchanger.cache_info().currsize:
+        exchanger().sent.flush()
+
+
 @signals.beat_init.connect
 def _on_beat_init(**_: Any) -> None:
     _require_or_exit(secret=False)

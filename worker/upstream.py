@@ -6,9 +6,11 @@ transient; any other 4xx, or a success body missing what we need, is permanent.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any
 
 import requests
@@ -50,8 +52,21 @@ def http_session() -> requests.Session:
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         session.headers["User-Agent"] = "humanconnect/0.1"
+        # The environment is read once (see `_proxies`), not by requests on every call: that
+        # re-read of every variable was a tenth of an exchange's CPU. No .netrc either: the
+        # tokens call authenticates in its body, never with a stored password.
+        session.trust_env = False
+        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get(
+            "CURL_CA_BUNDLE", True
+        )
         _local.session = session
     return session
+
+
+@lru_cache(maxsize=8)
+def _proxies(url: str) -> dict[str, str]:
+    """HTTP(S)_PROXY / NO_PROXY for `url`, as requests would read them from the environment."""
+    return dict(requests.utils.get_environ_proxies(url))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -80,7 +95,9 @@ def post_json(
     A transient error whose request may have reached the upstream carries `ambiguous=True`.
     """
     try:
-        resp = http_session().post(url, json=body, timeout=(connect_timeout, read_timeout))
+        resp = http_session().post(
+            url, json=body, timeout=(connect_timeout, read_timeout), proxies=_proxies(url)
+        )
     except requests.exceptions.ConnectTimeout:
         raise _transient("connect timeout", ambiguous=False) from None
     except requests.exceptions.ReadTimeout:
