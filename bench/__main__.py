@@ -144,9 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repair-users",
         type=int,
-        default=20_000,
-        help="users for the repair scenario (the README's 100,000 figure: --only repair "
-        "--repair-users 100000, about 5 minutes on its own)",
+        default=100_000,
+        help="users for the repair scenario (the issue's 100,000 by default)",
     )
     parser.add_argument(
         "--stacks",
