@@ -288,3 +288,63 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     assert len(recorded) == 1 and job.human_id in recorded[0]
     assert (status.get_state(redis_client, job.request_id) or {}).get("state") == "succeeded"
     assert standin.state.exchanges[job.session_token] == 1
+
+
+def lock_key(job: Job) -> str:
+    return f"hc:lock:session:{session_hash(job.session_token)}"
+
+
+def test_taking_the_lock_marks_running_but_never_reopens_an_ended_request(
+    runtime: Runtime, redis_client
+) -> None:
+    """The lock and the `running` mark share one round trip; an ended record stays ended."""
+    job = factories.job()
+    begin = (runtime.redis, lock_key(job))
+    args = (job.request_id, job.human_id, 60)
+    # Given a queued request, taking its lock marks it running and records progress
+    status.set_state(runtime.redis, job.request_id, "queued", 60, humanId=job.human_id)
+    assert status.lock_and_begin(*begin, "t1", 30_000, *args)
+    assert status.get_state(runtime.redis, job.request_id)["state"] == "running"  # type: ignore[index]
+    assert runtime.redis.zscore(status.PENDING, job.request_id) is not None
+    # While held, another delivery neither gets the lock nor touches the record
+    status.set_state(runtime.redis, job.request_id, "succeeded", 60, humanId=job.human_id)
+    assert not status.lock_and_begin(*begin, "t2", 30_000, *args)
+    assert runtime.redis.get(lock_key(job)) == b"t1"
+    # And once free, a duplicate delivery gets the lock but the record stays succeeded
+    runtime.redis.delete(lock_key(job))
+    assert status.lock_and_begin(*begin, "t3", 30_000, *args)
+    assert status.get_state(runtime.redis, job.request_id)["state"] == "succeeded"  # type: ignore[index]
+
+
+def test_the_lock_is_released_with_the_success_or_after_a_failed_announce(
+    runtime: Runtime, standin: Running, redis_client, monkeypatch
+) -> None:
+    """Released in the success's round trip; if that round trip fails, by the run itself."""
+    import redis as redis_lib
+
+    ex = exchanger(runtime)
+    # Given a success, no lock is left behind
+    job = factories.job()
+    assert ex.run(job).state == "succeeded"
+    assert not runtime.redis.exists(lock_key(job))
+    # When the success's round trip fails
+    real = runtime.redis.pipeline
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pipe = real(*args, **kwargs)
+
+        def execute(*a, **k):  # type: ignore[no-untyped-def]
+            if any(c[0][0] == "EVAL" for c in pipe.command_stack):
+                raise redis_lib.exceptions.ConnectionError("cut")
+            return type(pipe).execute(pipe, *a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    monkeypatch.setattr(runtime.redis, "pipeline", failing)
+    second = factories.job()
+    with pytest.raises(redis_lib.exceptions.ConnectionError):
+        ex.run(second)
+    # Then the run's own release still frees the session for the task's retry
+    assert not runtime.redis.exists(lock_key(second))
+    assert session_row(runtime, second).state == "succeeded"

@@ -54,7 +54,7 @@ def record(db: DbSession, type_: str, **fields: str) -> OutboxEvent:
     One Core INSERT … RETURNING, not the ORM's unit of work (a fifth of an exchange's CPU
     went to flushing this one row); the returned object is detached, for the relay."""
     row = _row(type_, fields, now())
-    event_id = db.execute(_INSERT_ONE, row).scalar_one()
+    event_id = db.connection().execute(_INSERT_ONE, row).scalar_one()
     return OutboxEvent(id=event_id, **row)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import redis
 from redis.lock import Lock
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -99,19 +100,18 @@ class Exchanger:
     def run(self, job: Job, *, retries: int = 0) -> Outcome:
         """Exchange `job` unless it is already done or being done by another delivery."""
         key = session_hash(job.session_token)
-        lock = SessionLock(
-            self.rt.redis, f"hc:lock:session:{key}", timeout=self.settings.session_lock_s
-        )
-        if not lock.acquire(blocking=False):
+        lock = SessionLock(self.rt.redis, f"hc:lock:session:{key}", self.settings.session_lock_s)
+        if not lock.take(job, self.settings.status_ttl_s):
             return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
         try:
             return self._run_locked(job, key, lock, retries)
         finally:
-            try:
-                lock.release()
-            except redis.exceptions.LockError:
-                # Expired and maybe taken by another delivery: it is theirs now.
-                log.warning("session lock expired before release request=%s", job.request_id)
+            if lock.held:  # else released with the success's round trip
+                try:
+                    lock.release()
+                except redis.exceptions.LockError:
+                    # Expired and maybe taken by another delivery: it is theirs now.
+                    log.warning("session lock expired before release request=%s", job.request_id)
 
     def _run_locked(self, job: Job, key: str, lock: SessionLock, retries: int) -> Outcome:
         start_us = job.window_start_us or job.received_us
@@ -133,7 +133,6 @@ class Exchanger:
             # Outside that session: SQLite runs on one pooled connection per process.
             self._mirror_final(job, row)
             return Outcome(row.state, error=row.error)
-        self._status(job, "running")
 
         calls = 0
         ambiguous_now = False
@@ -194,7 +193,7 @@ class Exchanger:
         except PermanentUpstreamError as exc:
             self._observe(timings)
             return self._fail(job, key, exc.reason, "permanent", calls)
-        self._announce_success(job, tokens, event, timings)
+        self._announce_success(job, tokens, event, timings, lock)
         log.info("exchange succeeded request=%s calls=%d newest=%s", job.request_id, calls, applied)
         return Outcome("succeeded", upstream_calls=calls)
 
@@ -261,20 +260,14 @@ class Exchanger:
                 # Only a session not yet succeeded: if a connection broke while an earlier
                 # attempt's COMMIT was in flight, that commit may have landed, and its
                 # event must stay the only one.
-                # Core, not ORM: nothing in this session holds the row to synchronise.
-                table = sessions_table
-                marked = db.execute(
-                    update(table)
-                    .where(table.c.session_hash == key, table.c.state != "succeeded")
-                    .values(
-                        state="succeeded",
-                        client_user_id=tokens.client_user_id,
-                        error=None,
-                        error_kind=None,
-                        sealed_session_token=None,
-                        updated_at=now(),
+                marked = (
+                    db.connection()
+                    .execute(
+                        _MARK_SUCCEEDED,
+                        {"key": key, "client_user_id": tokens.client_user_id, "now": now()},
                     )
-                ).rowcount
+                    .rowcount
+                )
                 if not marked:
                     db.rollback()
                     log.info(
@@ -364,9 +357,15 @@ class Exchanger:
         metrics.observe_many(self.rt.redis, "upstream_seconds", timings, endpoint="tokens")
 
     def _announce_success(
-        self, job: Job, tokens: Tokens, event: OutboxEvent | None, timings: list[float]
+        self,
+        job: Job,
+        tokens: Tokens,
+        event: OutboxEvent | None,
+        timings: list[float],
+        lock: SessionLock,
     ) -> None:
-        """The event, the counters and the request's status in one Redis round trip, then
+        """The event, the counters, the request's status and the lock's release in one
+        Redis round trip, then
         the event marked sent (in a batch, within half a second). If Redis fails here the
         outbox sweep sends the event and the task's retry finds the session done and writes
         the status."""
@@ -382,7 +381,14 @@ class Exchanger:
         metrics.queue_inc(pipe, "exchanges", outcome="succeeded")
         Breaker.queue_success(pipe)
         status.queue_state(pipe, job.request_id, "succeeded", self.settings.status_ttl_s, **fields)
-        pipe.execute()
+        token = lock.queue_release(pipe)
+        try:
+            released = pipe.execute()[-1]
+        except redis.exceptions.RedisError:
+            lock.local.token = token  # the run's own release tries again
+            raise
+        if not released:
+            log.warning("session lock expired before release request=%s", job.request_id)
         if event is not None:
             self.sent.add([event.id])
 
@@ -426,13 +432,44 @@ class Exchanger:
 
 
 class SessionLock(Lock):
-    """The session's Redis lock, renewed only once a third of its term has passed: a fresh
-    lock needs no round trip before the first call or the store."""
+    """The session's Redis lock: taken in the same round trip that marks the request
+    running, released in the success's round trip, renewed only once a third of its term
+    has passed (a fresh lock needs no round trip before the first call or the store)."""
 
-    def acquire(self, *args: Any, **kwargs: Any) -> bool:
-        got = bool(super().acquire(*args, **kwargs))
+    def __init__(self, r: redis.Redis, name: str, timeout: float):
+        # One lock object per run, used by one thread: no thread-local token needed.
+        super().__init__(r, name, timeout=timeout, thread_local=False)
         self.renewed = time.monotonic()
+
+    @property
+    def held(self) -> bool:
+        return self.local.token is not None
+
+    def take(self, job: Job, status_ttl_s: int) -> bool:
+        """Acquire without waiting, marking `job`'s request running if it is not ended."""
+        token = secrets.token_hex(16)
+        got = status.lock_and_begin(
+            self.redis,
+            self.name,
+            token,
+            int(self.timeout * 1000) if self.timeout else 0,
+            job.request_id,
+            job.human_id,
+            status_ttl_s,
+        )
+        if got:
+            self.local.token = token.encode()
+            self.renewed = time.monotonic()
         return got
+
+    def queue_release(self, pipe: Any) -> bytes:
+        """Release in a pipeline the caller executes; returns the token, which the caller
+        puts back in `local.token` if the pipeline fails. EVAL, not EVALSHA: a script
+        object in a pipeline costs a SCRIPT EXISTS round trip of its own."""
+        token: bytes = self.local.token
+        self.local.token = None
+        pipe.eval(self.LUA_RELEASE_SCRIPT, 1, self.name, token)
+        return token
 
     def renew(self) -> None:
         assert self.timeout is not None
@@ -448,6 +485,26 @@ def _renew(lock: SessionLock) -> None:
         lock.renew()
     except redis.exceptions.RedisError as exc:
         log.warning("could not renew the session lock before storing: %s", type(exc).__name__)
+
+
+# Statements of the hot path, built once (values come as parameters) and run on the
+# session's Core connection: nothing in the ORM session holds these rows, and the ORM's
+# execute path cost more CPU than the statements themselves.
+_MARK_SUCCEEDED = (
+    update(sessions_table)
+    .where(
+        sessions_table.c.session_hash == bindparam("key"),
+        sessions_table.c.state != "succeeded",
+    )
+    .values(
+        state="succeeded",
+        client_user_id=bindparam("client_user_id"),
+        error=None,
+        error_kind=None,
+        sealed_session_token=None,
+        updated_at=bindparam("now"),
+    )
+)
 
 
 @lru_cache(maxsize=4)
@@ -478,7 +535,7 @@ def _load_or_create(db: DbSession, job: Job, key: str, cipher: Cipher) -> Sessio
         "created_at": stamp,
         "updated_at": stamp,
     }
-    created = db.execute(_create_session(db.get_bind().dialect.name), values).first()
+    created = db.connection().execute(_create_session(db.get_bind().dialect.name), values).first()
     if created is not None:
         # What the row holds, without reading it back.
         return Session(**values)

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from worker.clock import now
 
@@ -71,6 +72,49 @@ def queue_state(pipe: Any, request_id: str, state: str, ttl_s: int, **fields: st
     else:
         # Progress: the reconciler leaves a request alone while a worker is moving it on.
         pipe.zadd(PENDING, {request_id: time.time()})
+
+
+# KEYS: the session lock, the request's record, the pending set.
+# ARGV: lock token, lock term (ms), requestId, updatedAt, humanId, record TTL, pending score.
+_BEGIN = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local state = redis.call('HGET', KEYS[2], 'state')
+if state ~= 'succeeded' and state ~= 'failed' then
+  redis.call('HSET', KEYS[2], 'state', 'running', 'updatedAt', ARGV[4], 'humanId', ARGV[5])
+  redis.call('HDEL', KEYS[2], 'error')
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[3])
+end
+return 1
+"""
+
+
+def lock_and_begin(
+    r: redis.Redis,
+    lock_key: str,
+    token: str,
+    lock_ms: int,
+    request_id: str,
+    human_id: str,
+    ttl_s: int,
+) -> bool:
+    """Take a session lock and, if taken, mark the request `running` in the same round
+    trip, unless its record already says it ended (a duplicate delivery must not make a
+    finished request look unfinished)."""
+    global _begin
+    if _begin is None:
+        # A Script runs on whichever client it is given (EVALSHA, loading it if needed).
+        _begin = r.register_script(_BEGIN)
+    return bool(
+        _begin(
+            keys=[lock_key, request_key(request_id), PENDING],
+            args=[token, lock_ms, request_id, now().isoformat(), human_id, ttl_s, time.time()],
+            client=r,
+        )
+    )
+
+
+_begin: Script | None = None
 
 
 def get_state(r: redis.Redis, request_id: str) -> dict[str, str] | None:

@@ -101,7 +101,7 @@ def save_tokens(
     try:
         # RETURNING answers "are these the stored tokens now?" in the same statement: no row
         # comes back when the WHERE kept a newer session's tokens.
-        stored = db.execute(stmt, values).first()
+        stored = db.connection().execute(stmt, values).first()
     except IntegrityError:
         # The transaction is spoilt: the caller's session context rolls it back.
         raise PermanentUpstreamError("clientUserId already belongs to another humanId") from None
