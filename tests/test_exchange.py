@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import select
 
@@ -299,21 +301,28 @@ def test_taking_the_lock_marks_running_but_never_reopens_an_ended_request(
 ) -> None:
     """The lock and the `running` mark share one round trip; an ended record stays ended."""
     job = factories.job()
-    begin = (runtime.redis, lock_key(job))
-    args = (job.request_id, job.human_id, 60)
+
+    def take(token: str) -> bool:
+        return status.lock_and_begin(
+            runtime.redis, lock_key(job), token, 30_000, job.request_id, job.human_id, 60
+        )
+
+    def state() -> str | None:
+        return (status.get_state(runtime.redis, job.request_id) or {}).get("state")
+
     # Given a queued request, taking its lock marks it running and records progress
     status.set_state(runtime.redis, job.request_id, "queued", 60, humanId=job.human_id)
-    assert status.lock_and_begin(*begin, "t1", 30_000, *args)
-    assert status.get_state(runtime.redis, job.request_id)["state"] == "running"  # type: ignore[index]
+    assert take("t1")
+    assert state() == "running"
     assert runtime.redis.zscore(status.PENDING, job.request_id) is not None
     # While held, another delivery neither gets the lock nor touches the record
     status.set_state(runtime.redis, job.request_id, "succeeded", 60, humanId=job.human_id)
-    assert not status.lock_and_begin(*begin, "t2", 30_000, *args)
+    assert not take("t2")
     assert runtime.redis.get(lock_key(job)) == b"t1"
     # And once free, a duplicate delivery gets the lock but the record stays succeeded
     runtime.redis.delete(lock_key(job))
-    assert status.lock_and_begin(*begin, "t3", 30_000, *args)
-    assert status.get_state(runtime.redis, job.request_id)["state"] == "succeeded"  # type: ignore[index]
+    assert take("t3")
+    assert state() == "succeeded"
 
 
 def test_the_lock_is_released_with_the_success_or_after_a_failed_announce(
@@ -330,15 +339,15 @@ def test_the_lock_is_released_with_the_success_or_after_a_failed_announce(
     # When the success's round trip fails
     real = runtime.redis.pipeline
 
-    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
-        pipe = real(*args, **kwargs)
-
-        def execute(*a, **k):  # type: ignore[no-untyped-def]
-            if any(c[0][0] == "EVAL" for c in pipe.command_stack):
+    class Failing(redis_lib.client.Pipeline):
+        def execute(self, raise_on_error: bool = True) -> list[Any]:
+            if any(c[0][0] == "EVAL" for c in self.command_stack):
                 raise redis_lib.exceptions.ConnectionError("cut")
-            return type(pipe).execute(pipe, *a, **k)
+            return super().execute(raise_on_error)
 
-        pipe.execute = execute
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        pipe = real(*args, **kwargs)
+        pipe.__class__ = Failing
         return pipe
 
     monkeypatch.setattr(runtime.redis, "pipeline", failing)
