@@ -1,7 +1,5 @@
-"""`make bench`: scenarios measured against their baselines in the same run.
-
-Now: the accept burst (2,000 finishes at concurrency 50) on each HTTP stack variant.
-"""
+"""`make bench`: scenarios measured against their baselines in the same run (see the
+README's Benchmark section for what each measures and the latest figures)."""
 
 from __future__ import annotations
 
@@ -207,7 +205,8 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{r['peak_rss_mb'].get('web', 0):.0f}",
         )
     console = Console(file=sys.stdout, width=160)
-    console.print(table)
+    if results.get("accept_burst"):
+        console.print(table)
     wait = Table(title="1,000 finishes at concurrency 50, with and without wait mode")
     for col in ("mode", "req/s", "codes", "p50 ms", "p99 ms", "max ms"):
         wait.add_column(col, justify="right")
