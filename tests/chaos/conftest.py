@@ -210,6 +210,11 @@ class Chaos:
 
     def wait_ended(self, humans: set[str], timeout: float) -> None:
         def ended() -> bool:
+            # A process that died on its own (not one the scenario killed and replaced)
+            # would leave the wait to time out with no hint why: the timeout names it.
+            running = [p for p in (self.web, self.beat, *self.workers) if p is not None]
+            dead = [p.name for p in running if not p.alive()]
+            assert not dead, f"{dead} exited during the scenario: see their logs in {self.tmp}"
             found = self.states()
             return all(found.get(h, ("",))[0] in ("succeeded", "failed") for h in humans)
 

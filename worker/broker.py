@@ -1,0 +1,35 @@
+"""Kombu's Redis transport with one fix: a worker survives losing Redis under load.
+
+On a broker loss Celery's consumer first collects the connection (which detaches the
+transport from it) and then closes it. If the first close of the channel was cut short (it
+was waiting on BRPOP when Redis went away), the second close tries to put the worker's
+unacknowledged messages back through a connection pool it can no longer build: Kombu raises
+AttributeError ('NoneType' object has no attribute 'hostname'), which is not a connection
+error, so Celery stops the worker ("Unrecoverable error"). Seen in the Redis chaos scenario.
+
+Here that case is a connection error, which the close path expects: the worker reconnects,
+and the unacknowledged messages stay in Redis's unacked set, where the visibility timeout
+hands them out again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+
+#: For `broker_transport`: Celery then uses this class for the redis:// URL.
+TRANSPORT = "worker.broker:Transport"
+
+
+class Channel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        if self.connection.client is None:
+            raise redis.exceptions.ConnectionError("broker connection already collected")
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        return params
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
