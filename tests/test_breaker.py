@@ -72,3 +72,27 @@ def test_an_open_breaker_sends_the_run_back_without_calling(
     redis_client.delete(breaker.OPEN)
     assert Exchanger(runtime, lambda: 0.0).run(job, retries=1).state == "succeeded"
     assert redis_client.exists(breaker.LEVEL) == 0
+
+
+def test_a_sudden_outage_after_busy_health_opens_it_within_a_window(
+    redis_client: redis.Redis,
+) -> None:
+    """The successes of a busy healthy spell don't hold it closed through an outage for
+    longer than one counting window (at the 100/s limit that spell would let ~1,000 calls
+    through before: the 60 s outage chaos run measured it)."""
+    import time
+
+    # Given a busy healthy spell: 1,000 successes in the current window
+    pipe = redis_client.pipeline()
+    for _ in range(1000):
+        Breaker.queue_success(pipe)
+    pipe.execute()
+    # When every call fails from now on, at about 100 a second
+    b = Breaker(redis_client)
+    started = time.monotonic()
+    while Breaker(redis_client).wait() == 0 and time.monotonic() - started < 15:
+        b.failure()
+        time.sleep(0.01)
+    # Then it opens within about 2 s (one window), not after ten
+    assert Breaker(redis_client).wait() > 0
+    assert time.monotonic() - started <= 3

@@ -7,7 +7,7 @@ as long as the outage lasts. The breaker opens instead: for a cool-off (2 s, dou
 cool-off ends, calls resume; if they fail again it re-opens for twice as long, and the first
 success resets it.
 
-Failures and successes are counted in 10-second windows. The breaker opens when a window
+Failures and successes are counted in 2-second windows. The breaker opens when a window
 holds at least `THRESHOLD` failures and five times more failures than successes, so a few
 faults under load never trip it. A success is counted inside the exchange's own final Redis
 round trip (`queue_success`), and the breaker's state is read from Redis at most every
@@ -25,7 +25,9 @@ OPEN = "hc:breaker:open"
 LEVEL = "hc:breaker:level"
 FAILS = "hc:breaker:fails"
 OKS = "hc:breaker:oks"
-WINDOW_S = 10
+# Short: the successes of a busy healthy spell must not hold the breaker closed for long
+# once everything fails (a 10 s window let ~1,000 calls through at a 100/s limit).
+WINDOW_S = 2
 THRESHOLD = 20
 FIRST_COOL_OFF_S = 2.0
 MAX_COOL_OFF_S = 30.0
