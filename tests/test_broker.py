@@ -16,7 +16,8 @@ from worker.broker import TRANSPORT
         TRANSPORT,
         # Kombu's own: when this starts passing, Kombu has fixed it and worker/broker.py can go.
         pytest.param(
-            "redis", marks=pytest.mark.xfail(raises=AttributeError, strict=True, reason="Kombu")
+            "kombu.transport.redis:Transport",
+            marks=pytest.mark.xfail(raises=AttributeError, strict=True, reason="Kombu"),
         ),
     ],
 )
@@ -40,3 +41,17 @@ def test_closing_a_collected_channel_is_a_connection_error(
         assert redis_client.hlen("unacked") == 1
     finally:
         redis_client.delete("test-broker")
+
+
+def test_redis_urls_use_it_and_rediss_keeps_tls() -> None:
+    """The worker's Celery app puts it behind both URL schemes, and TLS still follows
+    `rediss://` (Kombu decides TLS by that name)."""
+    import worker.celery  # noqa: F401 - installs the transport, as the worker does
+    from worker.broker import Transport
+
+    plain = Connection("redis://127.0.0.1:6379/0")
+    secure = Connection("rediss://127.0.0.1:6380/0")
+    assert plain.transport_cls == "redis" and secure.transport_cls == "rediss"
+    assert type(plain.transport) is Transport and type(secure.transport) is Transport
+    assert not plain.ssl
+    assert secure.ssl

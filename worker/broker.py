@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
-#: For `broker_transport`: Celery then uses this class for the redis:// URL.
+#: This class, by Kombu's name for it.
 TRANSPORT = "worker.broker:Transport"
 
 
@@ -33,3 +34,12 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def install() -> None:
+    """Make redis:// and rediss:// URLs use this transport in this process (call it before
+    the first connection: Kombu caches what an alias resolves to; worker.celery does it at
+    import). Through the aliases, not `broker_transport`: Kombu turns TLS on by the alias
+    `rediss`, which a `broker_transport` class would override."""
+    TRANSPORT_ALIASES["redis"] = TRANSPORT
+    TRANSPORT_ALIASES["rediss"] = TRANSPORT

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.broker import TRANSPORT
+from worker import broker
 from worker.settings import Settings, settings_or_exit
 
 QUEUE = "humanconnect"
@@ -29,6 +29,8 @@ RECONCILE_TASK = "humanconnect.reconcile_pending"
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
 
+# Kombu's Redis transport, with a fix for losing Redis under load (worker/broker.py).
+broker.install()
 app = Celery("humanconnect", include=["worker.tasks"])
 
 
@@ -37,8 +39,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url or "redis://127.0.0.1:6379/0",
         "broker_connection_retry_on_startup": True,
-        # Kombu's Redis transport, with a fix for losing Redis under load (worker/broker.py).
-        "broker_transport": TRANSPORT,
         # The producer must answer 503 within 2 s when Redis is away, not hang on a retry.
         "broker_connection_timeout": 1.0,
         "broker_transport_options": {
