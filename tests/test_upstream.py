@@ -15,7 +15,7 @@ from humanconnect.standin import Faults, Running
 from tests.support import CLIENT_ID, CLIENT_SECRET, free_port
 from worker.clock import now
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
-from worker.upstream import Tokens, _proxies, exchange_tokens, parse_retry_after
+from worker.upstream import Tokens, _proxies, _verify, exchange_tokens, parse_retry_after
 
 
 def call(base_url: str, read_timeout: float = 5.0) -> Tokens:
@@ -165,3 +165,14 @@ def test_the_environments_proxy_settings_are_honoured(canned, monkeypatch) -> No
         assert len(handler.paths) == 1
     finally:
         _proxies.cache_clear()
+
+
+def test_an_empty_ca_bundle_variable_never_turns_verification_off(monkeypatch) -> None:
+    """requests treats verify="" as "don't verify": an empty variable must mean the default."""
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("CURL_CA_BUNDLE", "")
+    assert _verify() is True
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "")
+    assert _verify() is True
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    assert _verify() == "/etc/ssl/certs/ca-certificates.crt"

@@ -56,11 +56,15 @@ def http_session() -> requests.Session:
         # re-read of every variable was a tenth of an exchange's CPU. No .netrc either: the
         # tokens call authenticates in its body, never with a stored password.
         session.trust_env = False
-        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get(
-            "CURL_CA_BUNDLE", True
-        )
+        session.verify = _verify()
         _local.session = session
     return session
+
+
+def _verify() -> str | bool:
+    """A CA bundle from the environment, as requests reads it, else the default store.
+    Never False: an empty variable must not turn verification off."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
 
 @lru_cache(maxsize=8)
