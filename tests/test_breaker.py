@@ -96,3 +96,15 @@ def test_a_sudden_outage_after_busy_health_opens_it_within_a_window(
     # Then it opens within about 2 s (one window), not after ten
     assert Breaker(redis_client).wait() > 0
     assert time.monotonic() - started <= 3
+
+
+def test_slow_failures_still_add_up(redis_client: redis.Redis) -> None:
+    """Failures that come slowly (calls hanging to the read timeout) still open it: they are
+    counted over a longer window than successes."""
+    import time
+
+    b = Breaker(redis_client)
+    _fail(b, breaker.THRESHOLD // 2)
+    time.sleep(breaker.OK_WINDOW_S + 0.5)
+    _fail(b, breaker.THRESHOLD - breaker.THRESHOLD // 2)
+    assert Breaker(redis_client).wait() > 0

