@@ -88,7 +88,9 @@ class Claims:
         if not existing:
             return Claim(request_id, p.human_id, "queued", mine=True)
         data = json.loads(existing)
-        return Claim(data["requestId"], data["humanId"], data["phase"], mine=False)
+        # Our own request id: a retry of this very call whose first reply was lost.
+        mine = data["requestId"] == request_id
+        return Claim(data["requestId"], data["humanId"], data["phase"], mine=mine)
 
     async def state(self, request_id: str) -> dict[str, str] | None:
         """A request's status record, or None when unknown (or expired)."""
