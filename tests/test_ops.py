@@ -203,7 +203,7 @@ def test_upstream_histogram_is_cumulative_at_scrape(redis_client) -> None:
     from worker import metrics
 
     metrics.observe_many(redis_client, "upstream_seconds", [0.01, 0.2, 0.3], endpoint="tokens")
-    metrics.observe(redis_client, "upstream_seconds", 20.0, endpoint="tokens")
+    metrics.observe_many(redis_client, "upstream_seconds", [20.0], endpoint="tokens")
     (family,) = [
         f
         for f in metrics.RedisCollector(redis_client, {}).collect()

@@ -52,11 +52,6 @@ def queue_inc(pipe: Any, name: str, amount: int = 1, **labels: str) -> None:
     pipe.hincrby(KEY, _field(name, labels), amount)
 
 
-def observe(r: redis.Redis, name: str, seconds: float, **labels: str) -> None:
-    """Record one observation in a histogram."""
-    observe_many(r, name, [seconds], **labels)
-
-
 def queue_observe(pipe: Any, name: str, values: list[float], **labels: str) -> None:
     """`observe_many`, added to a pipeline the caller executes."""
     if not values:
