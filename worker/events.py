@@ -73,7 +73,7 @@ def _send(db: DbSession, r: redis.Redis, stream: str, events: Sequence[OutboxEve
     pipe = r.pipeline(transaction=False)
     queue_xadd(pipe, stream, events)
     pipe.execute()
-    mark_sent(db, events)
+    mark_sent(db, [e.id for e in events])
     return len(events)
 
 
@@ -84,11 +84,9 @@ def queue_xadd(pipe: Any, stream: str, events: Sequence[OutboxEvent]) -> None:
         pipe.xadd(stream, json.loads(event.fields), maxlen=STREAM_MAXLEN, approximate=True)
 
 
-def mark_sent(db: DbSession, events: Sequence[OutboxEvent]) -> None:
+def mark_sent(db: DbSession, ids: Sequence[int]) -> None:
     """Only now, with Redis holding them, are they sent."""
-    db.execute(
-        update(OutboxEvent).where(OutboxEvent.id.in_([e.id for e in events])).values(sent_at=now())
-    )
+    db.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=now()))
     db.commit()
 
 
@@ -128,8 +126,7 @@ class SentMarks:
             return
         try:
             with self.db() as db:
-                db.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=now()))
-                db.commit()
+                mark_sent(db, ids)
         except SQLAlchemyError as exc:
             log.warning("%d relayed events left for the sweep: %s", len(ids), type(exc).__name__)
 
