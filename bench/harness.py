@@ -134,7 +134,10 @@ class Stack:
         the inline baseline); options given again in `extra` override it."""
         port = free_port()
         argv = commands(port, self.workdir)["web"]
-        argv[argv.index("producer.main:app")] = app
+        if app != "producer.main:app":
+            # Another module's ready-made app, not the service's factory.
+            argv[argv.index("producer.main:app")] = app
+            argv.remove("--factory")
         self._spawn("web", [*argv, "--log-level", "warning", *extra])
         self.web_url = f"http://127.0.0.1:{port}"
         _wait_http(self.web_url + "/openapi.json")

@@ -14,8 +14,9 @@ from sqlalchemy import create_engine, text
 
 from bench.harness import BIN, Stack, body, closed_loop, stack
 from humanconnect.standin import Faults
-from worker.celery import EXCHANGE_TASK, QUEUE, celery_config
+from worker.celery import EXCHANGE_TASK, celery_config
 from worker.crypto import Cipher
+from worker.redis_keys import QUEUE, UNACKED
 from worker.settings import Settings
 
 KWARGS = {
@@ -136,7 +137,7 @@ def _drain_noop(sessions: int) -> dict[str, Any]:
         time.sleep(0.5)
         cpu0 = _cpu_s(proc.pid)
         started = time.monotonic()
-        while (r.llen(QUEUE) or r.hlen("unacked")) and time.monotonic() - started < 120:
+        while (r.llen(QUEUE) or r.hlen(UNACKED)) and time.monotonic() - started < 120:
             time.sleep(0.05)
         elapsed = time.monotonic() - started
         return {

@@ -75,7 +75,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(f"database at head: {_safe_url(settings.database_url)}\n")
         return 0
     if args.command == "keys":
-        from worker.keys import rotate_all
+        from worker.rotation import rotate_all
         from worker.runtime import Runtime
 
         rotated = rotate_all(Runtime(settings))
@@ -97,7 +97,7 @@ def _failed(settings: Settings, *, retry: bool) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from worker.celery import EXCHANGE_TASK, app
+    from worker.celery import send_exchange
     from worker.failures import list_failed, requeue_transient
     from worker.runtime import Runtime
 
@@ -105,11 +105,7 @@ def _failed(settings: Settings, *, retry: bool) -> int:
     console = Console()
     if retry:
         settings.require(secret=False)
-
-        def send(kwargs: dict[str, object]) -> None:
-            app.send_task(EXCHANGE_TASK, kwargs=kwargs, task_id=str(kwargs["request_id"]))
-
-        count = requeue_transient(rt, send)
+        count = requeue_transient(rt, send_exchange)
         console.print(f"re-queued {count} sessions whose last error was transient")
         return 0
     failures = list_failed(rt)

@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-FINAL = ("succeeded", "failed")
+from worker.states import RequestState
+
+FINAL = (RequestState.SUCCEEDED, RequestState.FAILED)
 
 
 @dataclass
@@ -110,18 +112,20 @@ def demo(
     results = asyncio.run(_run(url, users, client_id, concurrency, timeout_s, console))
     elapsed = time.monotonic() - started
     accepted = [o for o in results if o.accepted]
-    latencies = [o.finished - o.started for o in results if o.finished and o.state == "succeeded"]
+    latencies = [
+        o.finished - o.started for o in results if o.finished and o.state == RequestState.SUCCEEDED
+    ]
     table = Table(title=f"humanconnect demo: {users} onboardings in {elapsed:.1f}s")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("accept rate", f"{len(accepted) / max(users, 1):.1%}")
-    table.add_row("succeeded", str(sum(o.state == "succeeded" for o in results)))
+    table.add_row("succeeded", str(sum(o.state == RequestState.SUCCEEDED for o in results)))
     table.add_row("completion p50", f"{percentile(latencies, 50) * 1000:.0f} ms")
     table.add_row("completion p99", f"{percentile(latencies, 99) * 1000:.0f} ms")
-    table.add_row("seen retrying", str(sum("retrying" in o.seen for o in results)))
-    table.add_row("failed", str(sum(o.state == "failed" for o in results)))
+    table.add_row("seen retrying", str(sum(RequestState.RETRYING in o.seen for o in results)))
+    table.add_row("failed", str(sum(o.state == RequestState.FAILED for o in results)))
     table.add_row("refused or timed out", str(sum(o.state not in FINAL for o in results)))
     console.print(table)
     if latencies:
         console.print(f"mean completion {statistics.fmean(latencies) * 1000:.0f} ms")
-    return 0 if all(o.state == "succeeded" for o in results) else 1
+    return 0 if all(o.state == RequestState.SUCCEEDED for o in results) else 1

@@ -20,6 +20,7 @@ def commands(port: int, var: Path) -> dict[str, list[str]]:
         "web": [
             str(BIN / "uvicorn"),
             "producer.main:app",
+            "--factory",
             "--host",
             "127.0.0.1",
             "--port",
@@ -32,11 +33,14 @@ def commands(port: int, var: Path) -> dict[str, list[str]]:
         ],
         # Below the web in CPU priority: on a shared machine, accepting stays fast while the
         # queue absorbs the drain (measured in bench/: see the README).
-        "worker": ["nice", "-n", "10", str(BIN / "celery"), "-A", "worker", "worker", "-l", "INFO"],
+        "worker": [
+            *("nice", "-n", "10", str(BIN / "celery"), "-A", "worker.celery:app"),
+            *("worker", "-l", "INFO"),
+        ],
         "beat": [
             str(BIN / "celery"),
             "-A",
-            "worker",
+            "worker.celery:app",
             "beat",
             "-l",
             "INFO",
@@ -64,8 +68,7 @@ class Child:
         self._relay.start()
 
     def _pump(self, out: IO[str]) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        for line in self.proc.stdout or ():
             out.write(f"{self.name:>7} | {line}")
             out.flush()
 

@@ -21,8 +21,7 @@ def repair(settings: Settings, *, limit: int | None, dry_run: bool, retry_failed
     with rt.db() as db:
         due = count_due(db)
     total = min(due, limit) if limit else due
-    assert settings.redis_url is not None
-    limiter = GlobalRateLimiter(settings.redis_url, settings.max_rps)
+    limiter = GlobalRateLimiter(settings.required_redis_url, settings.max_rps)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

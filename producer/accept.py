@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import redis
 
 from producer.body import FinishBody
-from producer.claims import Claims, Pending
+from producer.claims import Claims
 from producer.message import MessageBuilder
 from worker import logs
 from worker.clock import now, to_us
 from worker.crypto import Cipher, session_hash
 from worker.errors import HumanConnectError, QueueUnavailableError
+from worker.request import ExchangeRequest
+from worker.states import RequestState
 from worker.status import new_request_id
 
 # Longest wait for Redis to answer the accept call. With Redis gone, calls queue behind
@@ -46,38 +48,30 @@ class Acceptor:
 
     async def accept(self, body: FinishBody) -> Accepted:
         """Queue `body`, or answer with the request that already queued its session."""
-        request_id = new_request_id()
         # Sealed: neither the queue nor Redis ever holds a usable session token.
-        pending = Pending(
+        request = ExchangeRequest(
+            request_id=new_request_id(),
             human_id=body.humanId,
             client_id=body.clientId,
             sealed_session_token=self.cipher.seal(body.sessionToken),
             received_us=to_us(now().timestamp()),
         )
-        message = self.messages.exchange(
-            {
-                "request_id": request_id,
-                "human_id": pending.human_id,
-                "client_id": pending.client_id,
-                "sealed_session_token": pending.sealed_session_token,
-                "received_us": pending.received_us,
-            }
-        )
+        message = self.messages.exchange(request)
         try:
             claim = await asyncio.wait_for(
-                self.claims.accept(session_hash(body.sessionToken), request_id, pending, message),
+                self.claims.accept(session_hash(body.sessionToken), request, message),
                 ACCEPT_DEADLINE_S,
             )
             logs.request_id.set(claim.request_id)
             if claim.mine:
-                return Accepted(claim.request_id, "queued", duplicate=False)
+                return Accepted(claim.request_id, RequestState.QUEUED, duplicate=False)
             if claim.human_id != body.humanId:
                 raise SessionConflict("sessionToken already used with another humanId")
-            if claim.phase != "queued":
+            if claim.phase != RequestState.QUEUED:
                 # Only an older producer (a rolling upgrade) claims before it publishes;
                 # its publish may still fail, so promise nothing yet.
                 raise QueueUnavailableError("the first request of this session is enqueueing")
             current = await self.claims.state(claim.request_id) or {}
         except (redis.exceptions.RedisError, TimeoutError) as exc:
             raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
-        return Accepted(claim.request_id, current.get("state", "queued"), duplicate=True)
+        return Accepted(claim.request_id, current.get("state", RequestState.QUEUED), duplicate=True)

@@ -1,7 +1,7 @@
 """Accepting a session in one atomic Redis call: the dedupe claim, the request's status
 record, its pending entry and the exchange task's message, all or nothing.
 
-`hc:session:{hash}` holds `{requestId, humanId, phase}` for the dedupe window. `phase` is
+The session's claim holds `{requestId, humanId, phase}` for the dedupe window. `phase` is
 always `queued` now: the claim and the enqueue are one script, so there is no moment where a
 session is claimed but not yet queued (an older producer, during a rolling upgrade, writes
 `claimed` while it publishes; see producer/accept.py). The first status record is written in
@@ -16,20 +16,20 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from worker.celery import QUEUE
 from worker.clock import now
-from worker.status import PENDING, request_key, session_key
+from worker.redis_keys import PENDING, QUEUE, request_status, session_claim
+from worker.request import ExchangeRequest
+from worker.states import RequestState
 
-# KEYS: session key, request key, pending set, queue.
-# ARGV: claim record, TTL, humanId, updatedAt, clientId, sealed session token, receivedUs,
-#       pending score, message, requestId.
+# KEYS: session claim, request status, pending set, queue.
+# ARGV: claim record, TTL, updatedAt, pending score, message, requestId, then the request's
+#       record fields as name/value pairs (ExchangeRequest.record_fields).
 _ACCEPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], 'state', 'queued', 'humanId', ARGV[3], 'updatedAt', ARGV[4],
-             'clientId', ARGV[5], 'sealedSessionToken', ARGV[6], 'receivedUs', ARGV[7])
+  redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 7))
   redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('ZADD', KEYS[3], ARGV[8], ARGV[10])
-  redis.call('LPUSH', KEYS[4], ARGV[9])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
+  redis.call('LPUSH', KEYS[4], ARGV[5])
   return false
 end
 return redis.call('GET', KEYS[1])
@@ -47,17 +47,6 @@ class Claim:
     mine: bool
 
 
-@dataclass(frozen=True)
-class Pending:
-    """What the accept script stores with a new request: a re-send needs all of it
-    (see worker/reconcile.py)."""
-
-    human_id: str
-    client_id: str
-    sealed_session_token: str
-    received_us: int
-
-
 class Claims:
     """Accept sessions and read their status records on one async Redis client."""
 
@@ -67,32 +56,37 @@ class Claims:
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
 
-    async def accept(self, session_hash: str, request_id: str, p: Pending, message: str) -> Claim:
-        """Claim the session and queue `message` for it, or return the claim that exists."""
-        record = json.dumps({"requestId": request_id, "humanId": p.human_id, "phase": "queued"})
+    async def accept(self, session_hash: str, request: ExchangeRequest, message: str) -> Claim:
+        """Claim the session and queue `message` for `request`, or return the claim that
+        exists."""
+        record = json.dumps(
+            {
+                "requestId": request.request_id,
+                "humanId": request.human_id,
+                "phase": RequestState.QUEUED,
+            }
+        )
+        fields = [v for pair in request.record_fields().items() for v in pair]
         existing = await self._accept(
-            keys=[session_key(session_hash), request_key(request_id), PENDING, QUEUE],
+            keys=[session_claim(session_hash), request_status(request.request_id), PENDING, QUEUE],
             args=[
                 record,
                 self.ttl,
-                p.human_id,
                 now().isoformat(),
-                p.client_id,
-                p.sealed_session_token,
-                p.received_us,
                 time.time(),
                 message,
-                request_id,
+                request.request_id,
+                *fields,
             ],
         )
         if not existing:
-            return Claim(request_id, p.human_id, "queued", mine=True)
+            return Claim(request.request_id, request.human_id, RequestState.QUEUED, mine=True)
         data = json.loads(existing)
         # Our own request id: a retry of this very call whose first reply was lost.
-        mine = data["requestId"] == request_id
+        mine = data["requestId"] == request.request_id
         return Claim(data["requestId"], data["humanId"], data["phase"], mine=mine)
 
     async def state(self, request_id: str) -> dict[str, str] | None:
         """A request's status record, or None when unknown (or expired)."""
-        raw = await self.r.hgetall(request_key(request_id))
+        raw = await self.r.hgetall(request_status(request_id))
         return {str(k): str(v) for k, v in raw.items()} if raw else None

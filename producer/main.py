@@ -1,13 +1,21 @@
-"""The ASGI entry point the Procfile's `web` runs: `uvicorn producer.main:app`."""
+"""The ASGI entry point the Procfile's `web` runs: `uvicorn producer.main:app --factory`.
+
+A factory, so that importing this module reads nothing: the settings are read (and a bad
+variable stops the process with one line) when uvicorn calls `app()` at start.
+"""
+
+from fastapi import FastAPI
 
 from producer.app import create_app
 from worker.errors import ConfigError
 from worker.settings import exit_on_config_error, settings_or_exit
 
-settings = settings_or_exit()
-try:
-    settings.require(secret=False)
-except ConfigError as exc:
-    exit_on_config_error(str(exc))
 
-app = create_app(settings)
+def app() -> FastAPI:
+    """The web app for the environment's settings, or exit naming the bad variable."""
+    settings = settings_or_exit()
+    try:
+        settings.require(secret=False)
+    except ConfigError as exc:
+        exit_on_config_error(str(exc))
+    return create_app(settings)

@@ -17,7 +17,9 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery import EXCHANGE_TASK, QUEUE
+from worker.celery import EXCHANGE_TASK
+from worker.redis_keys import QUEUE
+from worker.request import ExchangeRequest
 
 # The embed part of a protocol 2 body: no callbacks, chain or chord.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -31,9 +33,10 @@ class MessageBuilder:
         # Celery names the sending process in each message; the same for all of ours.
         self.reply_to = celery.thread_oid
 
-    def exchange(self, kwargs: dict[str, Any]) -> str:
+    def exchange(self, request: ExchangeRequest) -> str:
         """The JSON to LPUSH onto the queue for one exchange task, its id the request id."""
-        task_id = kwargs["request_id"]
+        kwargs: dict[str, Any] = request.task_kwargs()
+        task_id = request.request_id
         message = self.celery.amqp.as_task_v2(
             task_id,
             EXCHANGE_TASK,

@@ -26,8 +26,7 @@ class Parts:
 
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
-        assert settings.redis_url is not None
-        aredis = async_redis_client(settings.redis_url)
+        aredis = async_redis_client(settings.required_redis_url)
         claims = Claims(aredis, settings.status_ttl_s)
         waiters = Waiters(aredis)
         await waiters.start()

@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from worker.status import done_channel
+from worker.redis_keys import DONE_PATTERN as PATTERN
 
 log = logging.getLogger(__name__)
 
-PATTERN = done_channel("*")
 # RFC 7240: `Prefer: wait=5`, possibly among other preferences.
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([^\s,;\"]*)\"?", re.IGNORECASE)
 MAX_WAIT_S = 30.0
@@ -74,7 +73,7 @@ class Waiters:
                         self._wake(channel.rsplit(":", 1)[1], state)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: waiters time out, we retry
+            except Exception as exc:  # Redis away: waiters time out, we retry
                 log.warning("wait listener reconnecting: %s", type(exc).__name__)
                 await asyncio.sleep(1.0)
             finally:

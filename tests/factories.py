@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import secrets
 
+from sqlalchemy.orm import Session as DbSession
+
 from tests.support import CLIENT_ID
+from worker import sessions
 from worker.clock import now_us
+from worker.crypto import Cipher, session_hash
 from worker.exchange import Job
+from worker.models import Session
 
 
 def human_id() -> str:
@@ -35,3 +40,16 @@ def job(**over: object) -> Job:
     }
     values.update(over)
     return Job(**values)  # type: ignore[arg-type]
+
+
+def session_row(db: DbSession, job: Job, cipher: Cipher, key: str | None = None) -> Session:
+    """The `sessions` record a first delivery of `job` creates (in the caller's transaction)."""
+    row, _ = sessions.load_or_create(
+        db,
+        key=key or session_hash(job.session_token),
+        request_id=job.request_id,
+        human_id=job.human_id,
+        received_us=job.received_us,
+        sealed_session_token=cipher.seal(job.session_token),
+    )
+    return row

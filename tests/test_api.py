@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from tests import factories
 from tests.support import CLIENT_ID, CLIENT_SECRET, RedisServer, redis_text
-from worker.celery import QUEUE
+from worker import redis_keys
+from worker.redis_keys import QUEUE
 from worker.settings import Settings
 
 JSON = {"Content-Type": "application/json"}
@@ -24,7 +25,7 @@ def queued_messages(r: redis.Redis) -> list[dict]:
 
 
 def nothing_written(r: redis.Redis) -> bool:
-    return r.llen(QUEUE) == 0 and not r.keys("hc:*")
+    return r.llen(QUEUE) == 0 and not r.keys(redis_keys.PREFIX + "*")
 
 
 def test_accepts_and_points_to_status(client: TestClient, redis_client: redis.Redis) -> None:

@@ -237,7 +237,7 @@ def test_web_refuses_a_malformed_key_naming_it(tmp_path: Path, redis_url: str) -
         HUMANCONNECT_ENCRYPTION_KEYS="not-a-key-value-xyz",
     )
     proc = subprocess.run(
-        [str(BIN / "uvicorn"), "producer.main:app"],
+        [str(BIN / "uvicorn"), "producer.main:app", "--factory"],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -10,11 +10,12 @@ from sqlalchemy import select
 from humanconnect.standin import Faults, Running
 from tests import factories
 from tests.support import stream_entries
-from worker import status, store
+from worker import redis_keys, status, store
 from worker.crypto import session_hash
 from worker.exchange import Exchanger, Job
 from worker.models import Session, User
 from worker.runtime import Runtime
+from worker.states import RequestState
 
 
 def exchanger(rt: Runtime) -> Exchanger:
@@ -189,7 +190,7 @@ def test_busy_session_is_not_run_twice_at_once(
     from redis.lock import Lock
 
     job = factories.job()
-    held = Lock(runtime.redis, f"hc:lock:session:{session_hash(job.session_token)}", timeout=30)
+    held = Lock(runtime.redis, redis_keys.session_lock(session_hash(job.session_token)), timeout=30)
     assert held.acquire(blocking=False)
     try:
         outcome = exchanger(runtime).run(job)
@@ -207,9 +208,7 @@ def test_refusal_after_a_crashed_run_is_answer_lost(
     # Given a first run that reached the upstream and died before recording anything
     standin.state.faults = Faults(drop_after=1.0)
     with runtime.db() as db:
-        from worker.exchange import _load_or_create
-
-        row = _load_or_create(db, job, session_hash(job.session_token), runtime.cipher)
+        row = factories.session_row(db, job, runtime.cipher)
         row.state, row.attempts = "running", 1
         db.commit()
     from worker.upstream import exchange_tokens
@@ -293,7 +292,7 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
 
 
 def lock_key(job: Job) -> str:
-    return f"hc:lock:session:{session_hash(job.session_token)}"
+    return redis_keys.session_lock(session_hash(job.session_token))
 
 
 def test_taking_the_lock_marks_running_but_never_reopens_an_ended_request(
@@ -311,12 +310,14 @@ def test_taking_the_lock_marks_running_but_never_reopens_an_ended_request(
         return (status.get_state(runtime.redis, job.request_id) or {}).get("state")
 
     # Given a queued request, taking its lock marks it running and records progress
-    status.set_state(runtime.redis, job.request_id, "queued", 60, humanId=job.human_id)
+    status.set_state(runtime.redis, job.request_id, RequestState.QUEUED, 60, humanId=job.human_id)
     assert take("t1")
     assert state() == "running"
-    assert runtime.redis.zscore(status.PENDING, job.request_id) is not None
+    assert runtime.redis.zscore(redis_keys.PENDING, job.request_id) is not None
     # While held, another delivery neither gets the lock nor touches the record
-    status.set_state(runtime.redis, job.request_id, "succeeded", 60, humanId=job.human_id)
+    status.set_state(
+        runtime.redis, job.request_id, RequestState.SUCCEEDED, 60, humanId=job.human_id
+    )
     assert not take("t2")
     assert runtime.redis.get(lock_key(job)) == b"t1"
     # And once free, a duplicate delivery gets the lock but the record stays succeeded

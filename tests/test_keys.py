@@ -11,9 +11,8 @@ from tests import factories
 from tests.support import BIN, CLIENT_ID, FERNET_KEY, FERNET_KEY_2, service_env
 from worker import store
 from worker.crypto import Cipher, DecryptError
-from worker.exchange import _load_or_create
-from worker.keys import rotate_all
 from worker.models import Session, User
+from worker.rotation import rotate_all
 from worker.runtime import Runtime
 
 
@@ -75,7 +74,7 @@ def _kept_sessions(rt: Runtime, n: int) -> list[str]:
     with rt.db() as db:
         for _ in range(n):
             job = factories.job()
-            _load_or_create(db, job, job.session_token[:64], rt.cipher)
+            factories.session_row(db, job, rt.cipher, key=job.session_token[:64])
             tokens.append(job.session_token)
         db.commit()
     return tokens

@@ -57,3 +57,26 @@ def test_json_formatter_writes_one_object_per_line() -> None:
     line = JsonFormatter().format(record)
     assert "\n" not in line
     assert json.loads(line)["message"] == "hello world"
+
+
+def test_celerys_routine_lines_stay_out_of_info() -> None:
+    """Beat's "Sending due task" and the worker's per-task "received"/"succeeded" lines are
+    dropped; Celery's errors and retries, and our own lines, still pass."""
+    from celery.app import trace
+
+    from worker.logs import BEAT_SENDING, quiet_celery
+
+    quiet_celery()
+    quiet_celery()  # idempotent: one filter per logger
+
+    def passes(logger: str, level: int, msg: str) -> bool:
+        record = logging.LogRecord(logger, level, __file__, 1, msg, None, None)
+        return logging.getLogger(logger).filter(record)
+
+    assert not passes("celery.beat", logging.INFO, BEAT_SENDING + " %s (%s)")
+    assert not passes("celery.worker.strategy", logging.INFO, trace.LOG_RECEIVED)
+    assert not passes("celery.app.trace", logging.INFO, trace.LOG_SUCCESS)
+    assert passes("celery.app.trace", logging.ERROR, trace.LOG_FAILURE)
+    assert passes("celery.beat", logging.INFO, "beat: Starting...")
+    assert passes("worker.exchange", logging.INFO, "exchange succeeded request=%s")
+    assert len(logging.getLogger("celery.beat").filters) == 1

@@ -10,16 +10,19 @@ import redis
 from celery import Celery
 
 from producer.message import MessageBuilder
-from worker.celery import EXCHANGE_TASK, QUEUE, celery_config
+from worker.celery import EXCHANGE_TASK, celery_config
+from worker.redis_keys import QUEUE
+from worker.request import ExchangeRequest
 from worker.settings import Settings
 
-KWARGS = {
-    "request_id": "r" * 22,
-    "human_id": "h" * 24,
-    "client_id": "c" * 40,
-    "sealed_session_token": "gAAAAAsealed",
-    "received_us": 1764316800000000,
-}
+REQUEST = ExchangeRequest(
+    request_id="r" * 22,
+    human_id="h" * 24,
+    client_id="c" * 40,
+    sealed_session_token="gAAAAAsealed",
+    received_us=1764316800000000,
+)
+KWARGS = REQUEST.task_kwargs()
 
 
 def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Redis) -> None:
@@ -39,8 +42,8 @@ def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Red
     theirs = json.loads(raw)
     # When we build the message ourselves
     builder = MessageBuilder(app)
-    ours = json.loads(builder.exchange(dict(KWARGS)))
-    again = json.loads(builder.exchange(dict(KWARGS)))
+    ours = json.loads(builder.exchange(REQUEST))
+    again = json.loads(builder.exchange(REQUEST))
     # Then every field is Celery's, except Kombu's per-message delivery tag: a fresh UUID
     tags = [m["properties"].pop("delivery_tag") for m in (theirs, ours, again)]
     assert ours == theirs

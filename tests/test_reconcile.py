@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import redis
 
 from worker import status
 from worker.reconcile import requeue_stale
-from worker.status import PENDING, request_key
+from worker.redis_keys import PENDING
+from worker.redis_keys import request_status as request_key
+from worker.request import ExchangeRequest
+from worker.states import RequestState
 
 TTL = 3600
 
@@ -32,20 +34,20 @@ def _accepted(r: redis.Redis, request_id: str, age_s: float) -> None:
 
 def test_only_stalled_requests_are_sent_again(redis_client: redis.Redis) -> None:
     """A request with no progress for the stale window is re-sent once; others are not."""
-    sent: list[dict[str, Any]] = []
+    sent: list[ExchangeRequest] = []
     _accepted(redis_client, "lost", age_s=600)
     _accepted(redis_client, "fresh", age_s=1)
     _accepted(redis_client, "done", age_s=600)
-    status.set_state(redis_client, "done", "succeeded", TTL, humanId="h" * 24)
+    status.set_state(redis_client, "done", RequestState.SUCCEEDED, TTL, humanId="h" * 24)
     assert requeue_stale(redis_client, sent.append, stale_s=150) == 1
     assert sent == [
-        {
-            "request_id": "lost",
-            "human_id": "h" * 24,
-            "client_id": "c" * 40,
-            "sealed_session_token": "sealed-lost",
-            "received_us": 123,
-        }
+        ExchangeRequest(
+            request_id="lost",
+            human_id="h" * 24,
+            client_id="c" * 40,
+            sealed_session_token="sealed-lost",
+            received_us=123,
+        )
     ]
     # Sent again means progress: not re-sent on the next pass; the finished one is gone.
     assert requeue_stale(redis_client, sent.append, stale_s=150) == 0
@@ -57,10 +59,10 @@ def test_worker_progress_and_end_move_the_pending_set(redis_client: redis.Redis)
     """Running/retrying refresh a request's score; succeeded or failed removes it and the
     sealed token with it."""
     _accepted(redis_client, "r1", age_s=600)
-    status.set_state(redis_client, "r1", "running", TTL)
+    status.set_state(redis_client, "r1", RequestState.RUNNING, TTL)
     score = redis_client.zscore(PENDING, "r1")
     assert score is not None and score > time.time() - 5
-    status.set_state(redis_client, "r1", "failed", TTL, error="x")
+    status.set_state(redis_client, "r1", RequestState.FAILED, TTL, error="x")
     assert redis_client.zscore(PENDING, "r1") is None
     assert redis_client.hget(request_key("r1"), "sealedSessionToken") is None
 
@@ -69,9 +71,9 @@ def test_operator_requeue_is_covered_with_its_fresh_window(redis_client: redis.R
     """A request re-queued by `failed --retry` is re-sent with its fresh retry window."""
     _accepted(redis_client, "again", age_s=600)
     redis_client.hset(request_key("again"), "windowStartUs", "456")
-    sent: list[dict[str, Any]] = []
+    sent: list[ExchangeRequest] = []
     assert requeue_stale(redis_client, sent.append, stale_s=150) == 1
-    assert sent[0]["window_start_us"] == 456
+    assert sent[0].window_start_us == 456
 
 
 def test_a_backlog_is_waiting_not_lost(redis_client: redis.Redis) -> None:
@@ -84,9 +86,9 @@ def test_a_backlog_is_waiting_not_lost(redis_client: redis.Redis) -> None:
     # The transport pushes on the left and pops on the right: "next" is taken first.
     for request_id in ("next", "behind"):
         redis_client.lpush(queue, json.dumps({"headers": {"id": request_id}, "body": ""}))
-    sent: list[dict[str, Any]] = []
+    sent: list[ExchangeRequest] = []
     assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 1
-    assert [k["request_id"] for k in sent] == ["lost"]
+    assert [k.request_id for k in sent] == ["lost"]
     # Once the queue has drained, what is still pending and stale is sent.
     redis_client.delete(queue)
     redis_client.zadd(PENDING, {"lost": time.time()})

@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -56,10 +57,17 @@ def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path
             what="the guide's example to succeed",
         )
         assert len(final["publicToken"]) == 32
+        # Idle past one tick of beat's 5 s outbox sweep: housekeeping that finds nothing
+        # to do must not show up.
+        time.sleep(6)
     finally:
         out = _stop(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "SANDBOX MODE" in out and "curl" in out
+    # The finish's own outcome line, and none of Celery's routine per-task/per-tick lines
+    assert f"exchange succeeded request={final['requestId']}" in out
+    assert "Sending due task" not in out
+    assert "] received" not in out and "] succeeded in" not in out
     assert (tmp_path / "var" / "redis").is_dir()
     # Nothing of ours is left running.
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)

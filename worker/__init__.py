@@ -1,5 +1,1 @@
-"""The background half: Celery app, tasks, storage. `celery -A worker` finds `app` here."""
-
-from worker.celery import app
-
-__all__ = ["app"]
+"""The service's core: settings, storage, the exchange and the Celery app (worker.celery)."""

@@ -21,14 +21,14 @@ from typing import Any
 
 import redis
 
-OPEN = "hc:breaker:open"
-LEVEL = "hc:breaker:level"
-FAILS = "hc:breaker:fails"
-OKS = "hc:breaker:oks"
+from worker.redis_keys import BREAKER_FAILS as FAILS
+from worker.redis_keys import BREAKER_LEVEL as LEVEL
+from worker.redis_keys import BREAKER_OKS as OKS
+from worker.redis_keys import BREAKER_OPEN as OPEN
+
 # Failures are counted over 10 s, so a slow failure (a hung call cut at the read timeout)
 # still adds up; successes over 2 s only, so a busy healthy spell's successes can't hold
-# the breaker closed through an outage (a 10 s window let ~1,000 calls into a dead
-# upstream at 100/s).
+# the breaker closed through an outage.
 FAIL_WINDOW_S = 10
 OK_WINDOW_S = 2
 # "Five times more failures than successes", as rates over those windows.
@@ -94,6 +94,12 @@ class Breaker:
         )
         if opened_ms:
             self._closed_until = 0.0
+
+    def success(self) -> None:
+        """Count a successful call, closing the breaker (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        self.queue_success(pipe)
+        pipe.execute()
 
     @staticmethod
     def queue_success(pipe: Any) -> None:

@@ -4,12 +4,16 @@
 - A task whose worker dies is re-queued (reject on worker lost; for a SIGKILLed worker,
   the broker's visibility timeout brings the message back).
 - Prefetch of one per thread: a busy worker doesn't hoard messages another could run.
-- Visibility timeout (Settings.visibility_timeout_s, 180 s) at least twice every countdown
-  the code sets, and checked every 10 s, so a crashed worker's sessions are back in the
-  queue within about 3 minutes of a worker running again.
+- Visibility timeout (Settings.visibility_timeout_s) at least twice every countdown the code
+  sets, and checked every 10 s, so a crashed worker's sessions are back in the queue within
+  about 3 minutes of a worker running again.
 - JSON only, no result backend: no token can end up in a result.
-- Thread pool: an exchange is I/O (waiting on the upstream), so 32 threads per process keep
-  the upstream's latency hidden without 32 processes' memory.
+- Thread pool: an exchange is I/O (waiting on the upstream), so many threads per process keep
+  the upstream's latency hidden without as many processes' memory.
+
+Importing this module only defines the app: it is configured from the settings when Celery
+first reads its configuration (`on_configure`), which is also when the broker transport fix
+is installed. The Procfile names the app: `celery -A worker.celery:app`.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 from celery import Celery
 
 from worker import broker
+from worker.redis_keys import QUEUE
+from worker.request import ExchangeRequest
 from worker.settings import Settings, settings_or_exit
 
-QUEUE = "humanconnect"
 EXCHANGE_TASK = "humanconnect.exchange_session"
 RELAY_TASK = "humanconnect.relay_events"
 REPAIR_TASK = "humanconnect.repair_public_tokens"
@@ -29,9 +34,15 @@ RECONCILE_TASK = "humanconnect.reconcile_pending"
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
 
-# Kombu's Redis transport, with a fix for losing Redis under load (worker/broker.py).
-broker.install()
 app = Celery("humanconnect", include=["worker.tasks"])
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    # Runs once, the first time anything reads the app's configuration (the worker and beat
+    # at start, a CLI command before it sends): never at import.
+    broker.install()
+    sender.config_from_object(celery_config(settings_or_exit()))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -87,10 +98,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def configure(settings: Settings) -> Celery:
-    """Apply `settings` to the app (done at import with the environment's settings)."""
-    app.conf.update(celery_config(settings))
-    return app
-
-
-configure(settings_or_exit())
+def send_exchange(request: ExchangeRequest) -> None:
+    """Queue one exchange through Celery, its task id the request id (the reconciler's and
+    `failed --retry`'s path; the web queues its own inside the accept script)."""
+    app.send_task(EXCHANGE_TASK, kwargs=request.task_kwargs(), task_id=request.request_id)

@@ -9,6 +9,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from celery.app import trace
+
+# celery.beat's line for each task it sends (a literal there, not a constant).
+BEAT_SENDING = "Scheduler: Sending due task"
+
 # JSON-ish `"accessToken": "..."`, `accessToken=...` and their snake_case twins.
 _FIELD = re.compile(
     r"""(?P<key>["']?(?:access_?token|public_?token|session_?token|client_?secret)["']?\s*[:=]\s*)"""
@@ -55,6 +60,33 @@ class RedactingFilter(logging.Filter):
         if record.exc_text:
             record.exc_text = self.redact(record.exc_text)
         return True
+
+
+class _Housekeeping(logging.Filter):
+    """Drops Celery's routine INFO lines that would bury the finishes' own: beat's "Sending
+    due task" every few seconds, and the worker's "received" and "succeeded" for every task.
+    Each exchange logs its outcome itself; errors and retries still pass."""
+
+    ROUTINE = (BEAT_SENDING, trace.LOG_RECEIVED, trace.LOG_SUCCESS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno <= logging.INFO
+            and isinstance(record.msg, str)
+            and record.msg.startswith(self.ROUTINE)
+        )
+
+
+#: Celery's loggers that write the routine lines.
+CELERY_ROUTINE_LOGGERS = ("celery.beat", "celery.worker.strategy", "celery.app.trace")
+
+
+def quiet_celery() -> None:
+    """Keep Celery's routine per-task and per-tick lines out of INFO (see `_Housekeeping`)."""
+    for name in CELERY_ROUTINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Housekeeping) for f in logger.filters):
+            logger.addFilter(_Housekeeping())
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,9 +16,10 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.redis_keys import METRICS as KEY
+
 log = logging.getLogger(__name__)
 
-KEY = "hc:metrics"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 COUNTERS = {
@@ -106,7 +107,7 @@ class RedisCollector(Collector):
         for name, (help_, fn) in self.gauges.items():
             try:
                 value = fn()
-            except Exception:  # noqa: BLE001 - a scrape must not fail on one gauge
+            except Exception:  # a scrape must not fail on one gauge
                 continue
             gauge = GaugeMetricFamily(name, help_)
             gauge.add_metric([], value)

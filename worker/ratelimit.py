@@ -15,8 +15,7 @@ from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from worker.clock import now
-
-KEY = "humanconnect:upstream"
+from worker.redis_keys import UPSTREAM_LIMIT as KEY
 
 
 def rate_item(max_rps: float) -> RateLimitItem:

@@ -1,9 +1,9 @@
 """The safety net under the broker: re-send accepted requests that stopped making progress.
 
 Redis's Celery transport pops a message and records it as unacked in two steps; a worker
-SIGKILLed between them loses that message (the chaos test saw one in 300, each kill). Every
+SIGKILLed between them loses that message. Every
 accepted request is therefore also in the sorted set `hc:pending`, scored by its last sign of
-progress; one with none for `Settings.reconcile_after_s` (150 s) is sent again under the
+progress; one with none for `Settings.reconcile_after_s` is sent again under the
 same request id. A duplicate is harmless: the session lock and the `sessions` record make it
 a no-op.
 
@@ -18,11 +18,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
-from worker.status import PENDING, get_state
+from worker.redis_keys import PENDING
+from worker.request import ExchangeRequest
+from worker.states import RequestState
+from worker.status import get_state
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ PEEK = 20
 
 def requeue_stale(
     r: redis.Redis,
-    send: Callable[[dict[str, Any]], None],
+    send: Callable[[ExchangeRequest], None],
     *,
     stale_s: float,
     queue: str | None = None,
@@ -52,19 +54,11 @@ def requeue_stale(
     for raw in r.zrangebyscore(PENDING, 0, f"({cutoff}", start=0, num=limit):
         request_id = raw.decode() if isinstance(raw, bytes) else str(raw)
         record = get_state(r, request_id) or {}
-        if record.get("state") in ("succeeded", "failed") or "sealedSessionToken" not in record:
+        request = ExchangeRequest.from_record(request_id, record)
+        if record.get("state") in (RequestState.SUCCEEDED, RequestState.FAILED) or not request:
             r.zrem(PENDING, request_id)
             continue
-        kwargs: dict[str, Any] = {
-            "request_id": request_id,
-            "human_id": record["humanId"],
-            "client_id": record["clientId"],
-            "sealed_session_token": record["sealedSessionToken"],
-            "received_us": int(record["receivedUs"]),
-        }
-        if "windowStartUs" in record:  # re-queued by `humanconnect failed --retry`
-            kwargs["window_start_us"] = int(record["windowStartUs"])
-        send(kwargs)
+        send(request)
         r.zadd(PENDING, {request_id: now_s})
         sent += 1
     if sent:

@@ -2,14 +2,14 @@
 
 One run at a time (a Redis lock that expires if its holder dies and that only its holder
 can release), keyset batches over a partial index (never all users in memory, never a full
-scan per batch), each call through the global rate limit and the exchange's classification.
+scan per batch), each call through the same guard as the exchange's (worker/guard.py: the
+breaker, the global rate limit, the inline retry policy).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,18 +19,20 @@ from typing import cast
 from redis.lock import Lock
 from sqlalchemy import ColumnElement, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session as DbSession
+from tenacity import RetryCallState
 
 from worker import events, metrics
 from worker.clock import now, now_us, to_us
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
+from worker.guard import UpstreamGuard
 from worker.models import User
+from worker.redis_keys import REPAIR_LOCK as LOCK_KEY
 from worker.retry import retry_cause
 from worker.runtime import Runtime
 from worker.upstream import fetch_public_token
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "hc:lock:repair"
 # The lock outlives a batch comfortably and is renewed after each; a dead holder's lock
 # frees itself this fast.
 LOCK_TTL_S = 60
@@ -38,9 +40,6 @@ BATCH = 200
 # After the n-th transient failure a user waits min(60 s * 2^(n-1), 1 day) before the next try.
 BACKOFF_BASE_S = 60.0
 BACKOFF_CAP_S = 86400.0
-# Inline tries per user within one run, for the blips a later run need not wait for.
-INLINE_TRIES = 3
-INLINE_MAX_WAIT_S = 1.0
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Repairer:
     def __init__(self, rt: Runtime, acquire_slot: Callable[[], float], threads: int | None = None):
         self.rt = rt
         self.s = rt.settings
-        self.acquire_slot = acquire_slot
+        self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)
         self.threads = threads or rt.settings.repair_threads
 
     def run(
@@ -117,7 +116,7 @@ class Repairer:
         report = Report()
         lock = Lock(self.rt.redis, LOCK_KEY, timeout=LOCK_TTL_S)
         if not lock.acquire(blocking=False):
-            log.info("repair skipped: another run holds the lock")
+            log.debug("repair skipped: another run holds the lock")
             report.skipped = True
             return report
         try:
@@ -126,9 +125,11 @@ class Repairer:
         finally:
             try:
                 lock.release()
-            except Exception:  # noqa: BLE001 - expired: not ours to release any more
+            except Exception:  # expired: not ours to release any more
                 log.warning("repair lock expired before release")
-        log.info(
+        # A run that found nobody to repair says so only at DEBUG: it runs every few minutes.
+        log.log(
+            logging.INFO if report.seen else logging.DEBUG,
             "repair run: seen=%d repaired=%d transient=%d permanent=%d superseded=%d",
             report.seen,
             report.repaired,
@@ -188,30 +189,32 @@ class Repairer:
         """(kind, value, seconds spent upstream): kind is ok (value: the token), transient
         or permanent (value: the reason)."""
         secret = self.s.client_secret.get_secret_value() if self.s.client_secret else ""
-        spent = 0.0
-        for attempt in range(1, INLINE_TRIES + 1):
-            self.acquire_slot()
-            started = time.monotonic()
-            try:
-                token = fetch_public_token(
-                    self.s.base_url,
-                    human_id=c.human_id,
-                    client_id=self.s.effective_client_id,
-                    client_secret=secret,
-                    connect_timeout=self.s.connect_timeout_s,
-                    read_timeout=self.s.read_timeout_s,
-                )
-                return ("ok", token, spent + time.monotonic() - started)
-            except PermanentUpstreamError as exc:
-                return ("permanent", exc.reason, spent + time.monotonic() - started)
-            except TransientUpstreamError as exc:
-                spent += time.monotonic() - started
-                metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="repair")
-                wait = exc.retry_after if exc.retry_after is not None else 0.1 * 2**attempt
-                if attempt == INLINE_TRIES or wait > INLINE_MAX_WAIT_S:
-                    return ("transient", exc.reason, spent)
-                time.sleep(wait * (0.5 + random.random() / 2))
-        return ("transient", "inline tries exhausted", spent)  # pragma: no cover
+        timings: list[float] = []
+
+        def call() -> str:
+            return fetch_public_token(
+                self.s.base_url,
+                human_id=c.human_id,
+                client_id=self.s.effective_client_id,
+                client_secret=secret,
+                connect_timeout=self.s.connect_timeout_s,
+                read_timeout=self.s.read_timeout_s,
+            )
+
+        def note(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="repair")
+
+        try:
+            token = self.guard.call_with_retries(
+                call, timings=timings, before_sleep=note, count_success=True
+            )
+        except PermanentUpstreamError as exc:
+            return ("permanent", exc.reason, sum(timings))
+        except TransientUpstreamError as exc:
+            # Later runs try again after the user's backoff (an open breaker included).
+            return ("transient", exc.reason, sum(timings))
+        return ("ok", token, sum(timings))
 
     def _record(
         self, report: Report, batch: list[Candidate], results: list[tuple[str, str]]
@@ -251,7 +254,7 @@ class Repairer:
             db.commit()
             try:
                 events.relay_ids(db, self.rt.redis, self.s.events_stream, event_ids)
-            except Exception as exc:  # noqa: BLE001 - the sweep relays them later
+            except Exception as exc:  # the sweep relays them later
                 log.warning("repair events left for the sweep: %s", type(exc).__name__)
         report.repaired += outcomes["repaired"]
         report.superseded += outcomes["superseded"]

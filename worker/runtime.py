@@ -15,14 +15,13 @@ from sqlalchemy.orm import sessionmaker
 
 from worker.crypto import Cipher
 from worker.db import session_factory
-from worker.errors import ConfigError
 from worker.settings import Settings
 
 # Short socket timeouts: a Redis that is down must turn into a 503 within 2 seconds.
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_SOCKET_TIMEOUT_S = 1.0
 # One immediate retry (a pooled connection the server closed), no more: redis-py's default
-# of three with exponential backoff held a finish for ~5 s while Redis was down.
+# of three with exponential backoff holds a finish for seconds while Redis is down.
 REDIS_RETRIES = 1
 ASYNC_POOL_SIZE = 200
 
@@ -63,9 +62,7 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        if self.settings.redis_url is None:
-            raise ConfigError("REDIS_URL is required")
-        return redis_client(self.settings.redis_url)
+        return redis_client(self.settings.required_redis_url)
 
     @cached_property
     def cipher(self) -> Cipher:

@@ -3,12 +3,13 @@
 The producer writes the first record and the dedupe claim (producer/claims.py); the worker
 moves the state on from there.
 
-Two keys per session:
-- `hc:session:{hash}` -> JSON `{requestId, humanId, phase}`: the dedupe claim, written with
+Two keys per session (names in worker/redis_keys.py):
+- the session claim -> JSON `{requestId, humanId, phase}`: the dedupe claim, written with
   the message in one atomic call (`phase` is `queued`; an older producer wrote `claimed`
   while it published).
-- `hc:request:{requestId}` -> a hash with `state`, `humanId`, `clientUserId`, `error`,
-  `publicToken` (Fernet ciphertext, never plaintext), `updatedAt`.
+- the request's status -> a hash with `state`, `humanId`, `clientUserId`, `error`,
+  `publicToken` (Fernet ciphertext, never plaintext), `updatedAt`, and while it is
+  unfinished the fields of its `ExchangeRequest` (worker/request.py) for a re-send.
 
 The database's `sessions` table stays the durable truth; these records are fast copies.
 """
@@ -23,22 +24,8 @@ import redis
 from redis.commands.core import Script
 
 from worker.clock import now
-
-#: Accepted requests not yet finished, scored by their last sign of progress (epoch seconds).
-PENDING = "hc:pending"
-STATES = ("queued", "running", "retrying", "succeeded", "failed")
-
-
-def session_key(session_hash: str) -> str:
-    return f"hc:session:{session_hash}"
-
-
-def request_key(request_id: str) -> str:
-    return f"hc:request:{request_id}"
-
-
-def done_channel(request_id: str) -> str:
-    return f"hc:done:{request_id}"
+from worker.redis_keys import PENDING, done_channel, request_status
+from worker.states import RequestState
 
 
 def new_request_id() -> str:
@@ -46,7 +33,9 @@ def new_request_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields: str) -> None:
+def set_state(
+    r: redis.Redis, request_id: str, state: RequestState, ttl_s: int, **fields: str
+) -> None:
     """Write a request's state and any extra fields, refreshing its expiry."""
     # No MULTI: nothing else writes this request's record meanwhile, and a transaction
     # doubles the replies to parse.
@@ -55,26 +44,27 @@ def set_state(r: redis.Redis, request_id: str, state: str, ttl_s: int, **fields:
     pipe.execute()
 
 
-def queue_state(pipe: Any, request_id: str, state: str, ttl_s: int, **fields: str) -> None:
+def queue_state(pipe: Any, request_id: str, state: RequestState, ttl_s: int, **fields: str) -> None:
     """`set_state`'s commands, added to a pipeline the caller executes."""
-    if state not in STATES:
-        raise ValueError(f"unknown state {state!r}")
-    mapping: dict[Any, Any] = {"state": state, "updatedAt": now().isoformat(), **fields}
-    pipe.hset(request_key(request_id), mapping=mapping)
-    if state not in ("succeeded", "failed"):
-        pipe.hdel(request_key(request_id), "error")
-    pipe.expire(request_key(request_id), ttl_s)
-    if state in ("succeeded", "failed"):
-        pipe.hdel(request_key(request_id), "sealedSessionToken")
+    state = RequestState(state)
+    key = request_status(request_id)
+    mapping: dict[Any, Any] = {"state": str(state), "updatedAt": now().isoformat(), **fields}
+    pipe.hset(key, mapping=mapping)
+    if not state.final:
+        pipe.hdel(key, "error")
+    pipe.expire(key, ttl_s)
+    if state.final:
+        pipe.hdel(key, "sealedSessionToken")
         pipe.zrem(PENDING, request_id)
         # Wakes a producer holding a `Prefer: wait` request for it.
-        pipe.publish(done_channel(request_id), state)
+        pipe.publish(done_channel(request_id), str(state))
     else:
         # Progress: the reconciler leaves a request alone while a worker is moving it on.
         pipe.zadd(PENDING, {request_id: time.time()})
 
 
-# KEYS: the session lock, the request's record, the pending set.
+# KEYS: the session lock, the request's record, the pending set. The state names are
+# RequestState's values (a script can't import them).
 # ARGV: lock token, lock term (ms), requestId, updatedAt, humanId, record TTL, pending score.
 _BEGIN = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
@@ -107,7 +97,7 @@ def lock_and_begin(
         _begin = r.register_script(_BEGIN)
     return bool(
         _begin(
-            keys=[lock_key, request_key(request_id), PENDING],
+            keys=[lock_key, request_status(request_id), PENDING],
             args=[token, lock_ms, request_id, now().isoformat(), human_id, ttl_s, time.time()],
             client=r,
         )
@@ -119,7 +109,7 @@ _begin: Script | None = None
 
 def get_state(r: redis.Redis, request_id: str) -> dict[str, str] | None:
     """The stored status record, or None when unknown (or expired)."""
-    raw = r.hgetall(request_key(request_id))
+    raw = r.hgetall(request_status(request_id))
     if not raw:
         return None
     return {

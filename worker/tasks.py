@@ -17,21 +17,24 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from worker import events, logs, metrics, migrate, status
 from worker.celery import (
     EXCHANGE_TASK,
-    QUEUE,
     RECONCILE_TASK,
     RELAY_TASK,
     REPAIR_TASK,
     app,
+    send_exchange,
 )
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
 from worker.exchange import Exchanger, Job
 from worker.ratelimit import GlobalRateLimiter
 from worker.reconcile import requeue_stale
+from worker.redis_keys import QUEUE, RELAY_LOCK
 from worker.repair import Repairer
+from worker.request import ExchangeRequest
 from worker.retry import backoff
 from worker.runtime import Runtime
 from worker.settings import get_settings
+from worker.states import RequestState
 
 log = logging.getLogger(__name__)
 # How often an unforeseen exception (a bug) is retried before the session is failed.
@@ -47,8 +50,7 @@ def runtime() -> Runtime:
 def limiter() -> GlobalRateLimiter:
     """The process's handle on the global upstream limit (shared by exchanges and repairs)."""
     settings = runtime().settings
-    assert settings.redis_url is not None
-    return GlobalRateLimiter(settings.redis_url, settings.max_rps)
+    return GlobalRateLimiter(settings.required_redis_url, settings.max_rps)
 
 
 @lru_cache(maxsize=1)
@@ -66,11 +68,21 @@ def exchange_session(
     received_us: int,
     window_start_us: int | None = None,
 ) -> None:
-    """Exchange one accepted session for tokens, store them, or schedule the next try."""
+    """Exchange one accepted session for tokens, store them, or schedule the next try.
+
+    The arguments are `ExchangeRequest.task_kwargs()` (worker/request.py)."""
+    request = ExchangeRequest(
+        request_id=request_id,
+        human_id=human_id,
+        client_id=client_id,
+        sealed_session_token=sealed_session_token,
+        received_us=received_us,
+        window_start_us=window_start_us,
+    )
     with logs.request_context(request_id):
         rt = runtime()
         try:
-            session_token = rt.cipher.open(sealed_session_token)
+            session_token = rt.cipher.open(request.sealed_session_token)
         except DecryptError:
             # Retrying cannot help: the key that sealed it is gone from the configured keys.
             reason = "session token sealed with an encryption key that is no longer configured"
@@ -78,21 +90,13 @@ def exchange_session(
             status.set_state(
                 rt.redis,
                 request_id,
-                "failed",
+                RequestState.FAILED,
                 rt.settings.status_ttl_s,
                 humanId=human_id,
                 error=reason,
             )
             return
-        job = Job(
-            request_id=request_id,
-            human_id=human_id,
-            client_id=client_id,
-            session_token=session_token,
-            received_us=received_us,
-            window_start_us=window_start_us,
-        )
-        _run(self, rt, job)
+        _run(self, rt, Job.opened(request, session_token))
 
 
 def _run(self: Task, rt: Runtime, job: Job) -> None:
@@ -137,7 +141,7 @@ def _run(self: Task, rt: Runtime, job: Job) -> None:
 def relay_events() -> int:
     """Sweep committed events that their worker could not relay (Redis was away, it died)."""
     rt = runtime()
-    lock = Lock(rt.redis, "hc:lock:relay", timeout=60)
+    lock = Lock(rt.redis, RELAY_LOCK, timeout=60)
     if not lock.acquire(blocking=False):
         return 0
     sent = 0
@@ -166,12 +170,10 @@ def repair_public_tokens() -> int:
 @app.task(name=RECONCILE_TASK, ignore_result=True)
 def reconcile_pending() -> int:
     """Re-send accepted requests that made no progress (a message the broker lost)."""
-
-    def send(kwargs: dict[str, Any]) -> None:
-        app.send_task(EXCHANGE_TASK, kwargs=kwargs, task_id=str(kwargs["request_id"]))
-
     rt = runtime()
-    return requeue_stale(rt.redis, send, stale_s=rt.settings.reconcile_after_s, queue=QUEUE)
+    return requeue_stale(
+        rt.redis, send_exchange, stale_s=rt.settings.reconcile_after_s, queue=QUEUE
+    )
 
 
 def _require_or_exit(*, secret: bool) -> None:
@@ -209,3 +211,4 @@ def _on_setup_logger(**_: Any) -> None:
     settings = get_settings()
     secret = settings.client_secret.get_secret_value() if settings.client_secret else ""
     logs.install([secret], as_json=settings.log_json)
+    logs.quiet_celery()

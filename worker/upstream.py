@@ -173,9 +173,8 @@ def exchange_tokens(
         )
         if v is None
     ]
-    if missing:
+    if missing or not (answered_human and access and client_user):
         raise PermanentUpstreamError(f"upstream success body lacks {', '.join(missing)}")
-    assert answered_human and access and client_user
     return Tokens(
         human_id=answered_human,
         client_user_id=client_user,

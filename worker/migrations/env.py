@@ -7,7 +7,8 @@ from worker.models import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")
-assert url, "worker.migrate passes the database URL"
+if not url:
+    raise RuntimeError("worker.migrate passes the database URL")
 
 connectable = engine_for(url)
 with connectable.connect() as connection:

@@ -1,0 +1,112 @@
+"""Importing a module defines things and does nothing else."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import BIN, ROOT, service_env
+
+# Run in a fresh interpreter: the test process has imported (and configured) most of these.
+PROBE = r"""
+import importlib, json, pkgutil, sys
+
+opened = []
+def audit(event, args):
+    if event == "open" and str(args[0]).endswith(".env"):
+        opened.append(str(args[0]))
+sys.addaudithook(audit)
+
+from kombu.transport import TRANSPORT_ALIASES
+before = dict(TRANSPORT_ALIASES)
+result = {"imported": [], "exited": {}, "failed": {}}
+for package in ("worker", "producer", "humanconnect"):
+    mod = importlib.import_module(package)
+    for info in pkgutil.walk_packages(mod.__path__, package + "."):
+        # Alembic's env.py and revisions are scripts Alembic runs, not modules to import.
+        if info.name.startswith("worker.migrations"):
+            continue
+        try:
+            importlib.import_module(info.name)
+            result["imported"].append(info.name)
+        except SystemExit as exc:
+            result["exited"][info.name] = str(exc.code)
+        except Exception as exc:
+            result["failed"][info.name] = repr(exc)
+result["env_opened"] = opened
+after = dict(TRANSPORT_ALIASES)
+result["kombu_changed"] = sorted(k for k in after if after[k] != before.get(k))
+print(json.dumps(result))
+"""
+
+POISON = {
+    "HUMANAPI_BASE_URL": "ftp://poisoned.invalid",
+    "REDIS_URL": "not-a-redis-url",
+    "HUMANCONNECT_ENCRYPTION_KEYS": "not-a-fernet-key",
+    "HUMANCONNECT_VISIBILITY_TIMEOUT_S": "-1",
+    "DATABASE_URL": "nonsense://",
+}
+
+
+def test_every_module_imports_without_side_effects(tmp_path: Path) -> None:
+    """With every variable malformed and a poisoned `.env` beside it, importing each module
+    of worker, producer and humanconnect neither exits, nor reads `.env`, nor changes Kombu."""
+    # Given a poisoned environment and .env in the working directory
+    (tmp_path / ".env").write_text("HUMANAPI_BASE_URL=ftp://from-dotenv.invalid\n")
+    env = service_env(**POISON, PYTHONPATH=str(ROOT))
+    # When every module is imported
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    # Then all of them imported, and nothing else happened
+    assert {"worker.celery", "worker.tasks", "producer.main", "humanconnect.cli"} <= set(
+        result["imported"]
+    )
+    assert result["exited"] == {}
+    assert result["failed"] == {}
+    assert result["env_opened"] == []
+    assert result["kombu_changed"] == []
+
+
+def test_help_works_whatever_the_environment(tmp_path: Path) -> None:
+    """`humanconnect --help` prints its usage even when every variable is malformed."""
+    (tmp_path / ".env").write_text("HUMANAPI_BASE_URL=ftp://from-dotenv.invalid\n")
+    proc = subprocess.run(
+        [str(BIN / "humanconnect"), "--help"],
+        cwd=tmp_path,
+        env=service_env(**POISON),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: humanconnect")
+
+
+def test_the_probe_sees_a_module_that_reads_dotenv(tmp_path: Path) -> None:
+    """The audit hook above does catch a `.env` read (so the empty list means something)."""
+    (tmp_path / ".env").write_text("HUMANAPI_CLIENT_ID=x\n")
+    probe = PROBE.replace(
+        'result["env_opened"] = opened',
+        "from worker.settings import get_settings\n"
+        "try:\n    get_settings()\nexcept Exception:\n    pass\n"
+        'result["env_opened"] = opened',
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=service_env(**POISON, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(proc.stdout.splitlines()[-1])["env_opened"] == [".env"]
