@@ -93,7 +93,7 @@ class StandInProcess:
             "--seed",
             "1",
         ]
-        log = open(self.workdir / "standin.log", "ab")  # noqa: SIM115 - lives with the process
+        log = open(self.workdir / "standin.log", "ab")  # lives with the process
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         _wait_http(self.url + "/_standin/stats")
         return self
@@ -167,7 +167,7 @@ class Stack:
                 proc.wait(5)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        log = open(self.workdir / f"{name}.log", "ab")  # lives with the process
         self.procs[name] = subprocess.Popen(
             argv,
             env=self.env,

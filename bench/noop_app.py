@@ -4,9 +4,8 @@ from typing import Any
 
 from celery import Celery
 
-from worker import broker
-from worker.celery import celery_config
-from worker.settings import get_settings
+from worker.celery import configure
+from worker.settings import settings_or_exit
 
 app = Celery("bench-noop")
 
@@ -14,8 +13,7 @@ app = Celery("bench-noop")
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
     # As worker.celery does: the same transport and settings, read at start.
-    broker.install()
-    sender.config_from_object({**celery_config(get_settings()), "beat_schedule": {}})
+    configure(sender, settings_or_exit(), beat_schedule={})
 
 
 @app.task(name="bench.noop")

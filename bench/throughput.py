@@ -115,7 +115,7 @@ def _drain_noop(sessions: int) -> dict[str, Any]:
         for _ in range(sessions):
             app.send_task("bench.noop", kwargs=KWARGS)
         r = redis.Redis.from_url(s.redis_url)
-        log = open(s.workdir / "noop.log", "ab")  # noqa: SIM115 - lives with the process
+        log = open(s.workdir / "noop.log", "ab")  # lives with the process
         proc = subprocess.Popen(
             [
                 str(BIN / "celery"),

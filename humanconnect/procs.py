@@ -32,7 +32,7 @@ def commands(port: int, var: Path) -> dict[str, list[str]]:
             "--no-access-log",
         ],
         # Below the web in CPU priority: on a shared machine, accepting stays fast while the
-        # queue absorbs the drain (measured in bench/: see the README).
+        # queue absorbs the drain (the README's benchmark section).
         "worker": [
             *("nice", "-n", "10", str(BIN / "celery"), "-A", "worker.celery:app"),
             *("worker", "-l", "INFO"),

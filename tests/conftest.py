@@ -1,10 +1,13 @@
-"""Fixtures: real Redis, SQLite and PostgreSQL databases, the upstream stand-in, settings."""
+"""Fixtures: real Redis, SQLite and PostgreSQL databases, the upstream stand-in, settings.
+
+Helpers live in tests/support/; this file only wires them into fixtures. Every fixture that
+touches the shared Redis goes through `redis_url`, which flushes it before and after the test.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,36 +15,15 @@ import redis
 from fastapi.testclient import TestClient
 
 from humanconnect.standin import Faults, Running, StandIn
-from tests.support import (
-    CI,
-    CLIENT_ID,
-    CLIENT_SECRET,
-    FERNET_KEY,
-    ROOT,
-    Process,
-    RedisServer,
-    create_pg_database,
-    drop_pg_database,
-    service_env,
-    start_web,
-    start_worker,
-)
+from tests.support.env import CI, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env
+from tests.support.processes import Deployment, Process, start_web, start_worker
+from tests.support.servers import RedisServer, create_pg_database, drop_pg_database
 from worker import migrate
 from worker.db import dispose_all
 from worker.runtime import Runtime
 from worker.settings import Settings
 
 PG_BASE = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
-
-
-@dataclass
-class Deployment:
-    url: str
-    env: dict[str, str]
-    web: Process
-    worker: Process
-    db_url: str
-    logs: list[Path]
 
 
 @pytest.fixture
@@ -79,8 +61,9 @@ def deploy(
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis: the machine's (HUMANCONNECT_TEST_REDIS_URL) or one we start."""
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis for the whole run: the machine's (HUMANCONNECT_TEST_REDIS_URL) or one we
+    start. Tests take `redis_url` instead, which flushes it."""
     given = os.environ.get("HUMANCONNECT_TEST_REDIS_URL")
     if given:
         yield given
@@ -93,12 +76,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """The shared Redis's URL, its database flushed before and after the test."""
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    try:
+        yield redis_server_url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """The shared Redis, flushed before and after the test."""
+    """A client of the shared Redis (flushed by `redis_url`)."""
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     yield client
-    client.flushdb()
     client.close()
 
 

@@ -6,12 +6,12 @@ import secrets
 
 from sqlalchemy.orm import Session as DbSession
 
-from tests.support import CLIENT_ID
+from tests.support.env import CLIENT_ID
 from worker import sessions
 from worker.clock import now_us
 from worker.crypto import Cipher, session_hash
-from worker.exchange import Job
 from worker.models import Session
+from worker.request import Job
 
 
 def human_id() -> str:

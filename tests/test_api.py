@@ -12,7 +12,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from tests import factories
-from tests.support import CLIENT_ID, CLIENT_SECRET, RedisServer, redis_text
+from tests.support.env import CLIENT_ID, CLIENT_SECRET
+from tests.support.scan import assert_no_secrets, redis_text
+from tests.support.servers import RedisServer
 from worker import redis_keys
 from worker.redis_keys import QUEUE
 from worker.settings import Settings
@@ -56,8 +58,7 @@ def test_queue_message_holds_no_secret_and_no_clear_session_token(
     client.post("/connect/finish", json=body)
     dump = redis_text(redis_client)
     assert body["humanId"].encode() in dump, "the scan must see the queued message's payload"
-    assert body["sessionToken"].encode() not in dump
-    assert CLIENT_SECRET.encode() not in dump
+    assert_no_secrets([body["sessionToken"], CLIENT_SECRET], redis_client=redis_client)
 
 
 def test_snake_case_and_extra_fields(client: TestClient, redis_client: redis.Redis) -> None:

@@ -44,10 +44,15 @@ def test_closing_a_collected_channel_is_a_connection_error(
 
 
 def test_redis_urls_use_it_and_rediss_keeps_tls() -> None:
-    """The worker's Celery app puts it behind both URL schemes, and TLS still follows
-    `rediss://` (Kombu decides TLS by that name)."""
-    import worker.celery  # noqa: F401 - installs the transport, as the worker does
+    """Configuring a Celery app as the worker's is puts it behind both URL schemes, and TLS
+    still follows `rediss://` (Kombu decides TLS by that name)."""
+    from celery import Celery
+
     from worker.broker import Transport
+    from worker.celery import configure
+    from worker.settings import Settings
+
+    configure(Celery("probe"), Settings.model_validate({}))
 
     plain = Connection("redis://127.0.0.1:6379/0")
     secure = Connection("rediss://127.0.0.1:6380/0")

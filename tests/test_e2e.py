@@ -2,65 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.conftest import Deployment
-from tests.support import (
-    BIN,
-    CLIENT_ID,
-    CLIENT_SECRET,
-    FERNET_KEY,
-    ROOT,
-    redis_text,
-    service_env,
-    stream_entries,
-    wait_for,
-)
-from worker import store
+from tests.support.env import BIN, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env, wait_for
+from tests.support.scan import assert_no_secrets, state_counts, stored_users, stream_entries
+from tests.support.traffic import burst
 from worker.crypto import Cipher
 from worker.db import session_factory
-from worker.models import Session, User
+from worker.models import Session
 
 
-async def _burst(url: str, bodies: list[dict[str, str]], concurrency: int) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=concurrency)
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-
-        async def one(body: dict[str, str]) -> httpx.Response:
-            async with sem:
-                return await client.post("/connect/finish", json=body)
-
-        return await asyncio.gather(*(one(b) for b in bodies))
-
-
-def burst(url: str, bodies: list[dict[str, str]], concurrency: int = 50) -> list[httpx.Response]:
-    return asyncio.run(_burst(url, bodies, concurrency))
-
-
-def states(db_url: str) -> dict[str, int]:
-    with session_factory(db_url)() as db:
-        rows = db.execute(text("SELECT state, count(*) FROM sessions GROUP BY state")).all()
-    return {state: n for state, n in rows}
-
-
-def stored_users(db_url: str) -> dict[str, store.StoredUser]:
-    cipher = Cipher([FERNET_KEY])
-    with session_factory(db_url)() as db:
-        ids = db.scalars(select(User.client_user_id)).all()
-        return {u.human_id: u for u in (store.get_user(db, cipher, c) for c in ids) if u}
-
-
-@pytest.mark.slow
 def test_burst_with_upstream_faults_stores_everyone_once(
     deploy, standin: Running, redis_client: redis.Redis
 ) -> None:
@@ -75,12 +33,12 @@ def test_burst_with_upstream_faults_stores_everyone_once(
     assert [r.status_code for r in responses] == [202] * 300
     # ... and ends stored with exactly the tokens the upstream issued, exchanged once each.
     wait_for(
-        lambda: states(d.db_url).get("succeeded") == 300,
+        lambda: state_counts(d.db_url).get("succeeded") == 300,
         240,
         interval=0.5,
         what="300 succeeded sessions",
     )
-    assert states(d.db_url) == {"succeeded": 300}
+    assert state_counts(d.db_url) == {"succeeded": 300}
     assert standin.state.exchanges.total() == 300
     assert max(standin.state.exchanges.values()) == 1
     faults = {
@@ -114,42 +72,28 @@ def test_burst_with_upstream_faults_stores_everyone_once(
     assert {(e["humanId"], e["clientUserId"]) for e in entries} == {
         (h, u.client_user_id) for h, u in users.items()
     }
-    # No secret anywhere: Redis (events included), logs, metrics, database.
+    # No secret anywhere: the secret and access tokens in Redis, logs and the database; the
+    # publicTokens and session tokens too in logs, metrics and events.
+    access = [u.access_token for u in users.values()]
     public = [u.public_token or "" for u in users.values()]
     sessions = [b["sessionToken"] for b in bodies]
-    assert_no_secrets(d, redis_client, [u.access_token for u in users.values()])
+    for log in d.logs:
+        text_ = log.read_text(errors="replace")
+        assert "ready." in text_ or "Uvicorn running" in text_ or "Started server" in text_
+    assert_no_secrets(
+        [CLIENT_SECRET, *access], redis_client=redis_client, db_url=d.db_url, files=d.logs
+    )
     metrics = httpx.get(d.url + "/metrics").text
     assert "humanconnect_exchanges_total" in metrics
-    events_text = str(completed_events(redis_client))
-    for needle in [CLIENT_SECRET, *public, *sessions]:
-        assert needle not in metrics and needle not in events_text
-        for log in d.logs:
-            assert needle not in log.read_text(errors="replace")
+    assert_no_secrets(
+        [CLIENT_SECRET, *access, *public, *sessions],
+        files=d.logs,
+        texts={"metrics": metrics, "events": str(completed_events(redis_client))},
+    )
 
 
 def completed_events(r: redis.Redis) -> list[dict[str, str]]:
     return [e for e in stream_entries(r) if e["type"] == "connect.completed"]
-
-
-def assert_no_secrets(d: Deployment, r: redis.Redis, access_tokens: list[str]) -> None:
-    needles = [CLIENT_SECRET, *access_tokens]
-    redis_blob = redis_text(r)
-    assert len(redis_blob) > 1000, "the scan must see the status records"
-    for needle in needles:
-        assert needle.encode() not in redis_blob
-    for log in d.logs:
-        text_ = log.read_text(errors="replace")
-        assert "ready." in text_ or "Uvicorn running" in text_ or "Started server" in text_
-        for needle in needles:
-            assert needle not in text_, f"secret in {log.name}"
-    with session_factory(d.db_url)() as db:
-        dump = "\n".join(
-            str(tuple(row))
-            for table in ("users", "sessions")
-            for row in db.execute(text(f"SELECT * FROM {table}")).all()  # noqa: S608 - fixed names
-        )
-    for needle in needles:
-        assert needle not in dump
 
 
 def test_five_concurrent_posts_of_one_session_exchange_once(deploy, standin: Running) -> None:
@@ -159,7 +103,9 @@ def test_five_concurrent_posts_of_one_session_exchange_once(deploy, standin: Run
     responses = burst(d.url, [body] * 5, concurrency=5)
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["requestId"] for r in responses}) == 1
-    wait_for(lambda: states(d.db_url).get("succeeded") == 1, 30, what="the session to succeed")
+    wait_for(
+        lambda: state_counts(d.db_url).get("succeeded") == 1, 30, what="the session to succeed"
+    )
     # A late duplicate is answered from the record, no second exchange.
     again = httpx.post(d.url + "/connect/finish", json=body)
     assert again.status_code == 202 and again.json()["status"] == "succeeded"
@@ -199,7 +145,7 @@ def test_two_sessions_of_one_user_in_reverse_order_keep_the_newer(deploy, standi
     # When the newer session arrives once the upstream is healthy, and finishes first
     standin.state.faults = Faults()
     assert httpx.post(d.url + "/connect/finish", json=newer).status_code == 202
-    wait_for(lambda: states(d.db_url).get("succeeded") == 2, 30, what="both sessions")
+    wait_for(lambda: state_counts(d.db_url).get("succeeded") == 2, 30, what="both sessions")
     order = [
         t for t in standin.state.by_session if t in (older["sessionToken"], newer["sessionToken"])
     ]
@@ -256,7 +202,7 @@ def test_message_sealed_with_an_unknown_key_fails_visibly(
     """A session token sealed with a key no longer configured ends `failed`, not stuck queued."""
     from celery import Celery
 
-    from tests.support import FERNET_KEY_2
+    from tests.support.env import FERNET_KEY_2
     from worker.celery import EXCHANGE_TASK, celery_config
     from worker.settings import Settings
     from worker.status import get_state
@@ -290,7 +236,7 @@ def test_failed_lists_and_retry_requeues_transient_failures(deploy, standin: Run
     d = deploy(HUMANCONNECT_RETRY_WINDOW_S="2")
     bodies = [factories.finish_body() for _ in range(3)]
     assert {r.status_code for r in burst(d.url, bodies, concurrency=3)} == {202}
-    wait_for(lambda: states(d.db_url).get("failed") == 3, 30, what="3 transient failures")
+    wait_for(lambda: state_counts(d.db_url).get("failed") == 3, 30, what="3 transient failures")
     cli = [str(BIN / "humanconnect"), "failed"]
     listing = subprocess.run(cli, env=d.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
@@ -302,7 +248,7 @@ def test_failed_lists_and_retry_requeues_transient_failures(deploy, standin: Run
     )
     assert retry.returncode == 0 and "re-queued 3" in retry.stdout, retry.stdout + retry.stderr
     # Then all three are stored, and each has its failed and its completed event
-    wait_for(lambda: states(d.db_url).get("succeeded") == 3, 30, what="3 successes")
+    wait_for(lambda: state_counts(d.db_url).get("succeeded") == 3, 30, what="3 successes")
     assert len(stored_users(d.db_url)) == 3
     kinds = sorted(e["type"] for e in stream_entries(redis.Redis.from_url(d.env["REDIS_URL"])))
     assert kinds == ["connect.completed"] * 3 + ["connect.failed"] * 3

@@ -11,7 +11,9 @@ from sqlalchemy.exc import OperationalError
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.support import RedisServer, stream_entries, wait_for
+from tests.support.env import wait_for
+from tests.support.scan import assert_no_secrets, stream_entries
+from tests.support.servers import RedisServer
 from worker import events
 from worker.exchange import Exchanger
 from worker.models import OutboxEvent
@@ -43,9 +45,9 @@ def test_success_emits_one_completed_event(
     assert event["humanId"] == job.human_id and event["requestId"] == job.request_id
     assert event["clientUserId"] == issued.client_user_id
     assert {"eventId", "occurredAt"} <= event.keys()
-    text = str(event)
-    for secret in (issued.access_token, issued.public_token, job.session_token):
-        assert secret not in text
+    assert_no_secrets(
+        [issued.access_token, issued.public_token, job.session_token], texts={"event": str(event)}
+    )
     # Marked sent within the batching delay (events.SentMarks), with no other exchange
     # to carry it.
     wait_for(lambda: sent_at(runtime) is not None, 2, what="the event marked sent")
@@ -127,7 +129,7 @@ def test_readme_consumer_prints_each_event_once(redis_url: str, redis_client) ->
     import subprocess
     import sys
 
-    from tests.support import ROOT, service_env
+    from tests.support.env import ROOT, service_env
 
     fields = {
         "type": "connect.completed",

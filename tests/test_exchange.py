@@ -9,11 +9,12 @@ from sqlalchemy import select
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.support import stream_entries
+from tests.support.scan import stream_entries
 from worker import redis_keys, status, store
 from worker.crypto import session_hash
-from worker.exchange import Exchanger, Job
+from worker.exchange import Exchanger
 from worker.models import Session, User
+from worker.request import Job
 from worker.runtime import Runtime
 from worker.states import RequestState
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import BIN, ROOT, service_env
+from tests.support.env import BIN, ROOT, service_env
 
 # Run in a fresh interpreter: the test process has imported (and configured) most of these.
 PROBE = r"""

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from tests import factories
-from tests.support import BIN, CLIENT_ID, FERNET_KEY, FERNET_KEY_2, service_env
+from tests.support.env import BIN, CLIENT_ID, FERNET_KEY, FERNET_KEY_2, service_env
 from worker import store
 from worker.crypto import Cipher, DecryptError
 from worker.models import Session, User

@@ -12,7 +12,8 @@ from sqlalchemy.engine import make_url
 
 from producer.app import create_app
 from tests import factories
-from tests.support import RedisServer, TcpProxy, wait_for
+from tests.support.env import wait_for
+from tests.support.servers import RedisServer, TcpProxy
 from worker import store
 from worker.runtime import Runtime
 from worker.settings import Settings

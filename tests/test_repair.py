@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.conftest import Deployment
-from tests.support import BIN, ROOT, start_worker, stream_entries, wait_for
+from tests.support.env import BIN, ROOT, wait_for
+from tests.support.processes import Deployment, start_worker
+from tests.support.scan import stream_entries
 from worker import repair, store
 from worker.clock import now_us
 from worker.models import User

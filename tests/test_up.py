@@ -13,7 +13,7 @@ import httpx
 
 from humanconnect.procs import commands
 from humanconnect.up import EXAMPLE_HUMAN_ID, EXAMPLE_SESSION_TOKEN
-from tests.support import BIN, ROOT, free_port, service_env, wait_for
+from tests.support.env import BIN, ROOT, free_port, service_env, wait_for
 from worker.settings import SANDBOX_CLIENT_ID
 
 GUIDE_EXAMPLE = {

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from humanconnect.standin import Faults, Running
-from tests.support import CLIENT_ID, CLIENT_SECRET, free_port
+from tests.support.env import CLIENT_ID, CLIENT_SECRET, free_port
 from worker.clock import now
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
 from worker.upstream import Tokens, _proxies, _verify, exchange_tokens, parse_retry_after
@@ -75,7 +75,7 @@ class _Canned(BaseHTTPRequestHandler):
     payload: bytes = b""
     paths: list[str]
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:  # http.server's name
         self.paths.append(self.path)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(self.status)

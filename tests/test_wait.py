@@ -10,7 +10,7 @@ import pytest
 
 from humanconnect.standin import Faults, Running
 from tests import factories
-from tests.conftest import Deployment
+from tests.support.processes import Deployment
 
 
 @pytest.fixture

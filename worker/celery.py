@@ -41,8 +41,14 @@ app = Celery("humanconnect", include=["worker.tasks"])
 def _configure(sender: Celery, **_: Any) -> None:
     # Runs once, the first time anything reads the app's configuration (the worker and beat
     # at start, a CLI command before it sends): never at import.
+    configure(sender, settings_or_exit())
+
+
+def configure(celery: Celery, settings: Settings, **overrides: Any) -> None:
+    """Give `celery` the service's transport and configuration (call it before the app's
+    configuration is first read, or from its `on_configure`)."""
     broker.install()
-    sender.config_from_object(celery_config(settings_or_exit()))
+    celery.config_from_object({**celery_config(settings), **overrides})
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

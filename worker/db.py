@@ -23,9 +23,8 @@ def normalize_url(url: str) -> str:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # pysqlite's own transaction handling is off: it would not BEGIN before a SAVEPOINT, so a
-    # nested transaction committed on its own. (Found by the chaos test: a worker killed
-    # between the token upsert and the session's success left tokens stored and the session
-    # `running`.) SQLAlchemy's documented workaround: we emit BEGIN ourselves, below.
+    # nested transaction committed on its own (tokens stored, the session still `running`).
+    # SQLAlchemy's documented workaround: we emit BEGIN ourselves, below.
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     # WAL lets readers and one writer work at once; the busy timeout makes concurrent

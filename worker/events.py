@@ -51,8 +51,9 @@ def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, objec
 def record(db: DbSession, type_: str, **fields: str) -> OutboxEvent:
     """Add an event to the current transaction; it is relayed only if that commits.
 
-    One Core INSERT … RETURNING, not the ORM's unit of work (a fifth of an exchange's CPU
-    went to flushing this one row); the returned object is detached, for the relay."""
+    One Core INSERT … RETURNING, not the ORM's unit of work (flushing this one row through
+    the ORM is a large share of an exchange's CPU); the returned object is detached, for the
+    relay."""
     row = _row(type_, fields, now())
     event_id = db.connection().execute(_INSERT_ONE, row).scalar_one()
     return OutboxEvent(id=event_id, **row)
@@ -92,7 +93,7 @@ def mark_sent(db: DbSession, ids: Sequence[int]) -> None:
 
 class SentMarks:
     """Marks relayed events sent a batch at a time: one UPDATE every `delay_s` instead of a
-    transaction per exchange (that commit was a tenth of an exchange's CPU).
+    transaction per exchange (a commit per exchange is a noticeable share of its CPU).
 
     Marks not yet written when the process dies, or when the database refuses them, leave
     their events to the sweep, which sends them again with the same eventIds (the contract

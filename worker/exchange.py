@@ -25,7 +25,7 @@ from worker.crypto import session_hash
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from worker.guard import UpstreamGuard
 from worker.models import OutboxEvent, Session
-from worker.request import ExchangeRequest
+from worker.request import Job
 from worker.retry import backoff, retry_cause
 from worker.runtime import Runtime
 from worker.session_lock import SessionLock
@@ -43,34 +43,6 @@ ANSWER_LOST_REASON = (
     "the upstream refused the session after an earlier call got no answer: the token was "
     "probably used and its answer lost ({reason}); ask the user to connect again"
 )
-
-
-@dataclass(frozen=True)
-class Job:
-    """One accepted finish, as the producer queued it (the session token already opened)."""
-
-    request_id: str
-    human_id: str
-    client_id: str
-    session_token: str
-    received_us: int
-    #: When the retry window opened: the receive time, or when an operator re-queued it.
-    window_start_us: int | None = None
-
-    @classmethod
-    def opened(cls, request: ExchangeRequest, session_token: str) -> Job:
-        """The job of a queued request whose session token has been opened."""
-        return cls(
-            request_id=request.request_id,
-            human_id=request.human_id,
-            client_id=request.client_id,
-            session_token=session_token,
-            received_us=request.received_us,
-            window_start_us=request.window_start_us,
-        )
-
-    def __repr__(self) -> str:
-        return f"Job(request_id={self.request_id!r}, human_id={self.human_id!r})"
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,7 @@ class Repairer:
         """One transaction per batch: tokens, bookkeeping and events together.
 
         Core statements compiled once and run per row (the per-row rowcount says whether a
-        newer finish got there first); the ORM's bulk-update machinery cost 3 ms a user.
+        newer finish got there first); the ORM's bulk-update machinery costs far more per user.
         """
         stamp, stamp_us = now(), now_us()
         repaired: list[Candidate] = []

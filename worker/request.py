@@ -3,7 +3,8 @@ re-queues and the `exchange_session` task reads. Its one definition.
 
 It travels two ways: as the task's keyword arguments (the Celery message), and as fields of
 the request's status record in Redis, from which a lost message can be sent again. The
-session token is sealed (Fernet) in both.
+session token is sealed (Fernet) in both; a `Job` is the same request in a worker's hands,
+its session token opened.
 """
 
 from __future__ import annotations
@@ -71,3 +72,31 @@ class ExchangeRequest:
 
     def __repr__(self) -> str:
         return f"ExchangeRequest(request_id={self.request_id!r}, human_id={self.human_id!r})"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One accepted finish, as the producer queued it (the session token already opened)."""
+
+    request_id: str
+    human_id: str
+    client_id: str
+    session_token: str
+    received_us: int
+    #: When the retry window opened: the receive time, or when an operator re-queued it.
+    window_start_us: int | None = None
+
+    @classmethod
+    def opened(cls, request: ExchangeRequest, session_token: str) -> Job:
+        """The job of a queued request whose session token has been opened."""
+        return cls(
+            request_id=request.request_id,
+            human_id=request.human_id,
+            client_id=request.client_id,
+            session_token=session_token,
+            received_us=request.received_us,
+            window_start_us=request.window_start_us,
+        )
+
+    def __repr__(self) -> str:
+        return f"Job(request_id={self.request_id!r}, human_id={self.human_id!r})"

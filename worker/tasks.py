@@ -25,12 +25,12 @@ from worker.celery import (
 )
 from worker.crypto import DecryptError
 from worker.errors import ConfigError
-from worker.exchange import Exchanger, Job
+from worker.exchange import Exchanger
 from worker.ratelimit import GlobalRateLimiter
 from worker.reconcile import requeue_stale
 from worker.redis_keys import QUEUE, RELAY_LOCK
 from worker.repair import Repairer
-from worker.request import ExchangeRequest
+from worker.request import ExchangeRequest, Job
 from worker.retry import backoff
 from worker.runtime import Runtime
 from worker.settings import get_settings

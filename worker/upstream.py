@@ -52,9 +52,9 @@ def http_session() -> requests.Session:
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         session.headers["User-Agent"] = "humanconnect/0.1"
-        # The environment is read once (see `_proxies`), not by requests on every call: that
-        # re-read of every variable was a tenth of an exchange's CPU. No .netrc either: the
-        # tokens call authenticates in its body, never with a stored password.
+        # The environment is read once (see `_proxies`), not by requests on every call, which
+        # costs CPU on the hot path. No .netrc either: the tokens call authenticates in its
+        # body, never with a stored password.
         session.trust_env = False
         session.verify = _verify()
         _local.session = session

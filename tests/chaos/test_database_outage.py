@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from tests.chaos.conftest import SESSIONS, Chaos, bodies
-from tests.support import TcpProxy, wait_for
+from tests.support.chaos import SESSIONS, Chaos, bodies
+from tests.support.env import wait_for
+from tests.support.servers import TcpProxy
 
 OUTAGE_S = 15
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.chaos.conftest import Chaos, bodies
+from tests.support.chaos import Chaos, bodies
 
 
 @pytest.mark.slow

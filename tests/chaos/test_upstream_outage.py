@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from tests.chaos.conftest import SESSIONS, Chaos, bodies
-from tests.support import wait_for
+from tests.support.chaos import SESSIONS, Chaos, bodies
+from tests.support.env import wait_for
 
 OUTAGE_S = 60
 MAX_RPS = 100

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from tests.chaos.conftest import SESSIONS, Chaos, bodies
-from tests.support import wait_for
+from tests.support.chaos import SESSIONS, Chaos, bodies
+from tests.support.env import wait_for
 
 
 def _burst_then(chaos: Chaos, sig: int, *, after_stored: int) -> tuple[list[dict[str, str]], int]:

@@ -1,0 +1,54 @@
+"""What every test shares: where things are, this app's made-up credentials, waiting, and a
+clean environment for the service processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
+# Made up for the tests: not the guide's example secret, and greppable in every scan.
+CLIENT_SECRET = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e70001"
+FERNET_KEY = "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="
+FERNET_KEY_2 = "jS0G3ro4C3ulPP7rRLrPQHVa6lZIeJQ2sh8dtI1kIT4="
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    check: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll `check` until it returns something truthy; fail the test past `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # the check may fail while things start
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
+
+
+def service_env(**overrides: str) -> dict[str, str]:
+    """A clean environment for service processes: only what the test gives, plus PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUMANAPI_", "HUMANCONNECT_"))}
+    env.pop("REDIS_URL", None)
+    env.pop("DATABASE_URL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
