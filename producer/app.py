@@ -11,9 +11,11 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from producer import finish, ops, users
+from producer.body import FinishBody
 from producer.state import Parts
 from worker import logs, migrate
 from worker.celery import celery_config
+from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import Settings, get_settings
 
@@ -50,25 +52,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(users.router(_parts))
     api.include_router(ops.router(_parts, ops.registry_for(rt)))
 
-    # Document the finish body (the handler reads the raw body to enforce the size limit).
     original_openapi = api.openapi
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
-            schema = original_openapi()
-            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            schemas["FinishBody"] = _finish_schema()
-            api.openapi_schema = schema
+            api.openapi_schema = _document(original_openapi(), settings)
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]
     return api
 
 
-def _finish_schema() -> dict[str, Any]:
-    value = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_-]+$"}
-    return {
-        "type": "object",
-        "required": ["humanId", "clientId", "sessionToken"],
-        "properties": {"humanId": value, "clientId": value, "sessionToken": value},
-    }
+def _document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """FastAPI's document, completed with what it can't see in the handlers' signatures."""
+    components = schema.setdefault("components", {})
+    # The finish handler reads the raw body itself (to enforce the size limit), so FastAPI
+    # knows nothing of it.
+    components.setdefault("schemas", {})["FinishBody"] = _finish_schema(settings)
+    components.setdefault("securitySchemes", {}).update(users.SECURITY_SCHEMES)
+    _drop_default_422(schema)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            # The route's own status code comes first otherwise (202 before 201).
+            operation["responses"] = dict(sorted(operation.get("responses", {}).items()))
+    return schema
+
+
+def _finish_schema(settings: Settings) -> dict[str, Any]:
+    """producer.body.FinishBody's schema, its clientId narrowed to this app's own: the handler
+    answers any other with 422. The clientId is public (every page using the app carries it)."""
+    schema = FinishBody.model_json_schema()
+    try:
+        client_id = settings.effective_client_id
+    except ConfigError:
+        # Not configured: the app won't start, but its document can still be read.
+        return schema
+    schema["properties"]["clientId"]["const"] = client_id
+    return schema
+
+
+def _drop_default_422(schema: dict[str, Any]) -> None:
+    """Remove FastAPI's 422 HTTPValidationError: no route lets FastAPI validate its input
+    (path parameters are plain strings, bodies are read raw), so none ever answers it."""
+    default = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            answer = responses.get("422", {})
+            if answer.get("content", {}).get("application/json", {}).get("schema") == default:
+                del responses["422"]
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)

@@ -12,23 +12,24 @@ import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from producer import schemas
 from producer.accept import Accepted, SessionConflict
-from producer.body import BadRequest, check_content_type, parse, read_limited
+from producer.body import MAX_BODY_BYTES, BadRequest, check_content_type, parse, read_limited
 from producer.errors import error, unavailable
+from producer.schemas import header
 from producer.state import Parts
 from producer.waiters import parse_prefer_wait
+from worker import sessions, store
 from worker.crypto import Cipher
 from worker.errors import QueueUnavailableError
-from worker.models import Session, User
 from worker.runtime import Runtime
+from worker.states import FINAL, RequestState
 
 log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-FINAL = ("succeeded", "failed")
 
 FINISHES = Counter(
     "humanconnect_finishes",
@@ -42,14 +43,14 @@ def status_body(record: dict[str, str], request_id: str, cipher: Cipher) -> dict
     """The public status of a request: never an accessToken, the publicToken decrypted."""
     body: dict[str, Any] = {
         "requestId": request_id,
-        "status": record.get("state", "queued"),
+        "status": record.get("state", RequestState.QUEUED),
         "humanId": record.get("humanId"),
     }
-    if body["status"] == "succeeded":
+    if body["status"] == RequestState.SUCCEEDED:
         body["clientUserId"] = record.get("clientUserId")
         sealed = record.get("publicToken")
         body["publicToken"] = cipher.open(sealed) if sealed else None
-    if body["status"] == "failed":
+    if body["status"] == RequestState.FAILED:
         body["error"] = record.get("error") or "failed"
     return body
 
@@ -57,13 +58,13 @@ def status_body(record: dict[str, str], request_id: str, cipher: Cipher) -> dict
 def status_from_db(rt: Runtime, request_id: str) -> dict[str, str] | None:
     """Fallback when Redis no longer has the record (expired, or a Redis without AOF)."""
     with rt.db() as db:
-        row = db.scalar(select(Session).where(Session.request_id == request_id))
+        row = sessions.by_request(db, request_id)
         if row is None:
             return None
         record = {"state": row.state, "humanId": row.human_id}
         if row.client_user_id:
             record["clientUserId"] = row.client_user_id
-            sealed = db.scalar(select(User.public_token).where(User.human_id == row.human_id))
+            sealed = store.sealed_public_token(db, row.human_id)
             if sealed:
                 record["publicToken"] = sealed
         if row.error:
@@ -76,14 +77,53 @@ def _refused(status_code: int, reason: str, body: dict[str, Any], **headers: str
     return JSONResponse(body, status_code=status_code, headers=headers or None)
 
 
+def _applied(description: str, *, required: bool = False) -> dict[str, Any]:
+    return header(description, required=required, example="wait=5")
+
+
+FINISH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    201: {
+        "model": schemas.Succeeded,
+        "description": "With `Prefer: wait=N`: the exchange succeeded within the wait",
+        "headers": {"Preference-Applied": _applied("The wait applied", required=True)},
+    },
+    202: {
+        "model": schemas.Accepted,
+        "description": "Queued (or a duplicate of a session already accepted): poll `Location`",
+        "headers": {
+            "Location": header("The status URL, as in `statusUrl`", required=True),
+            "Preference-Applied": _applied("With `Prefer: wait=N`: the wait, which ran out"),
+        },
+    },
+    400: schemas.error("Not a JSON object with valid fields, or a broken body"),
+    409: schemas.error("The sessionToken was already used with another humanId"),
+    413: schemas.error(f"The body is over {MAX_BODY_BYTES} bytes"),
+    415: schemas.error("Content-Type is not application/json"),
+    422: {
+        "model": schemas.Error | schemas.Failed,
+        "description": "clientId is not this app's (an Error); or, with `Prefer: wait=N`, "
+        "the exchange failed within the wait (the request's status)",
+        "headers": {"Preference-Applied": _applied("With `Prefer: wait=N`: the wait")},
+    },
+    503: schemas.unavailable("The queue is unavailable"),
+}
+STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": schemas.FinishStatus, "description": "The request's status"},
+    404: schemas.error("No request has this id"),
+    503: schemas.unavailable("Not in Redis (or Redis is down), and the database is unavailable"),
+}
+
+
 def router(parts_of: Any) -> APIRouter:
     """The finish routes; `parts_of(request)` gives the app's shared `Parts`."""
     api = APIRouter()
 
     @api.post(
         "/connect/finish",
+        operation_id="finish",
         status_code=202,
         summary="Finish a Human Connect session: validate, enqueue, answer at once",
+        responses=FINISH_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -97,7 +137,9 @@ def router(parts_of: Any) -> APIRouter:
                     "in": "header",
                     "required": False,
                     "schema": {"type": "string", "example": "wait=5"},
-                    "description": "RFC 7240 wait=N (N <= 30): answer 201 if done within N s",
+                    "description": "RFC 7240 `wait=N`, in seconds (at most 30; 10 when larger "
+                    "or unreadable): 201, or 422, if the exchange ends within the wait, else "
+                    "202 as without it. Other preferences are ignored",
                 }
             ],
         },
@@ -138,7 +180,12 @@ def router(parts_of: Any) -> APIRouter:
             return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)
         return _accepted(accepted.request_id, accepted.state)
 
-    @api.get("/connect/finish/{request_id}", summary="The status of a finish request")
+    @api.get(
+        "/connect/finish/{request_id}",
+        operation_id="finishStatus",
+        summary="The status of a finish request",
+        responses=STATUS_RESPONSES,
+    )
     async def finish_status(request_id: str, request: Request) -> JSONResponse:
         if not REQUEST_ID.match(request_id):
             return error(404, "unknown requestId")
@@ -198,11 +245,11 @@ async def _answer_after_wait(
                 await asyncio.wait_for(asyncio.shield(done), min(1.0, remaining))
             except TimeoutError:
                 pass
-    if record and record.get("state") == "succeeded":
+    if record and record.get("state") == RequestState.SUCCEEDED:
         return JSONResponse(
             status_body(record, request_id, parts.rt.cipher), status_code=201, headers=applied
         )
-    if record and record.get("state") == "failed":
+    if record and record.get("state") == RequestState.FAILED:
         return JSONResponse(
             status_body(record, request_id, parts.rt.cipher), status_code=422, headers=applied
         )

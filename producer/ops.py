@@ -13,11 +13,12 @@ from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from producer import schemas
 from producer.finish import FINISHES
 from producer.state import Parts
 from worker import events
-from worker.celery import QUEUE
 from worker.metrics import RedisCollector
+from worker.redis_keys import QUEUE, UNACKED
 from worker.runtime import Runtime
 
 
@@ -44,7 +45,7 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
                 ),
                 "humanconnect_queue_unacked": (
                     "Messages delivered to workers and not yet acknowledged",
-                    lambda: float(rt.redis.hlen("unacked")),
+                    lambda: float(rt.redis.hlen(UNACKED)),
                 ),
                 "humanconnect_outbox_backlog": ("Events not yet relayed", outbox_backlog),
             },
@@ -56,11 +57,26 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
 def router(parts_of: Any, registry: CollectorRegistry) -> APIRouter:
     api = APIRouter()
 
-    @api.get("/healthz", summary="The process is up")
+    @api.get(
+        "/healthz",
+        operation_id="healthz",
+        summary="The process is up",
+        # Not validated on the way out: only documented, like every other route's.
+        response_model=None,
+        responses={200: {"model": schemas.Health, "description": "While the process serves"}},
+    )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="Redis and the database are reachable")
+    @api.get(
+        "/readyz",
+        operation_id="readyz",
+        summary="Redis and the database are reachable",
+        responses={
+            200: {"model": schemas.Readiness, "description": "Both are reachable"},
+            503: {"model": schemas.Readiness, "description": "At least one is not"},
+        },
+    )
     async def readyz(request: Request) -> JSONResponse:
         parts: Parts = parts_of(request)
         checks = {"redis": await _redis_ready(parts.aredis)}
@@ -71,7 +87,19 @@ def router(parts_of: Any, registry: CollectorRegistry) -> APIRouter:
             status_code=200 if ok else 503,
         )
 
-    @api.get("/metrics", summary="Prometheus metrics")
+    @api.get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus metrics",
+        # Response's media type is None, so FastAPI adds no application/json of its own.
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The Prometheus text exposition format",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         body = await run_in_threadpool(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -83,7 +111,7 @@ async def _redis_ready(r: AsyncRedis) -> str:
     try:
         await r.ping()
         return "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:  # any failure means not ready
         return type(exc).__name__
 
 
@@ -92,5 +120,5 @@ def _database_ready(rt: Runtime) -> str:
         with rt.db() as db:
             db.execute(text("SELECT 1"))
         return "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:  # any failure means not ready
         return type(exc).__name__

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from producer import schemas
 from producer.errors import error, unavailable
 from producer.state import Parts
 from worker.users import read_user
@@ -26,10 +27,43 @@ def authorized(request: Request, expected: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), expected.encode())
 
 
+SECURITY_SCHEME = "bearerToken"
+#: Merged into the document's components by producer/app.py.
+SECURITY_SCHEMES = {
+    SECURITY_SCHEME: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "HUMANCONNECT_API_TOKEN, in the Authorization header only",
+    }
+}
+USER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": schemas.UserTokens,
+        "description": "The user's tokens",
+        "headers": schemas.NO_STORE,
+    },
+    401: schemas.error(
+        "Missing or wrong bearer token",
+        {"WWW-Authenticate": schemas.header("`Bearer`", required=True)},
+    ),
+    404: schemas.error(
+        "No such user; or the read-back is off (no HUMANCONNECT_API_TOKEN), whatever the token",
+        {"Cache-Control": schemas.header("`no-store`, for an unknown user")},
+    ),
+    503: schemas.unavailable("The database is unavailable"),
+}
+
+
 def router(parts_of: Any) -> APIRouter:
     api = APIRouter()
 
-    @api.get("/users/{client_user_id}", summary="A user's tokens (bearer token required)")
+    @api.get(
+        "/users/{client_user_id}",
+        operation_id="getUser",
+        summary="A user's tokens (bearer token required)",
+        responses=USER_RESPONSES,
+        openapi_extra={"security": [{SECURITY_SCHEME: []}]},
+    )
     async def get_user(client_user_id: str, request: Request) -> JSONResponse:
         parts: Parts = parts_of(request)
         if parts.settings.api_token is None:

@@ -7,11 +7,12 @@ import secrets
 from sqlalchemy.orm import Session as DbSession
 
 from tests.support.env import CLIENT_ID
-from worker import sessions
+from worker import sessions, store
 from worker.clock import now_us
 from worker.crypto import Cipher, session_hash
 from worker.models import Session
 from worker.request import Job
+from worker.runtime import Runtime
 
 
 def human_id() -> str:
@@ -53,3 +54,20 @@ def session_row(db: DbSession, job: Job, cipher: Cipher, key: str | None = None)
         sealed_session_token=cipher.seal(job.session_token),
     )
     return row
+
+
+def stored_user(rt: Runtime, *, public_token: str | None = None) -> str:
+    """One user with tokens in the store (access token "access-secret-1"); its clientUserId."""
+    with rt.db() as db:
+        store.save_tokens(
+            db,
+            rt.cipher,
+            human_id="a" * 24,
+            client_user_id="user@example.com",
+            access_token="access-secret-1",
+            public_token=public_token,
+            received_us=now_us(),
+            session_hash="x" * 64,
+        )
+        db.commit()
+    return "user@example.com"

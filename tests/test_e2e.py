@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 from sqlalchemy import select
 
@@ -19,6 +20,7 @@ from worker.db import session_factory
 from worker.models import Session
 
 
+@pytest.mark.slow
 def test_burst_with_upstream_faults_stores_everyone_once(
     deploy, standin: Running, redis_client: redis.Redis
 ) -> None:

@@ -14,7 +14,6 @@ from producer.app import create_app
 from tests import factories
 from tests.support.env import wait_for
 from tests.support.servers import RedisServer, TcpProxy
-from worker import store
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.users import get_user_tokens
@@ -25,20 +24,7 @@ API_TOKEN = "op-token-0123456789abcdef"
 @pytest.fixture
 def stored(make_settings: Callable[..., Settings], sqlite_url: str) -> tuple[Settings, str]:
     settings = make_settings(DATABASE_URL=sqlite_url, HUMANCONNECT_API_TOKEN=API_TOKEN)
-    rt = Runtime(settings)
-    with rt.db() as db:
-        store.save_tokens(
-            db,
-            rt.cipher,
-            human_id="a" * 24,
-            client_user_id="user@example.com",
-            access_token="access-secret-1",
-            public_token="p" * 32,
-            received_us=factories.now_us(),
-            session_hash="x" * 64,
-        )
-        db.commit()
-    return settings, "user@example.com"
+    return settings, factories.stored_user(Runtime(settings), public_token="p" * 32)
 
 
 @pytest.fixture

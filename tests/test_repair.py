@@ -53,6 +53,7 @@ def repairer(rt: Runtime) -> Repairer:
     return Repairer(rt, lambda: 0.0, threads=8)
 
 
+@pytest.mark.slow
 def test_faulty_upstream_all_repaired_in_a_few_runs_one_event_each(
     runtime: Runtime, standin: Running, redis_client
 ) -> None:

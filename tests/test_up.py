@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from humanconnect.procs import commands
 from humanconnect.up import EXAMPLE_HUMAN_ID, EXAMPLE_SESSION_TOKEN
@@ -41,6 +42,7 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path) -> None:
     """The README's curl gets 202 and its status reaches succeeded; Ctrl-C stops everything."""
     port = free_port()

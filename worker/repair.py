@@ -29,6 +29,7 @@ from worker.models import User
 from worker.redis_keys import REPAIR_LOCK as LOCK_KEY
 from worker.retry import retry_cause
 from worker.runtime import Runtime
+from worker.states import ErrorKind
 from worker.upstream import fetch_public_token
 
 log = logging.getLogger(__name__)
@@ -210,10 +211,10 @@ class Repairer:
                 call, timings=timings, before_sleep=note, count_success=True
             )
         except PermanentUpstreamError as exc:
-            return ("permanent", exc.reason, sum(timings))
+            return (ErrorKind.PERMANENT, exc.reason, sum(timings))
         except TransientUpstreamError as exc:
             # Later runs try again after the user's backoff (an open breaker included).
-            return ("transient", exc.reason, sum(timings))
+            return (ErrorKind.TRANSIENT, exc.reason, sum(timings))
         return ("ok", token, sum(timings))
 
     def _record(
@@ -238,14 +239,14 @@ class Repairer:
                     if done:
                         repaired.append(c)
                     outcomes["repaired" if done else "superseded"] += 1
-                elif kind == "transient":
+                elif kind == ErrorKind.TRANSIENT:
                     attempts = c.repair_attempts + 1
                     after = stamp_us + to_us(backoff_s(attempts))
                     conn.execute(_BACK_OFF, {**key, "attempts": attempts, "after_us": after})
-                    outcomes["transient"] += 1
+                    outcomes[ErrorKind.TRANSIENT] += 1
                 else:
                     conn.execute(_GIVE_UP, {**key, "reason": value})
-                    outcomes["permanent"] += 1
+                    outcomes[ErrorKind.PERMANENT] += 1
             event_ids = events.record_many(
                 db,
                 "publictoken.repaired",
@@ -258,8 +259,8 @@ class Repairer:
                 log.warning("repair events left for the sweep: %s", type(exc).__name__)
         report.repaired += outcomes["repaired"]
         report.superseded += outcomes["superseded"]
-        report.transient += outcomes["transient"]
-        report.permanent += outcomes["permanent"]
+        report.transient += outcomes[ErrorKind.TRANSIENT]
+        report.permanent += outcomes[ErrorKind.PERMANENT]
         for outcome, n in outcomes.items():
             metrics.inc(self.rt.redis, "repairs", n, outcome=outcome)
 

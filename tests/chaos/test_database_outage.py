@@ -11,6 +11,9 @@ from tests.support.chaos import SESSIONS, Chaos, bodies
 from tests.support.env import wait_for
 from tests.support.servers import TcpProxy
 
+# Each scenario is a whole deployment and a burst of 1,000 sessions: the full suite only.
+pytestmark = pytest.mark.slow
+
 OUTAGE_S = 15
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from tests.support.chaos import Chaos, bodies
 
+# Each scenario is a whole deployment and a burst of 1,000 sessions: the full suite only.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -10,6 +10,9 @@ import pytest
 from tests.support.chaos import SESSIONS, Chaos, bodies
 from tests.support.env import wait_for
 
+# Each scenario is a whole deployment and a burst of 1,000 sessions: the full suite only.
+pytestmark = pytest.mark.slow
+
 OUTAGE_S = 60
 MAX_RPS = 100
 

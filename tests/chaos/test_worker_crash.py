@@ -9,6 +9,9 @@ import pytest
 from tests.support.chaos import SESSIONS, Chaos, bodies
 from tests.support.env import wait_for
 
+# Each scenario is a whole deployment and a burst of 1,000 sessions: the full suite only.
+pytestmark = pytest.mark.slow
+
 
 def _burst_then(chaos: Chaos, sig: int, *, after_stored: int) -> tuple[list[dict[str, str]], int]:
     """Accept a burst, let the workers get part-way, signal every worker, start new ones."""
