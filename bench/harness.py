@@ -20,12 +20,14 @@ from humanconnect.embedded import free_port, redis_binary
 from humanconnect.procs import commands
 from humanconnect.standin import Faults
 from worker import migrate
+from worker.tickets import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
 CLIENT_SECRET = "bench0000bench0000bench0000bench00000000"
 FERNET_KEY = "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="
+TICKET_KEY = "bench-ticket-key-0123456789abcdef0123"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -246,9 +248,17 @@ def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
         HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
         HUMANAPI_MAX_RPS=str(max_rps),
         HUMANCONNECT_AUTO_MIGRATE="0",
+        # Tickets on: every finish is checked (the ticket check is CPU only, no Redis call).
+        HUMANCONNECT_TICKET_KEY=TICKET_KEY,
         PYTHONUNBUFFERED="1",
     )
     return Stack(workdir, port, standin, env)
+
+
+def ticket_headers() -> dict[str, str]:
+    """The Authorization header a finish carries. One ticket for a whole run: checking it is
+    the same work per request as checking each user's own."""
+    return {"Authorization": f"Bearer {mint(TICKET_KEY, 'bench-user@example.com', 3600)}"}
 
 
 def body(i: int, run: str) -> dict[str, str]:
@@ -274,6 +284,7 @@ async def closed_loop(
     for b in bodies:
         queue.put_nowait(b)
     conn = aiohttp.TCPConnector(limit=concurrency)
+    headers = {**ticket_headers(), **(headers or {})}
     async with aiohttp.ClientSession(base_url=url, connector=conn) as session:
 
         async def runner() -> None:
@@ -310,6 +321,7 @@ async def open_loop(
     codes: dict[int, int] = {}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    headers = ticket_headers()
     async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=timeout) as session:
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.5
@@ -318,7 +330,7 @@ async def open_loop(
             due = start + i / rate
             await asyncio.sleep(max(0.0, due - loop.time()))
             try:
-                async with session.post("/connect/finish", json=b) as resp:
+                async with session.post("/connect/finish", json=b, headers=headers) as resp:
                     await resp.read()
                     codes[resp.status] = codes.get(resp.status, 0) + 1
             except (aiohttp.ClientError, TimeoutError):

@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     p_db.add_argument("action", choices=["upgrade"])
     p_keys = sub.add_parser("keys", help="encryption keys")
     p_keys.add_argument("action", choices=["rotate"])
+    p_ticket = sub.add_parser(
+        "ticket", help="print a connect ticket for a user, signed with HUMANCONNECT_TICKET_KEY"
+    )
+    p_ticket.add_argument("client_user_id", metavar="CLIENT_USER_ID")
+    p_ticket.add_argument(
+        "--ttl", type=int, default=600, help="seconds the ticket lives (at most 3600; 600)"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -73,6 +80,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         migrate.upgrade(settings.database_url)
         sys.stdout.write(f"database at head: {_safe_url(settings.database_url)}\n")
+        return 0
+    if args.command == "ticket":
+        from worker.tickets import MAX_TTL_S, mint
+
+        if settings.ticket_key is None:
+            raise ConfigError("HUMANCONNECT_TICKET_KEY is required to sign a ticket")
+        if not 0 < args.ttl <= MAX_TTL_S:
+            raise ConfigError(f"--ttl must be between 1 and {MAX_TTL_S}")
+        key = settings.ticket_key.get_secret_value()
+        sys.stdout.write(mint(key, args.client_user_id, args.ttl) + "\n")
         return 0
     if args.command == "keys":
         from worker.rotation import rotate_all

@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from humanconnect import standin_connect
+
 log = logging.getLogger("humanconnect.standin")
 
 
@@ -70,6 +72,8 @@ class State:
     known_humans: set[str] = field(default_factory=set)
     #: Timestamps (loop time) of every call, for request-rate checks.
     call_times: list[float] = field(default_factory=list)
+    #: The clientUserId each Connect popup session was opened for (standin_connect.py).
+    connect_users: dict[str, str] = field(default_factory=dict)
 
 
 def client_user_id_for(human_id: str) -> str:
@@ -99,6 +103,7 @@ class StandIn:
                 web.post("/_standin/humans", self.seed_humans),
             ]
         )
+        standin_connect.add_routes(self.app, self.state)
 
     # -- faults --------------------------------------------------------------------------
     async def _fault(self, request: web.Request, endpoint: str) -> web.StreamResponse | None:
@@ -166,7 +171,7 @@ class StandIn:
             return web.json_response({"error": "session token already used"}, status=400)
         issued = Issued(
             human_id=human_id,
-            client_user_id=client_user_id_for(human_id),
+            client_user_id=self.state.connect_users.get(token) or client_user_id_for(human_id),
             access_token=secrets.token_urlsafe(32),
             public_token=secrets.token_hex(16),
         )

@@ -138,6 +138,8 @@ def up(settings: Settings, *, port: int | None = None) -> int:
             f'"sessionToken": "{EXAMPLE_SESSION_TOKEN}"}}\''
         )
         _say(f"then follow its Location: curl -s {url}/connect/finish/<requestId>\n")
+        if settings.sandbox:
+            _say(f"Or open the sandbox app in a browser: {url}/  (Connect, finish, forge)\n")
         while not stop_requested:
             dead = [c for c in children if not c.alive()]
             if dead:

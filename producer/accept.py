@@ -46,8 +46,11 @@ class Acceptor:
         self.messages = messages
         self.cipher = cipher
 
-    async def accept(self, body: FinishBody) -> Accepted:
-        """Queue `body`, or answer with the request that already queued its session."""
+    async def accept(
+        self, body: FinishBody, *, expected_client_user_id: str | None = None
+    ) -> Accepted:
+        """Queue `body`, or answer with the request that already queued its session.
+        `expected_client_user_id` is the user a connect ticket vouched for."""
         # Sealed: neither the queue nor Redis ever holds a usable session token.
         request = ExchangeRequest(
             request_id=new_request_id(),
@@ -55,6 +58,7 @@ class Acceptor:
             client_id=body.clientId,
             sealed_session_token=self.cipher.seal(body.sessionToken),
             received_us=to_us(now().timestamp()),
+            expected_client_user_id=expected_client_user_id,
         )
         message = self.messages.exchange(request)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,14 +11,17 @@ from celery import Celery
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from producer import finish, ops, users
+from producer import browser, finish, ops, users
 from producer.body import FinishBody
+from producer.cors import BrowserCORS
 from producer.state import Parts
 from worker import logs, migrate
 from worker.celery import celery_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def _parts(request: Request) -> Parts:
@@ -38,6 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
         settings.require(secret=False)
         logs.install(as_json=settings.log_json)
+        if settings.ticket_key is None:
+            log.warning(
+                "HUMANCONNECT_TICKET_KEY is not set: any client can finish a session for any "
+                "user (set it and send connect tickets; see the README)"
+            )
         if settings.auto_migrate:
             await run_in_threadpool(migrate.upgrade, settings.database_url)
         # Created inside the server's event loop, which the async Redis client is bound to.
@@ -51,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(finish.router(_parts))
     api.include_router(users.router(_parts))
     api.include_router(ops.router(_parts, ops.registry_for(rt)))
+    api.include_router(browser.router(_parts, settings))
+    if settings.cors_origins:
+        api.add_middleware(BrowserCORS, origins=settings.cors_origins)
 
     original_openapi = api.openapi
 

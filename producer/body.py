@@ -32,6 +32,9 @@ class FinishBody(BaseModel):
     humanId: Value = Field(validation_alias=AliasChoices("humanId", "human_id"))
     clientId: Value = Field(validation_alias=AliasChoices("clientId", "client_id"))
     sessionToken: Value = Field(validation_alias=AliasChoices("sessionToken", "session_token"))
+    #: A connect ticket, for clients that can't send `Authorization: Bearer` (see the
+    #: contract's "Connect tickets"); read before validation, documented here.
+    ticket: str | None = Field(None, max_length=4096)
 
     def __repr__(self) -> str:
         return f"FinishBody(humanId={self.humanId!r}, clientId={self.clientId!r})"
@@ -79,12 +82,22 @@ def check_content_type(request: Request) -> None:
 
 def parse(raw: bytes) -> FinishBody:
     """Decode and validate; 400 with one message per offending field."""
+    return validate(decode(raw))
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; 400 otherwise."""
     try:
         data: Any = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadRequest(400, "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest(400, "body must be a JSON object")
+    return data
+
+
+def validate(data: dict[str, Any]) -> FinishBody:
+    """The finish body from a decoded object; 400 with one message per offending field."""
     try:
         return FinishBody.model_validate(data)
     except ValidationError as exc:

@@ -17,7 +17,14 @@ from starlette.concurrency import run_in_threadpool
 
 from producer import schemas
 from producer.accept import Accepted, SessionConflict
-from producer.body import MAX_BODY_BYTES, BadRequest, check_content_type, parse, read_limited
+from producer.body import (
+    MAX_BODY_BYTES,
+    BadRequest,
+    check_content_type,
+    decode,
+    read_limited,
+    validate,
+)
 from producer.errors import error, unavailable
 from producer.schemas import header
 from producer.state import Parts
@@ -27,6 +34,7 @@ from worker.crypto import Cipher
 from worker.errors import QueueUnavailableError
 from worker.runtime import Runtime
 from worker.states import FINAL, RequestState
+from worker.tickets import TicketError
 
 log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -96,6 +104,11 @@ FINISH_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     400: schemas.error("Not a JSON object with valid fields, or a broken body"),
+    401: schemas.error(
+        "With HUMANCONNECT_TICKET_KEY set: the connect ticket is missing (`ticket missing`), "
+        "expired (`ticket expired`) or otherwise not valid (`ticket invalid`)",
+        {"WWW-Authenticate": header("`Bearer`", required=True)},
+    ),
     409: schemas.error("The sessionToken was already used with another humanId"),
     413: schemas.error(f"The body is over {MAX_BODY_BYTES} bytes"),
     415: schemas.error("Content-Type is not application/json"),
@@ -140,17 +153,42 @@ def router(parts_of: Any) -> APIRouter:
                     "description": "RFC 7240 `wait=N`, in seconds (at most 30; 10 when larger "
                     "or unreadable): 201, or 422, if the exchange ends within the wait, else "
                     "202 as without it. Other preferences are ignored",
-                }
+                },
+                {
+                    "name": "ticket",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "maxLength": 4096},
+                    "description": "A connect ticket, for clients that can't send "
+                    "`Authorization: Bearer` (the provider's mobile SDKs)",
+                },
             ],
         },
     )
     async def finish(request: Request) -> JSONResponse:
         started = time.monotonic()
         parts: Parts = parts_of(request)
+        # Refusals in the contract's order: 413, 401, 415, 400, 422.
         try:
             raw = await read_limited(request)
+        except BadRequest as exc:
+            return _refused(exc.status, str(exc.status), exc.body)
+        undecodable: BadRequest | None = None
+        try:
+            data: dict[str, Any] | None = decode(raw)
+        except BadRequest as exc:
+            data, undecodable = None, exc
+        try:
+            user = parts.tickets.user(request, data)
+        except TicketError as exc:
+            return _refused(
+                401, "ticket", {"error": exc.reason, "fields": {}}, **{"WWW-Authenticate": "Bearer"}
+            )
+        try:
             check_content_type(request)
-            body = parse(raw)
+            if undecodable is not None or data is None:
+                raise undecodable or BadRequest(400, "body is not valid JSON")
+            body = validate(data)
         except BadRequest as exc:
             return _refused(exc.status, str(exc.status), exc.body)
         if body.clientId != parts.settings.effective_client_id:
@@ -160,7 +198,7 @@ def router(parts_of: Any) -> APIRouter:
                 {"error": "clientId is not this app's", "fields": {"clientId": "does not match"}},
             )
         try:
-            accepted = await parts.acceptor.accept(body)
+            accepted = await parts.acceptor.accept(body, expected_client_user_id=user)
         except SessionConflict:
             return _refused(
                 409,

@@ -10,6 +10,7 @@ from redis.asyncio import Redis as AsyncRedis
 from producer.accept import Acceptor
 from producer.claims import Claims
 from producer.message import MessageBuilder
+from producer.tickets import TicketCheck
 from producer.waiters import Waiters
 from worker.runtime import Runtime, async_redis_client
 from worker.settings import Settings
@@ -23,6 +24,7 @@ class Parts:
     claims: Claims
     acceptor: Acceptor
     waiters: Waiters
+    tickets: TicketCheck
 
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
@@ -37,6 +39,7 @@ class Parts:
             claims,
             Acceptor(claims, MessageBuilder(celery), rt.cipher),
             waiters,
+            TicketCheck(settings),
         )
 
     async def stop(self) -> None:

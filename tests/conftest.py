@@ -33,7 +33,8 @@ def deploy(
     """Start `web` and `worker` as the Procfile does, with only the contract's variables."""
     started: list[Process] = []
 
-    def make(**extra: str) -> Deployment:
+    def make(*, sandbox_web: bool = False, **extra: str) -> Deployment:
+        """`sandbox_web`: the web without the clientSecret, in sandbox mode as `up` runs it."""
         env = service_env(
             REDIS_URL=redis_url,
             DATABASE_URL=db_url,
@@ -47,7 +48,8 @@ def deploy(
             HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
             **extra,
         )
-        web, url = start_web(env, ROOT, tmp_path / "web.log")
+        web_env = {k: v for k, v in env.items() if k != "HUMANAPI_CLIENT_SECRET"}
+        web, url = start_web(web_env if sandbox_web else env, ROOT, tmp_path / "web.log")
         started.append(web)
         worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=32)
         started.append(worker)
@@ -167,14 +169,29 @@ def make_settings(redis_url: str) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def client(
+def make_client(
     make_settings: Callable[..., Settings], sqlite_url: str, redis_client: redis.Redis
-) -> Iterator[TestClient]:
-    """The producer app in process, on the shared Redis and a fresh SQLite file."""
+) -> Iterator[Callable[..., TestClient]]:
+    """The producer app in process with the given variables, on the shared Redis and a fresh
+    SQLite file; closed after the test."""
     from producer.app import create_app
 
-    with TestClient(create_app(make_settings(DATABASE_URL=sqlite_url))) as c:
-        yield c
+    opened: list[TestClient] = []
+
+    def make(**env: str) -> TestClient:
+        c = TestClient(create_app(make_settings(DATABASE_URL=sqlite_url, **env)))
+        opened.append(c.__enter__())
+        return c
+
+    yield make
+    for c in opened:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    """The producer app in process, on the shared Redis and a fresh SQLite file."""
+    return make_client()
 
 
 @pytest.fixture

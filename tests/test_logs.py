@@ -80,3 +80,20 @@ def test_celerys_routine_lines_stay_out_of_info() -> None:
     assert passes("celery.beat", logging.INFO, "beat: Starting...")
     assert passes("worker.exchange", logging.INFO, "exchange succeeded request=%s")
     assert len(logging.getLogger("celery.beat").filters) == 1
+
+
+def test_connect_tickets_never_reach_a_log_line() -> None:
+    """A ticket in a URL's query, a JSON field or anywhere as a bare JWT is redacted."""
+    from worker.tickets import mint
+
+    ticket = mint("log-test-key-0123456789abcdef0123", "alice@example.com")
+    f = RedactingFilter()
+    for message in (
+        f"POST /connect/finish?wait=25&ticket={ticket} HTTP/1.1",
+        f'{{"humanId": "h", "ticket": "{ticket}"}}',
+        f"could not use {ticket} here",
+        f"Authorization: Bearer {ticket}",
+    ):
+        redacted = f.redact(message)
+        assert ticket not in redacted and ticket.split(".")[1] not in redacted, redacted
+        assert REDACTED in redacted

@@ -17,11 +17,12 @@ from httpx import Response
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
 from producer.app import create_app
 from producer.body import MAX_BODY_BYTES, FinishBody
 from tests import factories
-from tests.support.env import CLIENT_ID
+from tests.support.env import CLIENT_ID, TICKET_KEY
 from tests.support.servers import RedisServer
 from worker import status
 from worker.runtime import Runtime
@@ -241,6 +242,7 @@ def _users_and_ops(answers: Answers, client_user_id: str) -> None:
     answers.get("/healthz", "/healthz")
     answers.get("/readyz", "/readyz")
     answers.get("/metrics", "/metrics")
+    answers.get("/humanconnect.js", "/humanconnect.js")
 
 
 def test_every_documented_answer_is_given_as_documented(
@@ -266,6 +268,11 @@ def test_every_documented_answer_is_given_as_documented(
         answers.get("/connect/finish/{request_id}", "/connect/finish/unknown")  # 503
         answers.get("/users/{client_user_id}", f"/users/{stored_user}", headers=BEARER)  # 503
         answers.get("/readyz", "/readyz")  # 503
+
+    ticketed = app_settings.model_copy(update={"ticket_key": SecretStr(TICKET_KEY)})
+    with TestClient(create_app(ticketed)) as c:
+        answers = Answers(c, seen)
+        answers.post(json=factories.finish_body())  # 401: no ticket
 
     with TestClient(create_app(app_settings)) as c:
         answers = Answers(c, seen)

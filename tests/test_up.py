@@ -59,6 +59,9 @@ def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path
             what="the guide's example to succeed",
         )
         assert len(final["publicToken"]) == 32
+        # The sandbox app's page, whose URL `up` prints
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "Connect health data" in page.text
         # Idle past one tick of beat's 5 s outbox sweep: housekeeping that finds nothing
         # to do must not show up.
         time.sleep(6)
@@ -66,6 +69,7 @@ def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path
         out = _stop(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "SANDBOX MODE" in out and "curl" in out
+    assert f"Or open the sandbox app in a browser: {url}/" in out
     # The finish's own outcome line, and none of Celery's routine per-task/per-tick lines
     assert f"exchange succeeded request={final['requestId']}" in out
     assert "Sending due task" not in out

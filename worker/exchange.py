@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 STORE_PATIENCE_S = 600.0
 # Pause before looking again at a session another delivery is working on.
 BUSY_COUNTDOWN_S = 5.0
+MISMATCH_REASON = (
+    "the upstream's answer is for another user than the connect ticket vouched for: "
+    "nothing was stored"
+)
 ANSWER_LOST_REASON = (
     "the upstream refused the session after an earlier call got no answer: the token was "
     "probably used and its answer lost ({reason}); ask the user to connect again"
@@ -103,6 +107,7 @@ class Exchanger:
                 human_id=job.human_id,
                 received_us=job.received_us,
                 sealed_session_token=self.rt.cipher.seal(job.session_token),
+                expected_client_user_id=job.expected_client_user_id,
             )
             finished = RequestState(row.state).final
             # A run that died while `running` may have reached the upstream unanswered.
@@ -143,6 +148,12 @@ class Exchanger:
             return Outcome(
                 RequestState.RETRYING, retry_in=pause, error=exc.reason, upstream_calls=at.calls
             )
+
+        expected = job.expected_client_user_id
+        if expected is not None and tokens.client_user_id != expected:
+            # Someone opened Connect as another user: none of this answer is kept.
+            self._observe(at)
+            return self._fail(at, MISMATCH_REASON, ErrorKind.CLIENT_USER_MISMATCH)
 
         try:
             applied, event = self._store(at, tokens)
@@ -249,13 +260,7 @@ class Exchanger:
             stored = row.state == RequestState.SUCCEEDED
             if not stored:
                 sessions.mark_failed(row, reason, kind)
-                event = events.record(
-                    db,
-                    "connect.failed",
-                    humanId=job.human_id,
-                    requestId=job.request_id,
-                    error=reason,
-                )
+                event = events.record(db, "connect.failed", **_failed_fields(job, reason))
             db.commit()
         if stored:
             # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
@@ -276,9 +281,7 @@ class Exchanger:
                 return
             if row is not None:
                 sessions.mark_failed(row, reason, ErrorKind.INTERNAL)
-            event = events.record(
-                db, "connect.failed", humanId=job.human_id, requestId=job.request_id, error=reason
-            )
+            event = events.record(db, "connect.failed", **_failed_fields(job, reason))
             db.commit()
         self._relay(event)
         metrics.inc(self.rt.redis, "exchanges", outcome=ErrorKind.INTERNAL)
@@ -343,3 +346,11 @@ class Exchanger:
     def _status(self, job: Job, state: RequestState, **fields: str) -> None:
         fields.setdefault("humanId", job.human_id)
         status.set_state(self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields)
+
+
+def _failed_fields(job: Job, reason: str) -> dict[str, str]:
+    """A connect.failed event's fields; with a ticket, the user it vouched for."""
+    fields = {"humanId": job.human_id, "requestId": job.request_id, "error": reason}
+    if job.expected_client_user_id is not None:
+        fields["clientUserId"] = job.expected_client_user_id
+    return fields

@@ -56,6 +56,7 @@ def requeue_transient(rt: Runtime, send: Callable[[ExchangeRequest], None]) -> i
                 sealed_session_token=row.sealed_session_token,
                 received_us=row.received_us,
                 window_start_us=now_us(),
+                expected_client_user_id=row.expected_client_user_id,
             )
             # The same re-send fields the producer keeps, so the reconciler covers this
             # enqueue too (worker/reconcile.py).

@@ -14,13 +14,16 @@ from celery.app import trace
 # celery.beat's line for each task it sends (a literal there, not a constant).
 BEAT_SENDING = "Scheduler: Sending due task"
 
-# JSON-ish `"accessToken": "..."`, `accessToken=...` and their snake_case twins.
+# JSON-ish `"accessToken": "..."`, `accessToken=...` and their snake_case twins; `ticket=`
+# also catches a connect ticket in a URL's query.
 _FIELD = re.compile(
-    r"""(?P<key>["']?(?:access_?token|public_?token|session_?token|client_?secret)["']?\s*[:=]\s*)"""
+    r"""(?P<key>["']?(?:access_?token|public_?token|session_?token|client_?secret|ticket)["']?\s*[:=]\s*)"""
     r"""(?P<quote>["']?)(?P<value>[^"',\s}&]+)(?P=quote)""",
     re.IGNORECASE,
 )
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+# A JWT (a connect ticket) wherever it stands: three base64url parts, the first a JSON header.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 REDACTED = "[redacted]"
 
 #: The finish request a log line belongs to, carried from the producer into the worker.
@@ -48,7 +51,8 @@ class RedactingFilter(logging.Filter):
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         text = _FIELD.sub(lambda m: f"{m['key']}{m['quote']}{REDACTED}{m['quote']}", text)
-        return _BEARER.sub(rf"\g<1>{REDACTED}", text)
+        text = _BEARER.sub(rf"\g<1>{REDACTED}", text)
+        return _JWT.sub(REDACTED, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

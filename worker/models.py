@@ -81,8 +81,10 @@ class Session(Base):
     ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
     client_user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    #: transient (retries exhausted), permanent, or answer_lost.
-    error_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: Why it failed: a worker.states.ErrorKind.
+    error_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: The clientUserId the finish's connect ticket vouched for (kept for `failed --retry`).
+    expected_client_user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: The session token, Fernet-sealed, kept until the session succeeds so that

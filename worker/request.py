@@ -26,10 +26,12 @@ class ExchangeRequest:
     received_us: int
     #: When the retry window opened, if not at `received_us` (an operator re-queued it).
     window_start_us: int | None = None
+    #: The clientUserId the finish's connect ticket vouched for, if it carried one.
+    expected_client_user_id: str | None = None
 
     def task_kwargs(self) -> dict[str, Any]:
-        """The task's keyword arguments; `window_start_us` only when set, as older
-        workers' messages had it."""
+        """The task's keyword arguments; the optional ones only when set, as older messages
+        had them."""
         kwargs: dict[str, Any] = {
             "request_id": self.request_id,
             "human_id": self.human_id,
@@ -39,6 +41,8 @@ class ExchangeRequest:
         }
         if self.window_start_us is not None:
             kwargs["window_start_us"] = self.window_start_us
+        if self.expected_client_user_id is not None:
+            kwargs["expected_client_user_id"] = self.expected_client_user_id
         return kwargs
 
     def record_fields(self) -> dict[str, str]:
@@ -51,6 +55,8 @@ class ExchangeRequest:
         }
         if self.window_start_us is not None:
             fields["windowStartUs"] = str(self.window_start_us)
+        if self.expected_client_user_id is not None:
+            fields["expectedClientUserId"] = self.expected_client_user_id
         return fields
 
     @classmethod
@@ -66,6 +72,7 @@ class ExchangeRequest:
                 sealed_session_token=record["sealedSessionToken"],
                 received_us=int(record["receivedUs"]),
                 window_start_us=int(window) if window else None,
+                expected_client_user_id=record.get("expectedClientUserId") or None,
             )
         except (KeyError, ValueError):
             return None
@@ -85,6 +92,8 @@ class Job:
     received_us: int
     #: When the retry window opened: the receive time, or when an operator re-queued it.
     window_start_us: int | None = None
+    #: The clientUserId the connect ticket vouched for; the upstream's answer must match.
+    expected_client_user_id: str | None = None
 
     @classmethod
     def opened(cls, request: ExchangeRequest, session_token: str) -> Job:
@@ -96,6 +105,7 @@ class Job:
             session_token=session_token,
             received_us=request.received_us,
             window_start_us=request.window_start_us,
+            expected_client_user_id=request.expected_client_user_id,
         )
 
     def __repr__(self) -> str:

@@ -62,6 +62,7 @@ def load_or_create(
     human_id: str,
     received_us: int,
     sealed_session_token: str,
+    expected_client_user_id: str | None = None,
 ) -> tuple[Session, bool]:
     """The session's record, and whether this call created it. A first delivery creates it
     already `running` with one attempt, in one statement (a race-free insert); a later one
@@ -75,6 +76,7 @@ def load_or_create(
         "state": RequestState.RUNNING,
         "attempts": 1,
         "sealed_session_token": sealed_session_token,
+        "expected_client_user_id": expected_client_user_id,
         "ambiguous": False,
         "created_at": stamp,
         "updated_at": stamp,

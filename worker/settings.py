@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from functools import lru_cache
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import (
@@ -22,6 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
 
+#: Tickets are HMAC-SHA256: a shorter key is guessable offline from one ticket.
+MIN_TICKET_KEY_BYTES = 32
 # The provider guide's example app: the sandbox's default clientId, so the guide's example
 # sessionTokenObject finishes as-is against the local stand-in.
 SANDBOX_CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
@@ -110,6 +113,10 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(True, validation_alias=_env("HUMANCONNECT_AUTO_MIGRATE"))
     #: One JSON object per log line.
     log_json: bool = Field(False, validation_alias=_env("HUMANCONNECT_LOG_JSON"))
+    #: HS256 key for connect tickets (at least 32 bytes). Set: every finish needs a ticket.
+    ticket_key: SecretStr | None = Field(None, validation_alias=_env("HUMANCONNECT_TICKET_KEY"))
+    #: Comma-separated exact origins a browser may finish from (CORS). Unset: no CORS headers.
+    cors_origins_list: str = Field("", validation_alias=_env("HUMANCONNECT_CORS_ORIGINS"))
 
     @model_validator(mode="after")
     def _timing_fits(self) -> Settings:
@@ -162,6 +169,37 @@ class Settings(BaseSettings):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value or None
+
+    @field_validator("client_secret", "api_token")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("ticket_key")
+    @classmethod
+    def _ticket_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value().encode()) < MIN_TICKET_KEY_BYTES:
+            # The length, never the key.
+            raise ValueError(f"must be at least {MIN_TICKET_KEY_BYTES} bytes")
+        return value
+
+    @field_validator("cors_origins_list")
+    @classmethod
+    def _origins_shape(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or origin.endswith("/"):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+            if parts.path or parts.query or parts.fragment:
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """The exact origins allowed to call the finish routes from a browser."""
+        return [o.strip() for o in self.cors_origins_list.split(",") if o.strip()]
 
     @field_validator("encryption_keys")
     @classmethod

@@ -34,3 +34,5 @@ class ErrorKind(StrEnum):
     ANSWER_LOST = "answer_lost"
     #: Our own bug: the task's retries for an unforeseen exception ran out.
     INTERNAL = "internal"
+    #: The upstream's answer named another user than the connect ticket vouched for.
+    CLIENT_USER_MISMATCH = "client_user_mismatch"

@@ -67,6 +67,7 @@ def exchange_session(
     sealed_session_token: str,
     received_us: int,
     window_start_us: int | None = None,
+    expected_client_user_id: str | None = None,
 ) -> None:
     """Exchange one accepted session for tokens, store them, or schedule the next try.
 
@@ -78,6 +79,7 @@ def exchange_session(
         sealed_session_token=sealed_session_token,
         received_us=received_us,
         window_start_us=window_start_us,
+        expected_client_user_id=expected_client_user_id,
     )
     with logs.request_context(request_id):
         rt = runtime()

@@ -19,6 +19,8 @@ CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
 CLIENT_SECRET = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e70001"
 FERNET_KEY = "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="
 FERNET_KEY_2 = "jS0G3ro4C3ulPP7rRLrPQHVa6lZIeJQ2sh8dtI1kIT4="
+# Connect tickets' HS256 key for the tests (32 bytes or more, as the service demands).
+TICKET_KEY = "ticket-key-for-tests-0123456789abcdef"
 
 
 def free_port() -> int:
