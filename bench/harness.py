@@ -18,7 +18,7 @@ import redis
 
 from humanconnect.embedded import free_port, redis_binary
 from humanconnect.procs import commands
-from humanconnect.standin import Faults
+from humanconnect.standin import Faults, client_user_id_for
 from worker import migrate
 from worker.tickets import mint
 
@@ -255,10 +255,13 @@ def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
     return Stack(workdir, port, standin, env)
 
 
-def ticket_headers() -> dict[str, str]:
-    """The Authorization header a finish carries. One ticket for a whole run: checking it is
-    the same work per request as checking each user's own."""
-    return {"Authorization": f"Bearer {mint(TICKET_KEY, 'bench-user@example.com', 3600)}"}
+def ticket_headers(bodies: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each finish's Authorization header: a ticket for the user the stand-in will name,
+    minted before the clock starts (an app's server mints it before Connect opens)."""
+    return [
+        {"Authorization": f"Bearer {mint(TICKET_KEY, client_user_id_for(b['humanId']), 3600)}"}
+        for b in bodies
+    ]
 
 
 def body(i: int, run: str) -> dict[str, str]:
@@ -284,14 +287,15 @@ async def closed_loop(
     for b in bodies:
         queue.put_nowait(b)
     conn = aiohttp.TCPConnector(limit=concurrency)
-    headers = {**ticket_headers(), **(headers or {})}
+    tickets = dict(zip((b["sessionToken"] for b in bodies), ticket_headers(bodies), strict=True))
     async with aiohttp.ClientSession(base_url=url, connector=conn) as session:
 
         async def runner() -> None:
             while not queue.empty():
                 b = queue.get_nowait()
+                sent = {**tickets[b["sessionToken"]], **(headers or {})}
                 t0 = time.perf_counter()
-                async with session.post("/connect/finish", json=b, headers=headers) as resp:
+                async with session.post("/connect/finish", json=b, headers=sent) as resp:
                     await resp.read()
                     codes[resp.status] = codes.get(resp.status, 0) + 1
                 latencies.append((time.perf_counter() - t0) * 1000)
@@ -321,7 +325,7 @@ async def open_loop(
     codes: dict[int, int] = {}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    headers = ticket_headers()
+    tickets = ticket_headers(bodies)
     async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=timeout) as session:
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.5
@@ -330,7 +334,7 @@ async def open_loop(
             due = start + i / rate
             await asyncio.sleep(max(0.0, due - loop.time()))
             try:
-                async with session.post("/connect/finish", json=b, headers=headers) as resp:
+                async with session.post("/connect/finish", json=b, headers=tickets[i]) as resp:
                     await resp.read()
                     codes[resp.status] = codes.get(resp.status, 0) + 1
             except (aiohttp.ClientError, TimeoutError):
