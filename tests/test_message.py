@@ -15,39 +15,58 @@ from worker.redis_keys import QUEUE
 from worker.request import ExchangeRequest
 from worker.settings import Settings
 
-REQUEST = ExchangeRequest(
-    request_id="r" * 22,
-    human_id="h" * 24,
-    client_id="c" * 40,
-    sealed_session_token="gAAAAAsealed",
-    received_us=1764316800000000,
-)
-KWARGS = REQUEST.task_kwargs()
+REQUESTS = [
+    ExchangeRequest(
+        request_id="r" * 22,
+        human_id="h" * 24,
+        client_id="c" * 40,
+        sealed_session_token="gAAAAAsealed",
+        received_us=1764316800000000,
+    ),
+    ExchangeRequest(
+        request_id="another-request-id-0001",
+        human_id="g" * 24,
+        client_id="c" * 40,
+        sealed_session_token="gAAAAAsealed2",
+        received_us=1764316800000001,
+        window_start_us=1764316900000000,
+        expected_client_user_id="alice@example.com",
+    ),
+]
+
+
+def _celerys_own(app: Celery, r: redis.Redis, request: ExchangeRequest) -> dict:
+    """What Celery's own publish of `request` wrote to a real Redis."""
+    app.send_task(
+        EXCHANGE_TASK,
+        kwargs=request.task_kwargs(),
+        task_id=request.request_id,
+        retry=False,
+        argsrepr="()",
+        kwargsrepr=f"{{'request_id': {request.request_id!r}}}",
+    )
+    raw = r.rpop(QUEUE)
+    assert isinstance(raw, bytes)
+    return dict(json.loads(raw))
 
 
 def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Redis) -> None:
-    # Given Celery's own publish of the same task to a real Redis
+    """For each request (one builder, several ids): every field is what Celery writes, but
+    Kombu's per-message delivery tag; the body carries the task's kwargs."""
     app = Celery("test-sender")
     app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": redis_url})))
-    app.send_task(
-        EXCHANGE_TASK,
-        kwargs=KWARGS,
-        task_id=KWARGS["request_id"],
-        retry=False,
-        argsrepr="()",
-        kwargsrepr=f"{{'request_id': {KWARGS['request_id']!r}}}",
-    )
-    raw = redis_client.rpop(QUEUE)
-    assert isinstance(raw, bytes)
-    theirs = json.loads(raw)
-    # When we build the message ourselves
     builder = MessageBuilder(app)
-    ours = json.loads(builder.exchange(REQUEST))
-    again = json.loads(builder.exchange(REQUEST))
-    # Then every field is Celery's, except Kombu's per-message delivery tag: a fresh UUID
-    tags = [m["properties"].pop("delivery_tag") for m in (theirs, ours, again)]
-    assert ours == theirs
-    assert len({uuid.UUID(t) for t in tags}) == 3
-    # And the body carries the kwargs a worker will call the task with
-    args, kwargs, _embed = json.loads(base64.b64decode(ours["body"]))
-    assert (args, kwargs) == ([], KWARGS)
+    tags = []
+    for request in REQUESTS:
+        # Given Celery's own publish of the same task
+        theirs = _celerys_own(app, redis_client, request)
+        # When we build the message ourselves (twice)
+        ours = json.loads(builder.exchange(request))
+        again = json.loads(builder.exchange(request))
+        # Then every field is Celery's, except the delivery tag: a fresh UUID each time
+        tags += [m["properties"].pop("delivery_tag") for m in (theirs, ours, again)]
+        assert ours == theirs == again
+        # And the body carries the kwargs a worker will call the task with
+        args, kwargs, _embed = json.loads(base64.b64decode(ours["body"]))
+        assert (args, kwargs) == ([], request.task_kwargs())
+    assert len({uuid.UUID(t) for t in tags}) == len(tags)
