@@ -28,7 +28,7 @@ from producer.body import (
 from producer.errors import error, unavailable
 from producer.schemas import header
 from producer.state import Parts
-from producer.waiters import parse_prefer_wait
+from producer.waiters import requested_wait
 from worker import sessions, store
 from worker.crypto import Cipher
 from worker.errors import QueueUnavailableError
@@ -155,6 +155,15 @@ def router(parts_of: Any) -> APIRouter:
                     "202 as without it. Other preferences are ignored",
                 },
                 {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "example": "25"},
+                    "description": "The same as `Prefer: wait=N`, for clients that can't send "
+                    "the header (the provider's iOS and Android SDKs post to a fixed authURL); "
+                    "the header wins when both are given",
+                },
+                {
                     "name": "ticket",
                     "in": "query",
                     "required": False,
@@ -213,7 +222,7 @@ def router(parts_of: Any) -> APIRouter:
             FINISHES.labels("refused", "queue_unavailable").inc()
             return unavailable("queue unavailable, try again")
         FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
-        wait_s = parse_prefer_wait(request.headers.get("prefer"))
+        wait_s = requested_wait(request.headers.get("prefer"), request.query_params.get("wait"))
         if wait_s is not None:
             return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)
         return _accepted(accepted.request_id, accepted.state)

@@ -42,6 +42,15 @@ def parse_prefer_wait(header: str | None) -> float | None:
     return seconds
 
 
+def requested_wait(prefer: str | None, query_wait: str | None) -> float | None:
+    """The wait a finish asks for: `Prefer: wait=N`, else `?wait=N` on the URL (the provider's
+    mobile SDKs post to a fixed authURL and can't add a header); the same rules for both."""
+    from_header = parse_prefer_wait(prefer)
+    if from_header is not None or query_wait is None:
+        return from_header
+    return parse_prefer_wait(f"wait={query_wait}")
+
+
 class Waiters:
     """Futures keyed by requestId, resolved by one background subscriber."""
 
