@@ -167,7 +167,7 @@ def router(parts_of: Any) -> APIRouter:
                     "name": "ticket",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "string", "maxLength": 4096},
+                    "schema": {"type": "string"},
                     "description": "A connect ticket, for clients that can't send "
                     "`Authorization: Bearer` (the provider's mobile SDKs)",
                 },
