@@ -27,6 +27,9 @@ from worker.tickets import mint
 pytest.importorskip("playwright")
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright  # noqa: E402
 
+# A real browser and a real deployment per test: the full suite only.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "var" / "screenshots"
 # Without the background-networking flags Chromium keeps dialling hosts this machine can't reach.

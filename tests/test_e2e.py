@@ -231,6 +231,7 @@ def test_message_sealed_with_an_unknown_key_fails_visibly(
     assert "encryption key" in final["error"]
 
 
+@pytest.mark.slow
 def test_failed_lists_and_retry_requeues_transient_failures(deploy, standin: Running) -> None:
     """`humanconnect failed` lists sessions the outage failed; `--retry` finishes them after."""
     # Given an upstream down for longer than a (short) retry window

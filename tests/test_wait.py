@@ -66,6 +66,7 @@ def test_permanent_failure_answers_422_with_the_status(web, standin: Running) ->
     assert resp.json()["status"] == "failed" and "401" in resp.json()["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prefer", ["wait=99", "wait=abc", "wait=-1", "respond-async, wait=", "wait=nan"]
 )
