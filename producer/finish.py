@@ -182,22 +182,22 @@ def router(parts_of: Any) -> APIRouter:
             raw = await read_limited(request)
         except BadRequest as exc:
             return _refused(exc.status, str(exc.status), exc.body)
-        undecodable: BadRequest | None = None
+        # Decoded before the ticket check (a body field may carry the ticket), refused after it.
         try:
-            data: dict[str, Any] | None = decode(raw)
+            decoded: dict[str, Any] | BadRequest = decode(raw)
         except BadRequest as exc:
-            data, undecodable = None, exc
+            decoded = exc
         try:
-            user = parts.tickets.user(request, data)
+            user = parts.tickets.user(request, decoded if isinstance(decoded, dict) else None)
         except TicketError as exc:
             return _refused(
                 401, "ticket", {"error": exc.reason, "fields": {}}, **{"WWW-Authenticate": "Bearer"}
             )
         try:
             check_content_type(request)
-            if undecodable is not None or data is None:
-                raise undecodable or BadRequest(400, "body is not valid JSON")
-            body = validate(data)
+            if isinstance(decoded, BadRequest):
+                raise decoded
+            body = validate(decoded)
         except BadRequest as exc:
             return _refused(exc.status, str(exc.status), exc.body)
         if body.clientId != parts.settings.effective_client_id:

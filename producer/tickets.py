@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from worker.settings import Settings
-from worker.tickets import TicketError, verify
+from worker.tickets import verify
 
 
 class TicketCheck:
@@ -55,6 +55,3 @@ def find(request: Request, data: dict[str, Any] | None) -> str | None:
         if isinstance(field, str) and field:
             return field
     return request.query_params.get("ticket") or None
-
-
-__all__ = ["TicketCheck", "TicketError", "find"]
