@@ -14,6 +14,7 @@ from worker import logs
 from worker.clock import now, to_us
 from worker.crypto import Cipher, session_hash
 from worker.errors import HumanConnectError, QueueUnavailableError
+from worker.redis_keys import WAITING_QUEUE
 from worker.request import ExchangeRequest
 from worker.states import RequestState
 from worker.status import new_request_id
@@ -47,10 +48,15 @@ class Acceptor:
         self.cipher = cipher
 
     async def accept(
-        self, body: FinishBody, *, expected_client_user_id: str | None = None
+        self,
+        body: FinishBody,
+        *,
+        expected_client_user_id: str | None = None,
+        waiting: bool = False,
     ) -> Accepted:
         """Queue `body`, or answer with the request that already queued its session.
-        `expected_client_user_id` is the user a connect ticket vouched for."""
+        `expected_client_user_id` is the user a connect ticket vouched for; `waiting` says
+        a person waits on the answer (the waiting queue, while its share allows)."""
         # Sealed: neither the queue nor Redis ever holds a usable session token.
         request = ExchangeRequest(
             request_id=new_request_id(),
@@ -61,9 +67,12 @@ class Acceptor:
             expected_client_user_id=expected_client_user_id,
         )
         message = self.messages.exchange(request)
+        waiting_message = self.messages.exchange(request, WAITING_QUEUE) if waiting else None
         try:
             claim = await asyncio.wait_for(
-                self.claims.accept(session_hash(body.sessionToken), request, message),
+                self.claims.accept(
+                    session_hash(body.sessionToken), request, message, waiting_message
+                ),
                 ACCEPT_DEADLINE_S,
             )
             logs.request_id.set(claim.request_id)

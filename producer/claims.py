@@ -17,19 +17,41 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from worker.clock import now
-from worker.redis_keys import PENDING, QUEUE, request_status, session_claim
+from producer.lanes import WaitingLane
+from worker.redis_keys import (
+    PENDING,
+    QUEUE,
+    WAITING_LANE,
+    WAITING_QUEUE,
+    request_status,
+    session_claim,
+)
 from worker.request import ExchangeRequest
 from worker.states import RequestState
 
-# KEYS: session claim, request status, pending set, queue.
-# ARGV: claim record, TTL, updatedAt, pending score, message, requestId, then the request's
-#       record fields as name/value pairs (ExchangeRequest.record_fields).
+# KEYS: session claim, request status, pending set, queue, waiting queue, waiting lane.
+# ARGV: claim record, TTL, updatedAt, pending score, message, requestId, the message for the
+#       waiting queue ('' when nobody waits), the lane's interval and tolerance (µs), then
+#       the request's record fields as name/value pairs (ExchangeRequest.record_fields).
+# A waiting finish goes to the waiting queue while the lane has room (producer/lanes.py).
 _ACCEPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 7))
+  redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 10))
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
-  redis.call('LPUSH', KEYS[4], ARGV[5])
+  local queue, message = KEYS[4], ARGV[5]
+  if ARGV[7] ~= '' then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    local free = math.max(now, tonumber(redis.call('GET', KEYS[6]) or '0'))
+    if free - now <= tonumber(ARGV[9]) then
+      local after = free + tonumber(ARGV[8])
+      redis.call('SET', KEYS[6], string.format('%.0f', after), 'PX',
+        math.ceil((after - now) / 1000) + 1000)
+      queue, message = KEYS[5], ARGV[7]
+    end
+  end
+  redis.call('LPUSH', queue, message)
   return false
 end
 return redis.call('GET', KEYS[1])
@@ -50,15 +72,22 @@ class Claim:
 class Claims:
     """Accept sessions and read their status records on one async Redis client."""
 
-    def __init__(self, r: Redis, status_ttl_s: int):
+    def __init__(self, r: Redis, status_ttl_s: int, lane: WaitingLane):
         self.r = r
         self.ttl = status_ttl_s
+        self.lane = lane
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
 
-    async def accept(self, session_hash: str, request: ExchangeRequest, message: str) -> Claim:
-        """Claim the session and queue `message` for `request`, or return the claim that
-        exists."""
+    async def accept(
+        self,
+        session_hash: str,
+        request: ExchangeRequest,
+        message: str,
+        waiting_message: str | None = None,
+    ) -> Claim:
+        """Claim the session and queue `message` for `request` (or `waiting_message` on the
+        waiting queue, while its lane has room), or return the claim that exists."""
         record = json.dumps(
             {
                 "requestId": request.request_id,
@@ -68,7 +97,14 @@ class Claims:
         )
         fields = [v for pair in request.record_fields().items() for v in pair]
         existing = await self._accept(
-            keys=[session_claim(session_hash), request_status(request.request_id), PENDING, QUEUE],
+            keys=[
+                session_claim(session_hash),
+                request_status(request.request_id),
+                PENDING,
+                QUEUE,
+                WAITING_QUEUE,
+                WAITING_LANE,
+            ],
             args=[
                 record,
                 self.ttl,
@@ -76,6 +112,9 @@ class Claims:
                 time.time(),
                 message,
                 request.request_id,
+                waiting_message or "",
+                self.lane.interval_us,
+                self.lane.tolerance_us,
                 *fields,
             ],
         )

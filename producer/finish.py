@@ -206,8 +206,11 @@ def router(parts_of: Any) -> APIRouter:
                 "client_id",
                 {"error": "clientId is not this app's", "fields": {"clientId": "does not match"}},
             )
+        wait_s = requested_wait(request.headers.get("prefer"), request.query_params.get("wait"))
         try:
-            accepted = await parts.acceptor.accept(body, expected_client_user_id=user)
+            accepted = await parts.acceptor.accept(
+                body, expected_client_user_id=user, waiting=bool(wait_s)
+            )
         except SessionConflict:
             return _refused(
                 409,
@@ -222,7 +225,6 @@ def router(parts_of: Any) -> APIRouter:
             FINISHES.labels("refused", "queue_unavailable").inc()
             return unavailable("queue unavailable, try again")
         FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
-        wait_s = requested_wait(request.headers.get("prefer"), request.query_params.get("wait"))
         if wait_s is not None:
             return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)
         return _accepted(accepted.request_id, accepted.state)

@@ -44,13 +44,14 @@ class MessageBuilder:
             "reply_to": self.reply_to,
             "argsrepr": "()",
             "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": QUEUE},
             "priority": 0,
             "body_encoding": "base64",
         }
 
-    def exchange(self, request: ExchangeRequest) -> str:
-        """The JSON to LPUSH onto the queue for one exchange task, its id the request id."""
+    def exchange(self, request: ExchangeRequest, queue: str = QUEUE) -> str:
+        """The JSON to LPUSH onto `queue` for one exchange task, its id the request id (the
+        queue is named in it too: Kombu puts an unacknowledged message back there, and the
+        task learns from it whether a person waits)."""
         kwargs: dict[str, Any] = request.task_kwargs()
         task_id = request.request_id
         # Our own argument reprs: Celery shows them in logs and monitors, and they must never
@@ -72,6 +73,7 @@ class MessageBuilder:
                     **self._properties,
                     "correlation_id": task_id,
                     "kwargsrepr": kwargsrepr,
+                    "delivery_info": {"exchange": "", "routing_key": queue},
                     # Kombu's tag for the unacked hash while a worker holds the message.
                     "delivery_tag": str(uuid.uuid4()),
                 },

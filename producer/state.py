@@ -9,6 +9,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from producer.accept import Acceptor
 from producer.claims import Claims
+from producer.lanes import WaitingLane
 from producer.message import MessageBuilder
 from producer.tickets import TicketCheck
 from producer.waiters import Waiters
@@ -29,7 +30,7 @@ class Parts:
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
         aredis = async_redis_client(settings.required_redis_url)
-        claims = Claims(aredis, settings.status_ttl_s)
+        claims = Claims(aredis, settings.status_ttl_s, WaitingLane.for_rate(settings.max_rps))
         waiters = Waiters(aredis)
         await waiters.start()
         return cls(

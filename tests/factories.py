@@ -71,3 +71,8 @@ def stored_user(rt: Runtime, *, public_token: str | None = None) -> str:
         )
         db.commit()
     return "user@example.com"
+
+
+def free_slot(*, priority: bool = False) -> float:
+    """A rate-limit slot that is always free at once (for tests not about the limit)."""
+    return 0.0

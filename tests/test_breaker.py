@@ -58,19 +58,19 @@ def test_an_open_breaker_sends_the_run_back_without_calling(
     """While open: no upstream call, the session waits (jittered) and stays pending; once
     closed, the next delivery exchanges it and its success resets the breaker's level."""
     standin.state.faults = Faults(down=True)
-    ex = Exchanger(runtime, lambda: 0.0)
+    ex = Exchanger(runtime, factories.free_slot)
     for _ in range(breaker.THRESHOLD // 4 + 1):
         ex.run(factories.job())  # four failing calls each (the inline budget)
     calls = sum(standin.state.calls.values())
     assert calls >= breaker.THRESHOLD
     job = factories.job()
-    outcome = Exchanger(runtime, lambda: 0.0).run(job)
+    outcome = Exchanger(runtime, factories.free_slot).run(job)
     assert outcome.state == "retrying" and outcome.upstream_calls == 0
     assert outcome.retry_in is not None and outcome.retry_in > 0
     assert sum(standin.state.calls.values()) == calls, "called through an open breaker"
     standin.state.faults = Faults()
     redis_client.delete(breaker.OPEN)
-    assert Exchanger(runtime, lambda: 0.0).run(job, retries=1).state == "succeeded"
+    assert Exchanger(runtime, factories.free_slot).run(job, retries=1).state == "succeeded"
     assert redis_client.exists(breaker.LEVEL) == 0
 
 

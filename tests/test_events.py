@@ -36,7 +36,7 @@ def test_success_emits_one_completed_event(
 ) -> None:
     """A stored token set yields exactly one connect.completed, with no token in it."""
     job = factories.job()
-    Exchanger(runtime, lambda: 0.0).run(job)
+    Exchanger(runtime, factories.free_slot).run(job)
     entries = stream(runtime.redis)
     assert len(entries) == 1
     event = entries[0]
@@ -52,7 +52,7 @@ def test_success_emits_one_completed_event(
     # to carry it.
     wait_for(lambda: sent_at(runtime) is not None, 2, what="the event marked sent")
     # A duplicate delivery emits nothing more.
-    Exchanger(runtime, lambda: 0.0).run(job)
+    Exchanger(runtime, factories.free_slot).run(job)
     assert len(stream(runtime.redis)) == 1
 
 
@@ -62,7 +62,7 @@ def test_permanent_failure_emits_one_failed_event(
     """A refusal yields one connect.failed with a short reason."""
     standin.state.faults = Faults(refuse_status=401)
     job = factories.job()
-    Exchanger(runtime, lambda: 0.0).run(job)
+    Exchanger(runtime, factories.free_slot).run(job)
     (event,) = stream(runtime.redis)
     assert event["type"] == "connect.failed" and "401" in event["error"]
     assert event["requestId"] == job.request_id

@@ -20,7 +20,7 @@ from worker.states import RequestState
 
 
 def exchanger(rt: Runtime) -> Exchanger:
-    return Exchanger(rt, lambda: 0.0)
+    return Exchanger(rt, factories.free_slot)
 
 
 def session_row(rt: Runtime, job: Job) -> Session:

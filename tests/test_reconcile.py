@@ -87,13 +87,27 @@ def test_a_backlog_is_waiting_not_lost(redis_client: redis.Redis) -> None:
     for request_id in ("next", "behind"):
         redis_client.lpush(queue, json.dumps({"headers": {"id": request_id}, "body": ""}))
     sent: list[ExchangeRequest] = []
-    assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 1
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queues=[queue]) == 1
     assert [k.request_id for k in sent] == ["lost"]
     # Once the queue has drained, what is still pending and stale is sent.
     redis_client.delete(queue)
     redis_client.zadd(PENDING, {"lost": time.time()})
-    assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 2
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queues=[queue]) == 2
     # A queue whose next messages can't be placed makes the pass do nothing.
     redis_client.lpush(queue, b"not json")
     redis_client.zadd(PENDING, {"next": 0, "behind": 0})
-    assert requeue_stale(redis_client, sent.append, stale_s=150, queue=queue) == 0
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queues=[queue]) == 0
+
+
+def test_a_request_in_either_queue_is_waiting_not_lost(redis_client: redis.Redis) -> None:
+    """With two queues, the older of their heads decides: a request old enough to be stale
+    by the ordinary queue's head but waiting in the other queue is not re-sent."""
+    ordinary, waiting = "hc-test-queue", "hc-test-waiting"
+    _accepted(redis_client, "lost", age_s=600)
+    _accepted(redis_client, "held", age_s=550)
+    _accepted(redis_client, "next", age_s=500)
+    redis_client.lpush(ordinary, json.dumps({"headers": {"id": "next"}, "body": ""}))
+    redis_client.lpush(waiting, json.dumps({"headers": {"id": "held"}, "body": ""}))
+    sent: list[ExchangeRequest] = []
+    assert requeue_stale(redis_client, sent.append, stale_s=150, queues=[waiting, ordinary]) == 1
+    assert [k.request_id for k in sent] == ["lost"]

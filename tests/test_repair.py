@@ -50,7 +50,7 @@ def missing(rt: Runtime) -> int:
 
 
 def repairer(rt: Runtime) -> Repairer:
-    return Repairer(rt, lambda: 0.0, threads=8)
+    return Repairer(rt, factories.free_slot, threads=8)
 
 
 @pytest.mark.slow

@@ -8,6 +8,12 @@
   sets, and checked every 10 s, so a crashed worker's sessions are back in the queue within
   about 3 minutes of a worker running again.
 - JSON only, no result backend: no token can end up in a result.
+- Two queues, drained in order (Kombu's `priority` queue order): finishes a person waits on
+  (WAITING_QUEUE) before everything else. A separate queue rather than message priorities:
+  Kombu's Redis priorities are four coarse lists per queue all the same, and one queue per
+  lane is what an operator can see (`LLEN`) and run workers for apart. The web caps the
+  waiting queue's share of the upstream (producer/lanes.py), so the other queue is never
+  starved past a stated bound.
 - Thread pool: an exchange is I/O (waiting on the upstream), so many threads per process keep
   the upstream's latency hidden without as many processes' memory.
 
@@ -21,9 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
 from worker import broker
-from worker.redis_keys import QUEUE
+from worker.redis_keys import QUEUE, QUEUES
 from worker.request import ExchangeRequest
 from worker.settings import Settings, settings_or_exit
 
@@ -66,6 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_timeout": 5.0,
             "socket_keepalive": True,
             "retry_on_timeout": True,
+            "queue_order_strategy": "priority",
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -80,6 +88,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": QUEUE,
+        # In the order Kombu's `priority` strategy takes them: the waiting queue first.
+        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,

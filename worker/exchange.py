@@ -23,7 +23,7 @@ from worker.breaker import Breaker
 from worker.clock import now_us, to_us
 from worker.crypto import session_hash
 from worker.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from worker.guard import UpstreamGuard
+from worker.guard import AcquireSlot, UpstreamGuard
 from worker.models import OutboxEvent, Session
 from worker.request import Job
 from worker.retry import backoff, retry_cause
@@ -76,7 +76,7 @@ class _Attempt:
 class Exchanger:
     """Runs one delivery of a session to its end or to its next pause."""
 
-    def __init__(self, rt: Runtime, acquire_slot: Callable[[], float]):
+    def __init__(self, rt: Runtime, acquire_slot: AcquireSlot):
         self.rt = rt
         self.settings = rt.settings
         self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)
@@ -202,7 +202,7 @@ class Exchanger:
             )
 
         return self.guard.call_with_retries(
-            call, timings=at.timings, before=before, before_sleep=note
+            call, timings=at.timings, before=before, before_sleep=note, priority=job.waiting
         )
 
     def _store(self, at: _Attempt, tokens: Tokens) -> tuple[bool, OutboxEvent | None]:

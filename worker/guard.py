@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import redis
 from tenacity import (
@@ -30,10 +30,16 @@ T = TypeVar("T")
 INLINE_ATTEMPTS = 4
 
 
+class AcquireSlot(Protocol):
+    """Blocks until the caller may make one upstream call (GlobalRateLimiter.acquire)."""
+
+    def __call__(self, *, priority: bool = False) -> float: ...
+
+
 class UpstreamGuard:
     """Breaker, rate-limit slot and timings around upstream calls, for one process."""
 
-    def __init__(self, r: redis.Redis, acquire_slot: Callable[[], float], settings: Settings):
+    def __init__(self, r: redis.Redis, acquire_slot: AcquireSlot, settings: Settings):
         self.breaker = Breaker(r)
         self.acquire_slot = acquire_slot
         self.settings = settings
@@ -45,9 +51,11 @@ class UpstreamGuard:
         timings: list[float],
         before: Callable[[], None] | None = None,
         count_success: bool = False,
+        priority: bool = False,
     ) -> T:
         """One call of `fn`: refused with CircuitOpen while the breaker is open, else after a
-        rate-limit slot and `before` (the caller's lock renewal). Its duration is appended to
+        rate-limit slot (one of the first, with `priority`: a user is waiting) and `before`
+        (the caller's lock renewal). Its duration is appended to
         `timings`; a 5xx, timeout or refused connection counts against the breaker. A success
         is counted only with `count_success` (the exchange counts it in its own last round
         trip instead)."""
@@ -57,7 +65,7 @@ class UpstreamGuard:
             raise CircuitOpen(
                 "upstream failing: calls paused", retry_after=stay_away * (1 + random.random())
             )
-        self.acquire_slot()
+        self.acquire_slot(priority=priority)
         if before is not None:
             before()
         started = time.monotonic()
@@ -81,6 +89,7 @@ class UpstreamGuard:
         before: Callable[[], None] | None = None,
         before_sleep: Callable[[RetryCallState], None] | None = None,
         count_success: bool = False,
+        priority: bool = False,
     ) -> T:
         """`call`, retried inline for a transient error within the settings' inline budget;
         an open breaker or a longer outage raises, for the caller's slower retry to take."""
@@ -93,7 +102,14 @@ class UpstreamGuard:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(self.call, fn, timings=timings, before=before, count_success=count_success)
+        return retrying(
+            self.call,
+            fn,
+            timings=timings,
+            before=before,
+            count_success=count_success,
+            priority=priority,
+        )
 
     @staticmethod
     def _count(record: Callable[[], None]) -> None:

@@ -1,47 +1,149 @@
 """One outbound limit to the upstream, shared by every worker process through Redis.
 
-A Celery `rate_limit` is per worker; this one is global (a moving window in Redis, by the
-`limits` library), so adding workers never multiplies the load on the provider.
+A Celery `rate_limit` is per worker; this one is global, so adding workers never multiplies
+the load on the provider. It schedules instead of polling:
+
+- Redis keeps one number, the time of the next free slot (GCRA's "theoretical arrival
+  time"). One script call reserves the next slots, spaced evenly, and says how far ahead the
+  first one is, by Redis's own clock, so hosts whose clocks disagree still share one pace.
+- In each process one dispatcher thread makes those calls, only while some thread waits,
+  and reserves no further ahead than `HORIZON_S`: many waiting threads cost one Redis call
+  per few slots, not a loop of calls each.
+- It sleeps until each slot and hands it to the thread that should have it: a waiting user's
+  finish (`priority=True`) before anything else, then first come first served. A slot is
+  given at its time, not at its reservation, so a waiting user who arrives late still takes
+  the process's next slot.
+
+Slots are spaced `PACING` times the plain interval apart: the jitter between a slot and its
+request reaching the provider (a thread waking, a socket write) then never puts one call too
+many into a one-second window.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import heapq
+import itertools
+import threading
 import time
+from dataclasses import dataclass, field
 
-from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.storage import RedisStorage
-from limits.strategies import MovingWindowRateLimiter
+import redis
 
-from worker.clock import now
 from worker.redis_keys import UPSTREAM_LIMIT as KEY
 
+#: How far ahead one process reserves slots for its waiting threads.
+HORIZON_S = 0.1
+#: Spacing above the plain 1/max_rps: 2 % of throughput for a window that is never exceeded.
+PACING = 1.02
 
-def rate_item(max_rps: float) -> RateLimitItem:
-    """`max_rps` as a whole number of calls per whole number of seconds."""
-    if max_rps >= 1:
-        return RateLimitItemPerSecond(max(1, math.floor(max_rps)), 1)
-    return RateLimitItemPerSecond(1, max(1, round(1 / max_rps)))
+# KEYS[1]: the next free slot (µs, Redis's clock). ARGV: slot interval µs, slots wanted,
+# horizon µs. Returns {µs from now to the first slot granted, slots granted}: the first at
+# max(now, next free), the rest `interval` apart, as many as wanted within the horizon (at
+# least one).
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local first = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+local fit = math.floor((now + tonumber(ARGV[3]) - first) / interval) + 1
+local n = math.max(1, math.min(tonumber(ARGV[2]), fit))
+local after = first + n * interval
+redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', math.ceil((after - now) / 1000) + 1000)
+return {string.format('%.0f', first - now), n}
+"""
+
+
+def slot_interval(max_rps: float) -> float:
+    """Seconds between two upstream calls at `max_rps`, paced."""
+    return PACING / max_rps
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: tuple[int, int]
+    granted: threading.Event = field(default_factory=threading.Event, compare=False)
+    error: BaseException | None = field(default=None, compare=False)
+    abandoned: bool = field(default=False, compare=False)
 
 
 class GlobalRateLimiter:
-    """Block the calling thread until the shared window has room for one more call."""
+    """Block the calling thread until it holds one slot of the shared upstream pace."""
 
     def __init__(self, redis_url: str, max_rps: float):
-        self._limiter = MovingWindowRateLimiter(RedisStorage(redis_url))
-        self._item = rate_item(max_rps)
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self._reserve = self._redis.register_script(_RESERVE)
+        self.interval = slot_interval(max_rps)
+        self._cond = threading.Condition()
+        self._waiters: list[_Waiter] = []
+        self._order = itertools.count()
+        self._dispatcher: threading.Thread | None = None
 
-    def acquire(self, timeout: float = 60.0) -> float:
-        """Take one slot; return the seconds spent waiting. Raises TimeoutError past `timeout`."""
+    def acquire(self, timeout: float = 60.0, *, priority: bool = False) -> float:
+        """Take one slot; return the seconds spent waiting. A `priority` caller is served
+        before every other waiting one in this process. Raises TimeoutError past `timeout`,
+        and the Redis error that kept the dispatcher from reserving."""
         started = time.monotonic()
+        waiter = _Waiter((0 if priority else 1, next(self._order)))
+        with self._cond:
+            heapq.heappush(self._waiters, waiter)
+            self._ensure_dispatcher()
+            self._cond.notify_all()
+        if not waiter.granted.wait(timeout):
+            with self._cond:
+                if not waiter.granted.is_set():
+                    waiter.abandoned = True
+                    raise TimeoutError("upstream rate limit: no slot in time")
+        if waiter.error is not None:
+            raise waiter.error
+        return time.monotonic() - started
+
+    def _ensure_dispatcher(self) -> None:
+        if self._dispatcher is None or not self._dispatcher.is_alive():
+            self._dispatcher = threading.Thread(
+                target=self._dispatch, name="upstream-slots", daemon=True
+            )
+            self._dispatcher.start()
+
+    def _dispatch(self) -> None:
         while True:
-            if self._limiter.hit(self._item, KEY):
-                return time.monotonic() - started
-            waited = time.monotonic() - started
-            if waited >= timeout:
-                raise TimeoutError("upstream rate limit: no slot in time")
-            stats = self._limiter.get_window_stats(self._item, KEY)
-            until_reset = stats.reset_time - now().timestamp()
-            # Jitter spreads the waiting threads so they don't all retry on the same tick.
-            time.sleep(min(max(until_reset, 0.005), 0.25) * (0.5 + random.random()))
+            with self._cond:
+                while not self._live_waiters():
+                    self._cond.wait()
+                wanted = len(self._waiters)
+            try:
+                ahead_us, granted = self._reserve(
+                    keys=[KEY],
+                    args=[max(1, round(self.interval * 1e6)), wanted, round(HORIZON_S * 1e6)],
+                )
+            except redis.exceptions.RedisError as exc:
+                self._fail_all(exc)
+                continue
+            first = time.monotonic() + int(ahead_us) / 1e6
+            for i in range(int(granted)):
+                pause = first + i * self.interval - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                if not self._hand_out():
+                    break  # nobody left to take the rest: they lapse unused
+
+    def _live_waiters(self) -> bool:
+        while self._waiters and self._waiters[0].abandoned:
+            heapq.heappop(self._waiters)
+        return bool(self._waiters)
+
+    def _hand_out(self) -> bool:
+        """Give the slot that is due now to the first waiter in line; False when none."""
+        with self._cond:
+            if not self._live_waiters():
+                return False
+            heapq.heappop(self._waiters).granted.set()
+            return True
+
+    def _fail_all(self, exc: BaseException) -> None:
+        # Each waiting caller gets the error, as it would have calling Redis itself, and
+        # takes it to its own retry path; the next caller starts a fresh reservation.
+        with self._cond:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.error = exc
+            waiter.granted.set()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 
@@ -38,14 +38,14 @@ def requeue_stale(
     send: Callable[[ExchangeRequest], None],
     *,
     stale_s: float,
-    queue: str | None = None,
+    queues: Sequence[str] = (),
     limit: int = 1000,
 ) -> int:
     """Re-send up to `limit` requests with no progress for `stale_s` that are no longer
-    waiting in `queue` (the broker's list); returns how many."""
+    waiting in any of `queues` (the broker's lists); returns how many."""
     now_s = time.time()
     cutoff = now_s - stale_s
-    if queue is not None:
+    for queue in queues:
         head = _backlog_head(r, queue)
         if head is None:
             return 0

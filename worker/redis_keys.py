@@ -1,7 +1,7 @@
 """Every Redis key and channel the service uses, in one place and under one prefix.
 
-Two names are not ours to choose and carry no prefix: Celery's queue (a list named after the
-queue) and Kombu's hash of messages delivered but not yet acknowledged. The events stream is
+Three names are not ours to choose and carry no prefix: Celery's two queues (each a list
+named after the queue) and Kombu's hash of messages delivered but not yet acknowledged. The events stream is
 named by HUMANCONNECT_EVENTS_STREAM.
 """
 
@@ -11,6 +11,10 @@ PREFIX = "hc:"
 
 #: The Celery queue the exchange and housekeeping tasks go through (a Redis list).
 QUEUE = "humanconnect"
+#: The queue of finishes a person waits on (`Prefer: wait`, `?wait=`): workers drain it first.
+WAITING_QUEUE = "humanconnect.waiting"
+#: The queues, in the order workers take from them.
+QUEUES = (WAITING_QUEUE, QUEUE)
 #: Kombu's hash of delivered, unacknowledged messages.
 UNACKED = "unacked"
 
@@ -18,8 +22,10 @@ UNACKED = "unacked"
 PENDING = PREFIX + "pending"
 #: The worker metrics hash (see worker/metrics.py).
 METRICS = PREFIX + "metrics"
-#: The `limits` library's moving window of upstream calls.
-UPSTREAM_LIMIT = PREFIX + "upstream"
+#: The next free upstream slot, in µs by Redis's clock (worker/ratelimit.py).
+UPSTREAM_LIMIT = PREFIX + "upstream:next"
+#: The next free place in the waiting queue's share of the upstream (producer/lanes.py).
+WAITING_LANE = PREFIX + "lane:waiting:next"
 
 BREAKER_OPEN = PREFIX + "breaker:open"
 BREAKER_LEVEL = PREFIX + "breaker:level"

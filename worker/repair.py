@@ -24,7 +24,7 @@ from tenacity import RetryCallState
 from worker import events, metrics
 from worker.clock import now, now_us, to_us
 from worker.errors import PermanentUpstreamError, TransientUpstreamError
-from worker.guard import UpstreamGuard
+from worker.guard import AcquireSlot, UpstreamGuard
 from worker.models import User
 from worker.redis_keys import REPAIR_LOCK as LOCK_KEY
 from worker.retry import retry_cause
@@ -100,7 +100,7 @@ def candidates(db: DbSession, after_id: int, limit: int) -> list[Candidate]:
 class Repairer:
     """Runs repairs; `acquire_slot` is the global rate limiter's acquire."""
 
-    def __init__(self, rt: Runtime, acquire_slot: Callable[[], float], threads: int | None = None):
+    def __init__(self, rt: Runtime, acquire_slot: AcquireSlot, threads: int | None = None):
         self.rt = rt
         self.s = rt.settings
         self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)

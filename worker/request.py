@@ -94,9 +94,12 @@ class Job:
     window_start_us: int | None = None
     #: The clientUserId the connect ticket vouched for; the upstream's answer must match.
     expected_client_user_id: str | None = None
+    #: A person waits on this finish (it came through the waiting queue): its upstream
+    #: calls take the process's next rate-limit slots.
+    waiting: bool = False
 
     @classmethod
-    def opened(cls, request: ExchangeRequest, session_token: str) -> Job:
+    def opened(cls, request: ExchangeRequest, session_token: str, *, waiting: bool = False) -> Job:
         """The job of a queued request whose session token has been opened."""
         return cls(
             request_id=request.request_id,
@@ -106,6 +109,7 @@ class Job:
             received_us=request.received_us,
             window_start_us=request.window_start_us,
             expected_client_user_id=request.expected_client_user_id,
+            waiting=waiting,
         )
 
     def __repr__(self) -> str:

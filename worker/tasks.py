@@ -28,7 +28,7 @@ from worker.errors import ConfigError
 from worker.exchange import Exchanger
 from worker.ratelimit import GlobalRateLimiter
 from worker.reconcile import requeue_stale
-from worker.redis_keys import QUEUE, RELAY_LOCK
+from worker.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
 from worker.repair import Repairer
 from worker.request import ExchangeRequest, Job
 from worker.retry import backoff
@@ -98,7 +98,9 @@ def exchange_session(
                 error=reason,
             )
             return
-        _run(self, rt, Job.opened(request, session_token))
+        # A person waits on a finish that came through the waiting queue (its retries don't).
+        waiting = (self.request.delivery_info or {}).get("routing_key") == WAITING_QUEUE
+        _run(self, rt, Job.opened(request, session_token, waiting=waiting))
 
 
 def _run(self: Task, rt: Runtime, job: Job) -> None:
@@ -126,17 +128,24 @@ def _run(self: Task, rt: Runtime, job: Job) -> None:
             # parameters, which SQLAlchemy's message carries.
             str(getattr(exc, "orig", None) or exc)[:200],
         )
-        raise self.retry(countdown=pause, exc=exc) from None
+        raise _retry(self, pause, exc) from None
     except Exception as exc:
         # Unforeseen: a few tries, then a recorded failure rather than a silent ack.
         if retries < UNEXPECTED_RETRIES:
             log.exception("unexpected error, retrying request=%s", request_id)
-            raise self.retry(countdown=2.0**retries, exc=exc) from None
+            raise _retry(self, 2.0**retries, exc) from None
         log.exception("unexpected error, giving up request=%s", request_id)
         exchanger().fail_internal(job, f"internal error: {type(exc).__name__}")
         return
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in)
+        raise _retry(self, outcome.retry_in)
+
+
+def _retry(self: Task, countdown: float, exc: BaseException | None = None) -> BaseException:
+    """The retry to raise, on the ordinary queue whichever queue the try came from: the
+    contract serves waiting finishes before retries, and a retry's countdown has mostly used
+    up the person's wait anyway."""
+    return self.retry(countdown=countdown, exc=exc, queue=QUEUE, routing_key=QUEUE)
 
 
 @app.task(name=RELAY_TASK, ignore_result=True)
@@ -174,7 +183,7 @@ def reconcile_pending() -> int:
     """Re-send accepted requests that made no progress (a message the broker lost)."""
     rt = runtime()
     return requeue_stale(
-        rt.redis, send_exchange, stale_s=rt.settings.reconcile_after_s, queue=QUEUE
+        rt.redis, send_exchange, stale_s=rt.settings.reconcile_after_s, queues=QUEUES
     )
 
 
