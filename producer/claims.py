@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from worker.clock import now
 from producer.lanes import WaitingLane
+from worker.clock import now
 from worker.redis_keys import (
     PENDING,
     QUEUE,

@@ -9,7 +9,6 @@ upstream call goes through the guard (worker/guard.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis

@@ -48,7 +48,8 @@ local first = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
 local fit = math.floor((now + tonumber(ARGV[3]) - first) / interval) + 1
 local n = math.max(1, math.min(tonumber(ARGV[2]), fit))
 local after = first + n * interval
-redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', math.ceil((after - now) / 1000) + 1000)
+local ttl_ms = math.ceil((after - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', ttl_ms)
 return {string.format('%.0f', first - now), n}
 """
 

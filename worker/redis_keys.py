@@ -1,8 +1,8 @@
 """Every Redis key and channel the service uses, in one place and under one prefix.
 
 Three names are not ours to choose and carry no prefix: Celery's two queues (each a list
-named after the queue) and Kombu's hash of messages delivered but not yet acknowledged. The events stream is
-named by HUMANCONNECT_EVENTS_STREAM.
+named after the queue) and Kombu's hash of messages delivered but not yet acknowledged. The
+events stream is named by HUMANCONNECT_EVENTS_STREAM.
 """
 
 from __future__ import annotations
