@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.ratelimit import slot_interval
+
 #: The most of the upstream's pace the waiting queue takes over time.
 SHARE = 0.5
 #: The burst the waiting queue may take at once, in seconds of upstream calls.
@@ -35,8 +37,10 @@ class WaitingLane:
 
     @classmethod
     def for_rate(cls, max_rps: float) -> WaitingLane:
-        interval_s = 1 / (SHARE * max_rps)
-        burst = max(1, round(BURST_S * max_rps))
+        # Shares of the pace the workers keep, a little under max_rps (worker/ratelimit.py).
+        pace = 1 / slot_interval(max_rps)
+        interval_s = 1 / (SHARE * pace)
+        burst = max(1, round(BURST_S * pace))
         return cls(
             interval_us=max(1, round(interval_s * 1e6)),
             tolerance_us=round((burst - 1) * interval_s * 1e6),

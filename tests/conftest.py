@@ -36,17 +36,19 @@ def deploy(
     def make(*, sandbox_web: bool = False, **extra: str) -> Deployment:
         """`sandbox_web`: the web without the clientSecret, in sandbox mode as `up` runs it."""
         env = service_env(
-            REDIS_URL=redis_url,
-            DATABASE_URL=db_url,
-            HUMANAPI_BASE_URL=standin.url,
-            HUMANAPI_CLIENT_ID=CLIENT_ID,
-            HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
-            HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
-            HUMANAPI_MAX_RPS="500",
-            HUMANCONNECT_RETRY_INITIAL_S="0.05",
-            HUMANCONNECT_RETRY_INLINE_BUDGET_S="1",
-            HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
-            **extra,
+            **{
+                "REDIS_URL": redis_url,
+                "DATABASE_URL": db_url,
+                "HUMANAPI_BASE_URL": standin.url,
+                "HUMANAPI_CLIENT_ID": CLIENT_ID,
+                "HUMANAPI_CLIENT_SECRET": CLIENT_SECRET,
+                "HUMANCONNECT_ENCRYPTION_KEYS": FERNET_KEY,
+                "HUMANAPI_MAX_RPS": "500",
+                "HUMANCONNECT_RETRY_INITIAL_S": "0.05",
+                "HUMANCONNECT_RETRY_INLINE_BUDGET_S": "1",
+                "HUMANCONNECT_RETRY_MAX_COUNTDOWN_S": "2",
+                **extra,
+            }
         )
         web_env = {k: v for k, v in env.items() if k != "HUMANAPI_CLIENT_SECRET"}
         web, url = start_web(web_env if sandbox_web else env, ROOT, tmp_path / "web.log")

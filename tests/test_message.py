@@ -11,7 +11,7 @@ from celery import Celery
 
 from producer.message import MessageBuilder
 from worker.celery import EXCHANGE_TASK, celery_config
-from worker.redis_keys import QUEUE
+from worker.redis_keys import QUEUE, WAITING_QUEUE
 from worker.request import ExchangeRequest
 from worker.settings import Settings
 
@@ -35,8 +35,8 @@ REQUESTS = [
 ]
 
 
-def _celerys_own(app: Celery, r: redis.Redis, request: ExchangeRequest) -> dict:
-    """What Celery's own publish of `request` wrote to a real Redis."""
+def _celerys_own(app: Celery, r: redis.Redis, request: ExchangeRequest, queue: str = QUEUE) -> dict:
+    """What Celery's own publish of `request` to `queue` wrote to a real Redis."""
     app.send_task(
         EXCHANGE_TASK,
         kwargs=request.task_kwargs(),
@@ -44,8 +44,9 @@ def _celerys_own(app: Celery, r: redis.Redis, request: ExchangeRequest) -> dict:
         retry=False,
         argsrepr="()",
         kwargsrepr=f"{{'request_id': {request.request_id!r}}}",
+        queue=queue,
     )
-    raw = r.rpop(QUEUE)
+    raw = r.rpop(queue)
     assert isinstance(raw, bytes)
     return dict(json.loads(raw))
 
@@ -70,3 +71,19 @@ def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Red
         args, kwargs, _embed = json.loads(base64.b64decode(ours["body"]))
         assert (args, kwargs) == ([], request.task_kwargs())
     assert len({uuid.UUID(t) for t in tags}) == len(tags)
+
+
+def test_the_waiting_queues_message_matches_celerys_own(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A message for the waiting queue is Celery's own publish to that queue: it names the
+    queue, so a worker knows a person waits and Kombu puts it back there if unacknowledged."""
+    app = Celery("test-sender")
+    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": redis_url})))
+    request = REQUESTS[0]
+    theirs = _celerys_own(app, redis_client, request, WAITING_QUEUE)
+    ours = json.loads(MessageBuilder(app).exchange(request, WAITING_QUEUE))
+    for message in (theirs, ours):
+        message["properties"].pop("delivery_tag")
+    assert ours == theirs
+    assert ours["properties"]["delivery_info"]["routing_key"] == WAITING_QUEUE

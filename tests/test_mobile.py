@@ -4,39 +4,14 @@ on that URL gives them the answer, against a real `web` and `worker`."""
 
 from __future__ import annotations
 
-import json
-import socket
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from humanconnect.standin import Faults, Running
 from tests import factories
 from tests.support.env import TICKET_KEY
 from tests.support.processes import Deployment
+from tests.support.traffic import sdk_post
 from worker.tickets import mint
-
-
-def sdk_post(
-    url: str, path: str, body: dict[str, str], content_type: str
-) -> tuple[int, dict, dict]:
-    """POST as the SDK does: Host, Content-Type and Content-Length, nothing else of the
-    app's (no Prefer, no Authorization). (status, headers, JSON body)."""
-    parts = urlsplit(url)
-    payload = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with socket.create_connection((parts.hostname, parts.port), timeout=40) as s:
-        s.sendall(head + payload)
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    header_blob, _, content = raw.partition(b"\r\n\r\n")
-    lines = header_blob.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return status, headers, json.loads(content)
 
 
 def test_ios_shape_gets_201_with_the_public_token(

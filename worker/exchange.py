@@ -65,11 +65,15 @@ class _Attempt:
     job: Job
     key: str
     lock: SessionLock
-    calls: int = 0
     #: A call of this run may have reached the upstream without its answer reaching us.
     ambiguous: bool = False
     #: Upstream latencies, recorded with the run's last Redis round trip.
     timings: list[float] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        """Upstream calls this run made (each one timed)."""
+        return len(self.timings)
 
 
 class Exchanger:
@@ -175,7 +179,6 @@ class Exchanger:
         def before() -> None:
             # A full lock term for this call: a slow run never lets a duplicate in.
             at.lock.renew()
-            at.calls += 1
 
         def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None

@@ -28,6 +28,9 @@ from worker.settings import Settings
 T = TypeVar("T")
 #: Inline tries at most, whatever the budget allows.
 INLINE_ATTEMPTS = 4
+#: A wait for a rate-limit slot longer than this renews the caller's lock again before the
+#: call: its term covers the call's timeouts plus 5 s (Settings.session_lock_s).
+RENEW_AFTER_WAIT_S = 2.5
 
 
 class AcquireSlot(Protocol):
@@ -54,8 +57,8 @@ class UpstreamGuard:
         priority: bool = False,
     ) -> T:
         """One call of `fn`: refused with CircuitOpen while the breaker is open, else after a
-        rate-limit slot (one of the first, with `priority`: a user is waiting) and `before`
-        (the caller's lock renewal). Its duration is appended to
+        rate-limit slot (one of the first, with `priority`: a user is waiting), `before`
+        (the caller's lock renewal, which may run twice) first. Its duration is appended to
         `timings`; a 5xx, timeout or refused connection counts against the breaker. A success
         is counted only with `count_success` (the exchange counts it in its own last round
         trip instead)."""
@@ -65,8 +68,12 @@ class UpstreamGuard:
             raise CircuitOpen(
                 "upstream failing: calls paused", retry_after=stay_away * (1 + random.random())
             )
-        self.acquire_slot(priority=priority)
+        # The renewal first: between the slot and the call nothing but the call, so calls
+        # reach the provider at the pace the slots were given.
         if before is not None:
+            before()
+        waited = self.acquire_slot(priority=priority)
+        if before is not None and waited > RENEW_AFTER_WAIT_S:
             before()
         started = time.monotonic()
         try:

@@ -14,9 +14,12 @@ the load on the provider. It schedules instead of polling:
   given at its time, not at its reservation, so a waiting user who arrives late still takes
   the process's next slot.
 
-Slots are spaced `PACING` times the plain interval apart: the jitter between a slot and its
-request reaching the provider (a thread waking, a socket write) then never puts one call too
-many into a one-second window.
+Slots are spaced `PACING` times the plain interval apart, and a slot is used within `LATE_S`
+of its time or not at all: a dispatcher that woke late lets the slots it overslept lapse, and
+a thread that got its slot but ran late goes back to the head of the line. Calls in any
+one-second window then hold slots from a span of at most 1 + LATE_S seconds, which fits
+max_rps slots because LATE_S < PACING − 1 seconds: a process starved of CPU for a moment
+(a GC pause, a busy neighbour) slows down instead of sending its overdue calls at once.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from worker.redis_keys import UPSTREAM_LIMIT as KEY
 
 #: How far ahead one process reserves slots for its waiting threads.
 HORIZON_S = 0.1
-#: Spacing above the plain 1/max_rps: 2 % of throughput for a window that is never exceeded.
-PACING = 1.02
+#: Spacing above the plain 1/max_rps: 3 % of throughput for a window that is never exceeded.
+PACING = 1.03
+#: How late a slot may still be used (below PACING − 1 seconds; see above).
+LATE_S = 0.025
 
 # KEYS[1]: the next free slot (µs, Redis's clock). ARGV: slot interval µs, slots wanted,
 # horizon µs. Returns {µs from now to the first slot granted, slots granted}: the first at
@@ -63,6 +68,8 @@ def slot_interval(max_rps: float) -> float:
 class _Waiter:
     rank: tuple[int, int]
     granted: threading.Event = field(default_factory=threading.Event, compare=False)
+    #: The slot's time (monotonic), set when granted.
+    slot: float = field(default=0.0, compare=False)
     error: BaseException | None = field(default=None, compare=False)
     abandoned: bool = field(default=False, compare=False)
 
@@ -84,19 +91,24 @@ class GlobalRateLimiter:
         before every other waiting one in this process. Raises TimeoutError past `timeout`,
         and the Redis error that kept the dispatcher from reserving."""
         started = time.monotonic()
-        waiter = _Waiter((0 if priority else 1, next(self._order)))
-        with self._cond:
-            heapq.heappush(self._waiters, waiter)
-            self._ensure_dispatcher()
-            self._cond.notify_all()
-        if not waiter.granted.wait(timeout):
+        rank = (0 if priority else 1, next(self._order))
+        while True:
+            waiter = _Waiter(rank)
             with self._cond:
-                if not waiter.granted.is_set():
-                    waiter.abandoned = True
-                    raise TimeoutError("upstream rate limit: no slot in time")
-        if waiter.error is not None:
-            raise waiter.error
-        return time.monotonic() - started
+                heapq.heappush(self._waiters, waiter)
+                self._ensure_dispatcher()
+                self._cond.notify_all()
+            remaining = timeout - (time.monotonic() - started)
+            if not waiter.granted.wait(max(remaining, 0)):
+                with self._cond:
+                    if not waiter.granted.is_set():
+                        waiter.abandoned = True
+                        raise TimeoutError("upstream rate limit: no slot in time")
+            if waiter.error is not None:
+                raise waiter.error
+            if time.monotonic() - waiter.slot <= LATE_S:
+                return time.monotonic() - started
+            # This thread ran too late to use its slot: back to its place in line.
 
     def _ensure_dispatcher(self) -> None:
         if self._dispatcher is None or not self._dispatcher.is_alive():
@@ -121,10 +133,13 @@ class GlobalRateLimiter:
                 continue
             first = time.monotonic() + int(ahead_us) / 1e6
             for i in range(int(granted)):
-                pause = first + i * self.interval - time.monotonic()
+                slot = first + i * self.interval
+                pause = slot - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-                if not self._hand_out():
+                elif -pause > LATE_S:
+                    continue  # overslept: this slot lapses rather than go out with the next
+                if not self._hand_out(slot):
                     break  # nobody left to take the rest: they lapse unused
 
     def _live_waiters(self) -> bool:
@@ -132,12 +147,14 @@ class GlobalRateLimiter:
             heapq.heappop(self._waiters)
         return bool(self._waiters)
 
-    def _hand_out(self) -> bool:
+    def _hand_out(self, slot: float) -> bool:
         """Give the slot that is due now to the first waiter in line; False when none."""
         with self._cond:
             if not self._live_waiters():
                 return False
-            heapq.heappop(self._waiters).granted.set()
+            waiter = heapq.heappop(self._waiters)
+            waiter.slot = slot
+            waiter.granted.set()
             return True
 
     def _fail_all(self, exc: BaseException) -> None:

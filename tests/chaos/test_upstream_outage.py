@@ -42,8 +42,8 @@ def test_a_minute_of_503s_stores_everyone_without_a_herd(chaos: Chaos) -> None:
     per_second = Counter(int(t - down_at) for t in state.call_times if t >= down_at)
     during = [per_second.get(s, 0) for s in range(OUTAGE_S)]
     after = [per_second.get(s, 0) for s in range(OUTAGE_S, OUTAGE_S + 10)]
-    # The moving window admits at most MAX_RPS in any second; a little slack for the edges
-    # of our one-second buckets against the limiter's window.
+    # The limiter's slots are spaced over 1/MAX_RPS; a little slack for the stand-in's stamps,
+    # taken in this busy process.
     assert max(during) <= MAX_RPS * 1.1, during
     assert max(after) <= MAX_RPS * 1.1, after
     assert sum(during) > 0 and up_at - down_at >= OUTAGE_S

@@ -1,0 +1,159 @@
+"""A waiting user is served first, and nobody else is starved for it: a real `web` and
+`worker` at the default upstream limit (20 calls/s), a real stand-in counting its calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from humanconnect.standin import Running
+from producer.lanes import WaitingLane
+from tests import factories
+from tests.support import figures
+from tests.support.env import wait_for
+from tests.support.processes import Deployment
+from tests.support.scan import state_counts
+from tests.support.traffic import burst, sdk_post
+from worker.db import session_factory
+from worker.ratelimit import slot_interval
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
+
+MAX_RPS = 20
+#: The pace the workers actually keep at MAX_RPS (the limiter's spacing).
+PACE = 1 / slot_interval(MAX_RPS)
+
+
+def _queue(d: Deployment, n: int) -> list[str]:
+    """Queue `n` finishes without a wait; their request ids."""
+    answers = burst(d.url, [factories.finish_body() for _ in range(n)], concurrency=50)
+    assert {a.status_code for a in answers} == {202}
+    return [a.json()["requestId"] for a in answers]
+
+
+def _finished_at(db_url: str, request_ids: list[str]) -> list[datetime]:
+    """When each of these sessions succeeded (its row's last update)."""
+    with session_factory(db_url)() as db:
+        rows = db.execute(
+            text("SELECT request_id, state, updated_at FROM sessions"),
+        ).all()
+    wanted = set(request_ids)
+    done = [(r[2]) for r in rows if r[0] in wanted and r[1] == "succeeded"]
+    assert len(done) == len(request_ids), "not every session succeeded"
+    return [d if isinstance(d, datetime) else datetime.fromisoformat(d) for d in done]
+
+
+def _worst_second(call_times: list[float]) -> int:
+    """The most upstream calls the stand-in saw in any one-second window."""
+    stamps = sorted(call_times)
+    if not stamps:
+        return 0
+    return max(sum(1 for s in stamps[i:] if s - start < 1.0) for i, start in enumerate(stamps))
+
+
+def test_sdk_finishes_answer_within_10s_behind_a_100s_backlog(
+    deploy: Callable[..., Deployment], standin: Running, db_url: str
+) -> None:
+    """2,000 finishes without a wait queued at 20 calls/s (a 100-second backlog), then 20
+    finishes shaped as the iOS and Android SDKs send them: each answers 201 with its
+    publicToken within 10 s, and every one of the 2,000 is still stored."""
+    d = deploy(HUMANAPI_MAX_RPS=str(MAX_RPS))
+    backlog = _queue(d, 2000)
+    queued_at, quiet_from = time.time(), time.monotonic()
+
+    def sdk(i: int) -> tuple[float, int, dict, dict[str, str]]:
+        body = factories.finish_body()
+        ct = "application/json" if i % 2 else "application/json; charset=UTF-8"
+        started = time.monotonic()
+        status, _, answer = sdk_post(d.url, "/connect/finish?wait=25", body, ct)
+        return time.monotonic() - started, status, answer, body
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(sdk, range(20)))
+    took = sorted(r[0] for r in results)
+    for _, status, answer, body in results:
+        assert status == 201, answer
+        assert answer["publicToken"] == standin.state.by_human[body["humanId"]].public_token
+    assert took[-1] <= 10.0
+    # The backlog still drains, every session of it stored, at the limit and never above it.
+    wait_for(
+        lambda: state_counts(db_url).get("succeeded") == 2020,
+        timeout=240,
+        interval=1,
+        what="every session stored",
+    )
+    last = max(_finished_at(db_url, backlog)).timestamp() - queued_at
+    figures.record(
+        "sdk_burst",
+        sdk_answer_s=[round(t, 2) for t in took],
+        backlog_last_stored_s=round(last, 1),
+        backlog_alone_s=round(2000 / PACE, 1),
+        worst_second=_worst_second(standin.state.call_times),
+        worst_second_after_posting=_worst_second(
+            [t for t in standin.state.call_times if t >= quiet_from]
+        ),
+    )
+    assert max(standin.state.exchanges.values()) == 1
+    # The limiter's slots are exact; the stand-in stamps calls in this busy process, on one
+    # GIL with the load it generates, so its stamps bunch a little (the chaos suite's slack).
+    stamps = sorted(standin.state.call_times)
+    assert len(stamps) / (stamps[-1] - stamps[0]) <= MAX_RPS
+    assert _worst_second(stamps) <= MAX_RPS * 1.1
+
+
+def test_a_flood_of_waiting_finishes_starves_nobody_past_the_bound(
+    deploy: Callable[..., Deployment], standin: Running, db_url: str
+) -> None:
+    """100 finishes without a wait queued, then waiting finishes posted at 30/s for 20 s
+    (more than the upstream's 20/s): the waiting queue takes at most its share, and the last
+    of the 100 is stored within the stated bound, 2·t₀ + 10 s (t₀: their drain time alone),
+    where an uncapped waiting queue would have held them back until the flood was over."""
+    d = deploy(HUMANAPI_MAX_RPS=str(MAX_RPS))
+    ordinary = _queue(d, 100)
+    queued_at = time.time()
+    answers: list[int] = []
+
+    async def flood() -> None:
+        async with httpx.AsyncClient(base_url=d.url, timeout=30) as client:
+
+            async def one(delay: float) -> None:
+                await asyncio.sleep(delay)
+                r = await client.post(
+                    "/connect/finish", json=factories.finish_body(), headers={"Prefer": "wait=1"}
+                )
+                answers.append(r.status_code)
+
+            await asyncio.gather(*(one(i / 30) for i in range(600)))
+
+    flooding = threading.Thread(target=asyncio.run, args=(flood(),))
+    flooding.start()
+    flooding.join()
+    assert len(answers) == 600 and set(answers) <= {201, 202}
+    wait_for(
+        lambda: state_counts(db_url).get("succeeded") == 700,
+        timeout=120,
+        interval=1,
+        what="every session stored",
+    )
+    last = max(_finished_at(db_url, ordinary)).timestamp() - queued_at
+    alone = 100 / PACE
+    bound = WaitingLane.for_rate(MAX_RPS).starvation_bound_s(alone)
+    figures.record(
+        "waiting_flood",
+        ordinary_last_stored_s=round(last, 1),
+        ordinary_alone_s=round(alone, 1),
+        bound_s=round(bound, 1),
+        flood_alone_s=round(600 / PACE, 1),
+        waiting_answered_201=answers.count(201),
+    )
+    assert last <= bound + 2.0  # the 2 s: the finishes' own exchange and store
+    # And the waiting finishes were served first while their share lasted.
+    assert answers.count(201) >= 100
