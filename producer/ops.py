@@ -18,7 +18,7 @@ from producer.finish import FINISHES
 from producer.state import Parts
 from worker import events
 from worker.metrics import RedisCollector
-from worker.redis_keys import QUEUE, UNACKED
+from worker.redis_keys import QUEUES, UNACKED, WAITING_QUEUE
 from worker.runtime import Runtime
 
 
@@ -40,8 +40,12 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
             rt.redis,
             {
                 "humanconnect_queue_depth": (
-                    "Sessions waiting in the queue",
-                    lambda: float(rt.redis.llen(QUEUE)),
+                    "Sessions waiting in the queues (both)",
+                    lambda: float(sum(rt.redis.llen(q) for q in QUEUES)),
+                ),
+                "humanconnect_waiting_queue_depth": (
+                    "Sessions a person waits on, waiting in their own queue",
+                    lambda: float(rt.redis.llen(WAITING_QUEUE)),
                 ),
                 "humanconnect_queue_unacked": (
                     "Messages delivered to workers and not yet acknowledged",

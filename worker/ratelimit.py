@@ -123,6 +123,10 @@ class GlobalRateLimiter:
                 while not self._live_waiters():
                     self._cond.wait()
                 wanted = len(self._waiters)
+            # Slots are placed from when the call left, not when its answer came back: an
+            # answer held up in this process then makes its slots late (and lapse), never
+            # closer to the next reservation's.
+            sent = time.monotonic()
             try:
                 ahead_us, granted = self._reserve(
                     keys=[KEY],
@@ -131,7 +135,7 @@ class GlobalRateLimiter:
             except redis.exceptions.RedisError as exc:
                 self._fail_all(exc)
                 continue
-            first = time.monotonic() + int(ahead_us) / 1e6
+            first = sent + int(ahead_us) / 1e6
             for i in range(int(granted)):
                 slot = first + i * self.interval
                 pause = slot - time.monotonic()
