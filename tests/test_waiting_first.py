@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,17 @@ def _queue(d: Deployment, n: int) -> list[str]:
     answers = burst(d.url, [factories.finish_body() for _ in range(n)], concurrency=50)
     assert {a.status_code for a in answers} == {202}
     return [a.json()["requestId"] for a in answers]
+
+
+def _last_stored(db_url: str, request_ids: list[str], *, total: int, timeout: float) -> float:
+    """Once all `total` sessions succeeded, when the last of `request_ids` did (epoch s)."""
+    wait_for(
+        lambda: state_counts(db_url).get("succeeded") == total,
+        timeout=timeout,
+        interval=1,
+        what="every session stored",
+    )
+    return max(_finished_at(db_url, request_ids)).timestamp()
 
 
 def _finished_at(db_url: str, request_ids: list[str]) -> list[datetime]:
@@ -85,13 +95,7 @@ def test_sdk_finishes_answer_within_10s_behind_a_100s_backlog(
         assert answer["publicToken"] == standin.state.by_human[body["humanId"]].public_token
     assert took[-1] <= 10.0
     # The backlog still drains, every session of it stored, at the limit and never above it.
-    wait_for(
-        lambda: state_counts(db_url).get("succeeded") == 2020,
-        timeout=240,
-        interval=1,
-        what="every session stored",
-    )
-    last = max(_finished_at(db_url, backlog)).timestamp() - queued_at
+    last = _last_stored(db_url, backlog, total=2020, timeout=240) - queued_at
     figures.record(
         "sdk_burst",
         sdk_answer_s=[round(t, 2) for t in took],
@@ -138,17 +142,9 @@ def test_a_flood_of_waiting_finishes_starves_nobody_past_the_bound(
 
             await asyncio.gather(*(one(i / 30) for i in range(600)))
 
-    flooding = threading.Thread(target=asyncio.run, args=(flood(),))
-    flooding.start()
-    flooding.join()
+    asyncio.run(flood())
     assert len(answers) == 600 and set(answers) <= {201, 202}
-    wait_for(
-        lambda: state_counts(db_url).get("succeeded") == 700,
-        timeout=120,
-        interval=1,
-        what="every session stored",
-    )
-    last = max(_finished_at(db_url, ordinary)).timestamp() - queued_at
+    last = _last_stored(db_url, ordinary, total=700, timeout=120) - queued_at
     alone = 100 / PACE
     bound = WaitingLane.for_rate(MAX_RPS).starvation_bound_s(alone)
     figures.record(
