@@ -14,6 +14,8 @@
   lane is what an operator can see (`LLEN`) and run workers for apart. The web caps the
   waiting queue's share of the upstream (producer/lanes.py), so the other queue is never
   starved past a stated bound.
+- Webhook deliveries tick on a third queue, taken before the ordinary one: a tick a second
+  per endpoint, each starting that endpoint's dispatcher (worker/webhooks/dispatch.py).
 - Thread pool: an exchange is I/O (waiting on the upstream), so many threads per process keep
   the upstream's latency hidden without as many processes' memory.
 
@@ -30,14 +32,18 @@ from celery import Celery
 from kombu import Queue
 
 from worker import broker
-from worker.redis_keys import QUEUE, QUEUES
+from worker.redis_keys import CONSUMED, QUEUE, WEBHOOK_QUEUE
 from worker.request import ExchangeRequest
 from worker.settings import Settings, settings_or_exit
+from worker.webhooks.deliveries import endpoint_digest
 
 EXCHANGE_TASK = "humanconnect.exchange_session"
 RELAY_TASK = "humanconnect.relay_events"
 REPAIR_TASK = "humanconnect.repair_public_tokens"
 RECONCILE_TASK = "humanconnect.reconcile_pending"
+DELIVER_TASK = "humanconnect.deliver_webhooks"
+# How often beat starts each endpoint's webhook dispatcher (which then runs while any is due).
+WEBHOOK_TICK_S = 1.0
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
 
@@ -89,7 +95,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": QUEUE,
         # In the order Kombu's `priority` strategy takes them: the waiting queue first.
-        "task_queues": [Queue(name, routing_key=name) for name in QUEUES],
+        "task_queues": [Queue(name, routing_key=name) for name in CONSUMED],
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
@@ -110,7 +116,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.repair_interval_s,
                 "options": {"expires": settings.repair_interval_s},
             },
+            **webhook_schedule(settings),
         },
+    }
+
+
+def webhook_schedule(settings: Settings) -> dict[str, Any]:
+    """A tick per endpoint on the webhooks queue. The message names the endpoint by digest
+    only (a URL may carry a credential); each worker maps it back from its own settings."""
+    return {
+        f"deliver-webhooks-{digest}": {
+            "task": DELIVER_TASK,
+            "schedule": WEBHOOK_TICK_S,
+            "args": (digest,),
+            "options": {"queue": WEBHOOK_QUEUE, "expires": WEBHOOK_TICK_S},
+        }
+        for digest in map(endpoint_digest, settings.webhook_urls)
     }
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from worker.clock import now
 from worker.models import OutboxEvent, outbox_table
+from worker.webhooks import deliveries
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +49,35 @@ def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, objec
     return {"event_id": event_id, "fields": json.dumps(body), "created_at": stamp}
 
 
-def record(db: DbSession, type_: str, **fields: str) -> OutboxEvent:
-    """Add an event to the current transaction; it is relayed only if that commits.
+def record(
+    db: DbSession, type_: str, *, targets: deliveries.Targets = deliveries.NOWHERE, **fields: str
+) -> OutboxEvent:
+    """Add an event, and its webhook deliveries to `targets`, to the current transaction; it
+    is relayed and delivered only if that commits.
 
     One Core INSERT … RETURNING, not the ORM's unit of work (flushing this one row through
     the ORM is a large share of an exchange's CPU); the returned object is detached, for the
     relay."""
     row = _row(type_, fields, now())
-    event_id = db.connection().execute(_INSERT_ONE, row).scalar_one()
-    return OutboxEvent(id=event_id, **row)
+    outbox_id = db.connection().execute(_INSERT_ONE, row).scalar_one()
+    deliveries.add(db, [outbox_id], targets)
+    return OutboxEvent(id=outbox_id, **row)
 
 
-def record_many(db: DbSession, type_: str, many: Sequence[dict[str, str]]) -> list[int]:
-    """Add one event per item in one statement; returns their outbox ids."""
+def record_many(
+    db: DbSession,
+    type_: str,
+    many: Sequence[dict[str, str]],
+    targets: deliveries.Targets = deliveries.NOWHERE,
+) -> list[int]:
+    """Add one event per item in one statement, and their deliveries; returns outbox ids."""
     if not many:
         return []
     stamp = now()
     rows = [_row(type_, fields, stamp) for fields in many]
-    return list(db.scalars(insert(OutboxEvent).returning(OutboxEvent.id), rows).all())
+    ids = list(db.scalars(insert(OutboxEvent).returning(OutboxEvent.id), rows).all())
+    deliveries.add(db, ids, targets)
+    return ids
 
 
 def _send(db: DbSession, r: redis.Redis, stream: str, events: Sequence[OutboxEvent]) -> int:

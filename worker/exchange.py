@@ -245,6 +245,7 @@ class Exchanger:
                 event = events.record(
                     db,
                     "connect.completed",
+                    targets=self.rt.webhook_targets,
                     humanId=tokens.human_id,
                     clientUserId=tokens.client_user_id,
                     requestId=job.request_id,
@@ -262,7 +263,12 @@ class Exchanger:
             stored = row.state == RequestState.SUCCEEDED
             if not stored:
                 sessions.mark_failed(row, reason, kind)
-                event = events.record(db, "connect.failed", **_failed_fields(job, reason))
+                event = events.record(
+                    db,
+                    "connect.failed",
+                    targets=self.rt.webhook_targets,
+                    **_failed_fields(job, reason),
+                )
             db.commit()
         if stored:
             # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
@@ -283,7 +289,9 @@ class Exchanger:
                 return
             if row is not None:
                 sessions.mark_failed(row, reason, ErrorKind.INTERNAL)
-            event = events.record(db, "connect.failed", **_failed_fields(job, reason))
+            event = events.record(
+                db, "connect.failed", targets=self.rt.webhook_targets, **_failed_fields(job, reason)
+            )
             db.commit()
         self._relay(event)
         metrics.inc(self.rt.redis, "exchanges", outcome=ErrorKind.INTERNAL)

@@ -30,9 +30,17 @@ COUNTERS = {
     "retries": ("humanconnect_retries", "Upstream retries by cause"),
     "repairs": ("humanconnect_repairs", "publicToken repairs by outcome"),
     "events": ("humanconnect_events_relayed", "Events relayed to the stream"),
+    "webhooks": (
+        "humanconnect_webhook_attempts",
+        "Webhook delivery attempts by outcome (delivered, retrying, failed)",
+    ),
 }
 HISTOGRAMS = {
     "upstream_seconds": ("humanconnect_upstream_seconds", "Upstream call latency in seconds"),
+    "webhook_seconds": (
+        "humanconnect_webhook_delivery_seconds",
+        "From an event's commit to its delivery's 2xx, in seconds",
+    ),
 }
 
 

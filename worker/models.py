@@ -9,12 +9,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -114,8 +116,45 @@ class OutboxEvent(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class WebhookDelivery(Base):
+    """One event's delivery to one endpoint, written in the event's own transaction."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("outbox_id", "endpoint", name="uq_webhook_deliveries_outbox_id"),
+        # The dispatcher's query: one endpoint's pending deliveries by when they are due.
+        Index(
+            "ix_webhook_deliveries_due",
+            "endpoint",
+            "due_us",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    outbox_id: Mapped[int] = mapped_column(Integer, ForeignKey("outbox.id"))
+    #: The URL as configured (it may carry a credential: shown only through `safe_url`).
+    endpoint: Mapped[str] = mapped_column(Text)
+    #: pending, delivered or failed.
+    state: Mapped[str] = mapped_column(String(16))
+    #: Attempts started so far (one is counted when it is claimed, before it is sent).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Not before this (µs since the epoch): the next try, or the end of a claim's lease.
+    due_us: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The last attempt's HTTP status (none for a timeout or refused connection).
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: Why the last attempt did not count ("HTTP 500", "timeout", ...), or null.
+    last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: The start of the receiver's last answer, at most 200 characters.
+    last_response: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
 # The tables themselves, for Core statements on the hot path: they skip the ORM's unit of
 # work and bulk machinery, which cost more CPU than the statements.
 users_table = cast(Table, User.__table__)
 sessions_table = cast(Table, Session.__table__)
 outbox_table = cast(Table, OutboxEvent.__table__)
+deliveries_table = cast(Table, WebhookDelivery.__table__)

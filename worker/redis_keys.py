@@ -13,8 +13,13 @@ PREFIX = "hc:"
 QUEUE = "humanconnect"
 #: The queue of finishes a person waits on (`Prefer: wait`, `?wait=`): workers drain it first.
 WAITING_QUEUE = "humanconnect.waiting"
-#: The queues, in the order workers take from them.
+#: The queues of exchanges (what the reconciler watches).
 QUEUES = (WAITING_QUEUE, QUEUE)
+#: Webhook deliveries' ticks: a few small messages a second, so they go before the ordinary
+#: queue without slowing it, and are never stuck behind a backlog of exchanges.
+WEBHOOK_QUEUE = "humanconnect.webhooks"
+#: Every queue a default worker consumes, in the order it takes from them.
+CONSUMED = (WAITING_QUEUE, WEBHOOK_QUEUE, QUEUE)
 #: Kombu's hash of delivered, unacknowledged messages.
 UNACKED = "unacked"
 
@@ -34,6 +39,11 @@ BREAKER_OKS = PREFIX + "breaker:oks"
 
 RELAY_LOCK = PREFIX + "lock:relay"
 REPAIR_LOCK = PREFIX + "lock:repair"
+
+
+def webhook_lock(endpoint_digest: str) -> str:
+    """Held by the one dispatcher of an endpoint (named by a digest: a URL may hold a secret)."""
+    return f"{PREFIX}lock:webhook:{endpoint_digest}"
 
 
 def session_claim(session_hash: str) -> str:

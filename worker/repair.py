@@ -251,6 +251,7 @@ class Repairer:
                 db,
                 "publictoken.repaired",
                 [{"humanId": c.human_id, "clientUserId": c.client_user_id} for c in repaired],
+                self.rt.webhook_targets,
             )
             db.commit()
             try:

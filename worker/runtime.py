@@ -16,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from worker.crypto import Cipher
 from worker.db import session_factory
 from worker.settings import Settings
+from worker.webhooks.deliveries import Targets
 
 # Short socket timeouts: a Redis that is down must turn into a 503 within 2 seconds.
 REDIS_CONNECT_TIMEOUT_S = 0.5
@@ -67,6 +68,11 @@ class Runtime:
     @cached_property
     def cipher(self) -> Cipher:
         return Cipher(self.settings.key_list())
+
+    @cached_property
+    def webhook_targets(self) -> Targets:
+        """Where this process's events are delivered (none unless webhooks are configured)."""
+        return Targets.from_settings(self.settings)
 
     @cached_property
     def db(self) -> sessionmaker:

@@ -117,6 +117,25 @@ class Settings(BaseSettings):
     ticket_key: SecretStr | None = Field(None, validation_alias=_env("HUMANCONNECT_TICKET_KEY"))
     #: Comma-separated exact origins a browser may finish from (CORS). Unset: no CORS headers.
     cors_origins_list: str = Field("", validation_alias=_env("HUMANCONNECT_CORS_ORIGINS"))
+    #: Comma-separated http(s) URLs every event is delivered to (worker/webhooks). Unset: none.
+    webhook_urls_list: str = Field("", validation_alias=_env("HUMANCONNECT_WEBHOOK_URLS"))
+    #: `whsec_` + base64 of 24-64 random bytes; signs every delivery. Required with URLs.
+    webhook_secret: SecretStr | None = Field(
+        None, validation_alias=_env("HUMANCONNECT_WEBHOOK_SECRET")
+    )
+    #: A delivery is a success only on a 2xx within this many seconds.
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=60, validation_alias=_env("HUMANCONNECT_WEBHOOK_TIMEOUT_S")
+    )
+    #: The waits before each attempt, in seconds (Standard Webhooks' suggested schedule).
+    webhook_retry_schedule_list: str = Field(
+        "0,5,300,1800,7200,18000,36000,36000",
+        validation_alias=_env("HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE"),
+    )
+    #: Deliveries in flight at once to one endpoint (from one worker process).
+    webhook_concurrency: int = Field(
+        8, ge=1, le=64, validation_alias=_env("HUMANCONNECT_WEBHOOK_CONCURRENCY")
+    )
 
     @model_validator(mode="after")
     def _timing_fits(self) -> Settings:
@@ -200,6 +219,55 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         """The exact origins allowed to call the finish routes from a browser."""
         return [o.strip() for o in self.cors_origins_list.split(",") if o.strip()]
+
+    @field_validator("webhook_urls_list")
+    @classmethod
+    def _webhook_urls_shape(cls, value: str) -> str:
+        urls = [u.strip() for u in value.split(",") if u.strip()]
+        for number, url in enumerate(urls, 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                # Its place, not the URL: a URL may carry a credential.
+                raise ValueError(f"URL number {number} is not an http(s) URL")
+        return value
+
+    @property
+    def webhook_urls(self) -> list[str]:
+        """The endpoints every event is delivered to, in the order given, without repeats."""
+        urls = (u.strip() for u in self.webhook_urls_list.split(",") if u.strip())
+        return list(dict.fromkeys(urls))
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        from worker.webhooks.signing import check_secret
+
+        check_secret(value.get_secret_value())
+        return value
+
+    @field_validator("webhook_retry_schedule_list")
+    @classmethod
+    def _schedule_shape(cls, value: str) -> str:
+        try:
+            waits = [float(w) for w in value.split(",")]
+        except ValueError:
+            raise ValueError("must be comma-separated seconds, like 0,5,300") from None
+        if not waits or any(w < 0 or w != w for w in waits):
+            raise ValueError("must be comma-separated seconds, none negative")
+        return value
+
+    @property
+    def webhook_retry_schedule(self) -> tuple[float, ...]:
+        """The wait before each attempt; its length is how many attempts a delivery gets."""
+        return tuple(float(w) for w in self.webhook_retry_schedule_list.split(","))
+
+    @model_validator(mode="after")
+    def _webhooks_signed(self) -> Settings:
+        if self.webhook_urls and self.webhook_secret is None:
+            raise ValueError("HUMANCONNECT_WEBHOOK_SECRET is required when webhook URLs are set")
+        return self
 
     @field_validator("encryption_keys")
     @classmethod

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, lru_cache
 from typing import Any
 
 import redis
@@ -16,6 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from worker import events, logs, metrics, migrate, status
 from worker.celery import (
+    DELIVER_TASK,
     EXCHANGE_TASK,
     RECONCILE_TASK,
     RELAY_TASK,
@@ -35,6 +37,10 @@ from worker.retry import backoff
 from worker.runtime import Runtime
 from worker.settings import get_settings
 from worker.states import RequestState
+from worker.webhooks.deliveries import endpoint_digest
+from worker.webhooks.dispatch import Dispatcher
+from worker.webhooks.sender import Sender
+from worker.webhooks.signing import Signer
 
 log = logging.getLogger(__name__)
 # How often an unforeseen exception (a bug) is retried before the session is failed.
@@ -171,6 +177,41 @@ def relay_events() -> int:
     return sent
 
 
+@lru_cache(maxsize=1)
+def webhook_sender() -> Sender:
+    settings = runtime().settings
+    return Sender(settings.webhook_timeout_s, pool_size=settings.webhook_concurrency)
+
+
+@cache
+def webhook_dispatcher(digest: str) -> Dispatcher | None:
+    """The dispatcher of the endpoint named by `digest`, if this process has it configured."""
+    rt = runtime()
+    settings = rt.settings
+    endpoint = next((u for u in settings.webhook_urls if endpoint_digest(u) == digest), None)
+    if endpoint is None or settings.webhook_secret is None:
+        return None
+    return Dispatcher(
+        rt,
+        endpoint,
+        webhook_sender(),
+        Signer.from_secret(settings.webhook_secret.get_secret_value()),
+        ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="webhook"),
+        settings.webhook_concurrency,
+    )
+
+
+@app.task(name=DELIVER_TASK, ignore_result=True)
+def deliver_webhooks(digest: str) -> int:
+    """Beat's tick for one endpoint: deliver what is due to it (skipped while another
+    dispatcher of the endpoint runs)."""
+    dispatcher = webhook_dispatcher(digest)
+    if dispatcher is None:
+        log.warning("webhook tick for an endpoint this worker does not have configured")
+        return 0
+    return dispatcher.run()["delivered"]
+
+
 @app.task(name=REPAIR_TASK, ignore_result=True)
 def repair_public_tokens() -> int:
     """The scheduled publicToken repair; skipped (and logged) while another run holds the lock."""
@@ -220,6 +261,6 @@ def _on_beat_init(**_: Any) -> None:
 @signals.after_setup_logger.connect
 def _on_setup_logger(**_: Any) -> None:
     settings = get_settings()
-    secret = settings.client_secret.get_secret_value() if settings.client_secret else ""
-    logs.install([secret], as_json=settings.log_json)
+    secrets = [s.get_secret_value() for s in (settings.client_secret, settings.webhook_secret) if s]
+    logs.install(secrets, as_json=settings.log_json)
     logs.quiet_celery()
