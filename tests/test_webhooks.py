@@ -17,9 +17,9 @@ from tests import factories
 from tests.support.receiver import Receiver
 from worker import events
 from worker.clock import now
+from worker.errors import ConfigError
 from worker.models import WebhookDelivery
 from worker.runtime import Runtime
-from worker.errors import ConfigError
 from worker.settings import Settings, load
 from worker.webhooks import deliveries, signing
 from worker.webhooks.deliveries import Result, Targets
