@@ -14,6 +14,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="run the whole service on this machine")
     p_up.add_argument("--port", type=int, default=None, help="web port (default $PORT or 8000)")
+    p_up.add_argument(
+        "--webhook-echo",
+        action="store_true",
+        help="sandbox: deliver every event to examples/webhook_receiver.py and print it",
+    )
     p_demo = sub.add_parser("demo", help="fire simulated onboardings at a running sandbox")
     p_demo.add_argument("--users", type=int, default=100)
     p_demo.add_argument("--url", default="http://127.0.0.1:8000")
@@ -41,6 +46,17 @@ def main(argv: list[str] | None = None) -> None:
     p_ticket.add_argument(
         "--ttl", type=int, default=600, help="seconds the ticket lives (at most 3600; 600)"
     )
+    p_hooks = sub.add_parser("webhooks", help="webhook deliveries")
+    hooks = p_hooks.add_subparsers(dest="action", required=True)
+    hooks.add_parser("secret", help="print a new HUMANCONNECT_WEBHOOK_SECRET")
+    p_list = hooks.add_parser("list", help="the newest deliveries and each endpoint's backlog")
+    p_list.add_argument("--failed", action="store_true", help="failed deliveries only")
+    p_list.add_argument("--limit", type=int, default=50)
+    p_retry = hooks.add_parser("retry", help="make deliveries due now, with a fresh schedule")
+    p_retry.add_argument("--failed", action="store_true", help="failed ones only (not pending)")
+    p_retry.add_argument("--since", default=None, help="events since: 2h, 1d or an ISO time")
+    p_test = hooks.add_parser("test", help="send a signed webhook.test event to URL")
+    p_test.add_argument("url", metavar="URL")
     args = parser.parse_args(argv)
 
     try:
@@ -57,7 +73,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "up":
         from humanconnect.up import up
 
-        return up(settings, port=args.port)
+        return up(settings, port=args.port, webhook_echo=args.webhook_echo)
     if args.command == "demo":
         from humanconnect.demo import demo
 
@@ -91,6 +107,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         key = settings.ticket_key.get_secret_value()
         sys.stdout.write(mint(key, args.client_user_id, args.ttl) + "\n")
         return 0
+    if args.command == "webhooks":
+        from humanconnect import webhooks_cli
+
+        if args.action == "secret":
+            return webhooks_cli.secret()
+        if args.action == "list":
+            if args.limit < 1:
+                raise ConfigError("--limit must be at least 1")
+            return webhooks_cli.listing(settings, failed_only=args.failed, limit=args.limit)
+        if args.action == "retry":
+            return webhooks_cli.retry(settings, failed_only=args.failed, since=args.since)
+        return webhooks_cli.test(settings, args.url)
     if args.command == "keys":
         from worker.rotation import rotate_all
         from worker.runtime import Runtime

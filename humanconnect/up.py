@@ -17,8 +17,11 @@ from humanconnect.embedded import EmbeddedRedis, free_port
 from humanconnect.procs import Child, commands, stop_all
 from worker import migrate
 from worker.settings import SANDBOX_CLIENT_ID, Settings
+from worker.webhooks.signing import new_secret
 
 VAR = Path("var")
+#: The example receiver `--webhook-echo` runs (part of a source checkout, as `up` is).
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_HUMAN_ID = "52867cbede3155565f000a0d"
 EXAMPLE_SESSION_TOKEN = "8836c122c0483eb193ac2dd121136931"
 
@@ -34,12 +37,31 @@ def _dev_key(var: Path) -> str:
     return key
 
 
+def _webhook_echo(settings: Settings, *envs: dict[str, str]) -> Child:
+    """examples/webhook_receiver.py on a free port, added to every process's webhook URLs
+    (with a fresh secret unless one is set), printing each event it verifies."""
+    receiver = EXAMPLES / "webhook_receiver.py"
+    echo_port = free_port()
+    url = f"http://127.0.0.1:{echo_port}/hooks"
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else new_secret()
+    for env in envs:
+        env["HUMANCONNECT_WEBHOOK_URLS"] = ",".join([*settings.webhook_urls, url])
+        env["HUMANCONNECT_WEBHOOK_SECRET"] = secret
+    _say(f"webhook echo: every event is delivered, signed, to {url} and printed as 'webhook |'")
+    return Child(
+        "webhook",
+        [sys.executable, str(receiver), "--port", str(echo_port)],
+        dict(envs[0]),
+        sys.stdout,
+    )
+
+
 def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
-def up(settings: Settings, *, port: int | None = None) -> int:
+def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = False) -> int:
     """Start Redis (unless REDIS_URL), migrations, web, worker, beat (and the sandbox)."""
     VAR.mkdir(exist_ok=True)
     port = port or int(os.environ.get("PORT", "8000"))
@@ -107,6 +129,12 @@ def up(settings: Settings, *, port: int | None = None) -> int:
                 **base_env,
                 "HUMANAPI_CLIENT_SECRET": settings.client_secret.get_secret_value(),
             }
+        if webhook_echo:
+            if not settings.sandbox:
+                _say("humanconnect: --webhook-echo is for sandbox mode (no HUMANAPI_CLIENT_SECRET)")
+                return 2
+            echo = _webhook_echo(settings, base_env, worker_env)
+            children.append(echo)
         migrate.upgrade(base_env["DATABASE_URL"])
         _say(f"database {base_env['DATABASE_URL']} migrated")
         cmds = commands(port, VAR)

@@ -20,6 +20,8 @@ from worker import events
 from worker.metrics import RedisCollector
 from worker.redis_keys import QUEUES, UNACKED, WAITING_QUEUE
 from worker.runtime import Runtime
+from worker.webhooks import deliveries
+from worker.webhooks.sender import safe_url
 
 
 def registry_for(rt: Runtime) -> CollectorRegistry:
@@ -34,6 +36,12 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
     def outbox_backlog() -> float:
         with rt.db() as db:
             return float(events.backlog(db))
+
+    def webhook_backlog() -> dict[str, float]:
+        """Pending deliveries of each configured endpoint (shown without credentials)."""
+        with rt.db() as db:
+            pending = deliveries.backlog(db)
+        return {safe_url(url): float(pending.get(url, 0)) for url in rt.settings.webhook_urls}
 
     registry.register(
         RedisCollector(
@@ -52,6 +60,10 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
                     lambda: float(rt.redis.hlen(UNACKED)),
                 ),
                 "humanconnect_outbox_backlog": ("Events not yet relayed", outbox_backlog),
+                "humanconnect_webhook_backlog": (
+                    "Webhook deliveries not yet delivered or failed, per endpoint",
+                    webhook_backlog,
+                ),
             },
         )
     )

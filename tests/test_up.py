@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -24,10 +25,10 @@ GUIDE_EXAMPLE = {
 }
 
 
-def _up(cwd: Path, port: int) -> subprocess.Popen[str]:
+def _up(cwd: Path, port: int, *more: str) -> subprocess.Popen[str]:
     # No REDIS_URL, no secret, no keys: what a newcomer has.
     return subprocess.Popen(
-        [str(BIN / "humanconnect"), "up", "--port", str(port)],
+        [str(BIN / "humanconnect"), "up", "--port", str(port), *more],
         cwd=cwd,
         env=service_env(),
         stdout=subprocess.PIPE,
@@ -44,10 +45,11 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 
 @pytest.mark.slow
 def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path) -> None:
-    """The README's curl gets 202 and its status reaches succeeded; Ctrl-C stops everything."""
+    """The README's curl gets 202 and its status reaches succeeded; Ctrl-C stops everything.
+    With --webhook-echo, the example receiver prints the completion it verified."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _up(tmp_path, port)
+    proc = _up(tmp_path, port, "--webhook-echo")
     try:
         wait_for(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, 90, what="up")
         resp = httpx.post(url + "/connect/finish", json=GUIDE_EXAMPLE)
@@ -72,6 +74,13 @@ def test_up_finishes_the_guide_example_and_a_second_up_reuses_var(tmp_path: Path
     assert f"Or open the sandbox app in a browser: {url}/" in out
     # The finish's own outcome line, and none of Celery's routine per-task/per-tick lines
     assert f"exchange succeeded request={final['requestId']}" in out
+    # The echo receiver verified the signature and printed the event (a line of JSON).
+    echoed = [line.split("| ", 1)[1] for line in out.splitlines() if line.startswith("webhook |")]
+    completed = [json.loads(line) for line in echoed if line.startswith("{")]
+    assert [(e["type"], e["data"]["requestId"]) for e in completed] == [
+        ("connect.completed", final["requestId"])
+    ], out[-3000:]
+    assert "publicToken" not in json.dumps(completed)
     assert "Sending due task" not in out
     assert "] received" not in out and "] succeeded in" not in out
     assert (tmp_path / "var" / "redis").is_dir()

@@ -340,3 +340,58 @@ def test_no_endpoints_no_deliveries(runtime: Runtime) -> None:
         events.record(db, "connect.failed", targets=runtime.webhook_targets, humanId="h")
         db.commit()
         assert db.scalars(select(WebhookDelivery)).all() == []
+
+
+# -- the commands --------------------------------------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    from humanconnect.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(list(argv))
+    return int(ended.value.code or 0), capsys.readouterr().out
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, hooked: Runtime, redis_url: str) -> Runtime:
+    monkeypatch.setenv("DATABASE_URL", hooked.settings.database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("HUMANCONNECT_WEBHOOK_URLS", hooked.settings.webhook_urls[0])
+    monkeypatch.setenv("HUMANCONNECT_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("HUMANCONNECT_WEBHOOK_TIMEOUT_S", "0.5")
+    return hooked
+
+
+def test_cli_secret_list_retry_and_test(
+    cli_env: Runtime, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run_cli(capsys, "webhooks", "secret")
+    assert code == 0
+    signing.check_secret(out.strip())
+
+    receiver.status = 410
+    [event_id] = completed(cli_env)
+    assert dispatcher(cli_env).run() == {"failed": 1}
+    code, out = run_cli(capsys, "webhooks", "list", "--failed")
+    assert code == 0 and event_id in out and "failed" in out and "HTTP 410" in out
+    assert SECRET not in out
+
+    code, out = run_cli(capsys, "webhooks", "retry", "--failed", "--since", "1h")
+    assert (code, out) == (0, "1 failed deliveries are due now, with a fresh schedule\n")
+    code, out = run_cli(capsys, "webhooks", "retry", "--since", "2026-01-01T00:00")
+    assert code == 0 and out.startswith("1 failed or pending")
+    code, out = run_cli(capsys, "webhooks", "retry", "--since", "yesterday-ish")
+    assert code == 2
+
+    receiver.status = 200
+    code, out = run_cli(capsys, "webhooks", "test", receiver.url)
+    assert code == 0 and "HTTP 200" in out and "delivered" in out
+    sent = receiver.received[-1]
+    payload = Webhook(SECRET).verify(sent.body, sent.headers)
+    assert payload["type"] == "webhook.test"
+    assert payload["data"] == {"eventId": sent.headers["webhook-id"]}
+
+    receiver.status = 500
+    code, out = run_cli(capsys, "webhooks", "test", receiver.url)
+    assert code == 1 and "not delivered (HTTP 500)" in out and "answer: no" in out

@@ -101,7 +101,8 @@ class RedisCollector(Collector):
 
     def __init__(self, r: redis.Redis, gauges: dict[str, Any]):
         self.r = r
-        #: name -> (help, function returning the value); a failing gauge is skipped.
+        #: name -> (help, function returning the value, or a value per endpoint); a
+        #: failing gauge is skipped.
         self.gauges = gauges
 
     def collect(self) -> Iterator[Any]:
@@ -117,8 +118,14 @@ class RedisCollector(Collector):
                 value = fn()
             except Exception:  # a scrape must not fail on one gauge
                 continue
-            gauge = GaugeMetricFamily(name, help_)
-            gauge.add_metric([], value)
+            if isinstance(value, dict):
+                # One series per endpoint (the one labelled gauge: webhook backlogs).
+                gauge = GaugeMetricFamily(name, help_, labels=["endpoint"])
+                for label, v in value.items():
+                    gauge.add_metric([label], v)
+            else:
+                gauge = GaugeMetricFamily(name, help_)
+                gauge.add_metric([], value)
             yield gauge
 
     def _counters(self, values: dict[str, float]) -> Iterator[CounterMetricFamily]:
