@@ -272,6 +272,7 @@ class Chaos:
         """The secret and every token in clear: in no log, Redis key, AOF file or table."""
         issued = self.standin.state.by_human.values()
         needles = [CLIENT_SECRET, *access, *(i.public_token for i in issued if i.public_token)]
+        needles.append(self.env.get("HUMANCONNECT_WEBHOOK_SECRET", ""))
         needles += [b["sessionToken"] for b in accepted]
         assert_no_secrets(
             needles,

@@ -79,7 +79,10 @@ def state_counts(db_url: str) -> dict[str, int]:
     return {state: n for state, n in rows}
 
 
-def database_text(db_url: str, tables: Iterable[str] = ("users", "sessions", "outbox")) -> bytes:
+TABLES = ("users", "sessions", "outbox", "webhook_deliveries")
+
+
+def database_text(db_url: str, tables: Iterable[str] = TABLES) -> bytes:
     """Every row of the service's tables, as text."""
     with session_factory(db_url)() as db:
         return "\n".join(

@@ -1,0 +1,161 @@
+"""Webhooks through a whole deployment (web, workers, beat, own Redis with AOF) and a real
+receiver on a port: every event on the stream reaches the receiver, signed, through a flaky
+receiver, a receiver that is down, a worker SIGKILLed and Redis SIGKILLed mid-delivery."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from tests.support.chaos import Chaos, bodies
+from tests.support.env import wait_for
+from tests.support.figures import record
+from tests.support.receiver import Receiver
+from tests.support.scan import stream_entries
+from worker.webhooks.signing import new_secret
+
+pytestmark = pytest.mark.slow
+
+SECRET = new_secret()
+# Seconds instead of minutes, as the contract lets impatient operators do: ten attempts
+# over about a minute, so a receiver down for 15 s is outlasted.
+WEBHOOK_ENV = {
+    "HUMANCONNECT_WEBHOOK_SECRET": SECRET,
+    "HUMANCONNECT_WEBHOOK_TIMEOUT_S": "2",
+    "HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE": "0,1,2,4,8,8,8,8,8,8",
+    "HUMANCONNECT_WEBHOOK_CONCURRENCY": "4",
+}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver(seed=11).start()
+    yield running
+    running.stop()
+
+
+def start(chaos: Chaos, receiver: Receiver) -> Chaos:
+    env: dict[str, Any] = {"HUMANCONNECT_WEBHOOK_URLS": receiver.url, **WEBHOOK_ENV}
+    return chaos.start(**env)
+
+
+def event_ids(chaos: Chaos) -> dict[str, dict[str, str]]:
+    """The stream's events by eventId."""
+    return {e["eventId"]: e for e in stream_entries(chaos.r)}
+
+
+def wait_all_delivered(chaos: Chaos, receiver: Receiver, timeout: float) -> dict[str, dict]:
+    """Until every event on the stream has been answered 2xx by the receiver."""
+    wait_for(
+        lambda: event_ids(chaos).keys() <= receiver.delivered_ids(),
+        timeout,
+        interval=1,
+        what="every event to reach the receiver",
+    )
+    return event_ids(chaos)
+
+
+def verify_deliveries(chaos: Chaos, receiver: Receiver) -> dict[str, object]:
+    """Same ids as the stream; each body is its event and verifies; another secret fails."""
+    stream = event_ids(chaos)
+    assert receiver.delivered_ids() == stream.keys()
+    other = Webhook(new_secret())
+    for got in receiver.received:
+        payload = Webhook(SECRET).verify(got.body, got.headers)
+        event = stream[got.headers["webhook-id"]]
+        assert payload == {
+            "type": event["type"],
+            "timestamp": event["occurredAt"],
+            "data": {k: v for k, v in event.items() if k not in ("type", "occurredAt")},
+        }
+        with pytest.raises(WebhookVerificationError):
+            other.verify(got.body, got.headers)
+    per_id: dict[str, int] = {}
+    for got in receiver.received:
+        per_id[got.headers["webhook-id"]] = per_id.get(got.headers["webhook-id"], 0) + 1
+    return {
+        "events": len(stream),
+        "requests": len(receiver.received),
+        "answered_2xx": sum(1 for r in receiver.received if 200 <= r.status < 300),
+        "most_requests_for_one_event": max(per_id.values()),
+    }
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_every_event_reaches_a_flaky_receiver_that_goes_down(
+    chaos: Chaos, receiver: Receiver
+) -> None:
+    """500 sessions; the receiver answers 500 to a fifth of deliveries and is down for 15 s
+    in the middle: every event arrives, signed, its body exactly the event."""
+    receiver.fail_share = 0.2
+    start(chaos, receiver)
+    sent = bodies(500)
+    sending = chaos.send_in_background(sent, rate=50)
+    time.sleep(3)
+    receiver.down()
+    time.sleep(15)
+    receiver.start()
+    back_at = time.monotonic()
+    results = sending.result(120)
+    assert {s.status for s in results} == {202}
+    chaos.wait_ended({b["humanId"] for b in sent}, 120)
+    wait_all_delivered(chaos, receiver, 120)
+    all_delivered_after_back_s = time.monotonic() - back_at
+    figures = verify_deliveries(chaos, receiver)
+    assert figures["events"] == 520  # 500 and the 20 that warm the deployment
+    chaos.verify("webhooks-flaky", len(sent), sent, may_lose_answers=False)
+    record(
+        "webhooks_flaky_receiver",
+        **figures,
+        deliveries_retried=_retried(chaos),
+        all_delivered_s_after_back=round(all_delivered_after_back_s, 1),
+    )
+
+
+def _retried(chaos: Chaos) -> int:
+    """Deliveries that took more than one attempt."""
+    from sqlalchemy import text
+
+    from worker.db import session_factory
+
+    with session_factory(chaos.db_url)() as db:
+        return int(
+            db.scalar(text("SELECT count(*) FROM webhook_deliveries WHERE attempts > 1")) or 0
+        )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
+    chaos: Chaos, receiver: Receiver
+) -> None:
+    """A slow receiver keeps deliveries in flight; every worker is SIGKILLed, then Redis
+    (restarted from its AOF): each event still arrives, some more than once."""
+    receiver.delay_s = 0.3
+    start(chaos, receiver)
+    first = bodies(200)
+    chaos.send(first)
+    wait_for(lambda: len(receiver.received) >= 30, 60, what="deliveries to be under way")
+    chaos.signal_workers(signal.SIGKILL)
+    killed_at = len(receiver.received)
+    chaos.start_worker()
+
+    second = bodies(200)
+    chaos.send(second)
+    wait_for(
+        lambda: len(receiver.received) >= killed_at + 30, 90, what="deliveries under way again"
+    )
+    chaos.redis.kill()
+    time.sleep(2)
+    chaos.redis.start()
+
+    chaos.wait_ended({b["humanId"] for b in first + second}, 240)
+    wait_all_delivered(chaos, receiver, 180)
+    figures = verify_deliveries(chaos, receiver)
+    assert figures["events"] == 420
+    chaos.verify("webhooks-kills", 400, first + second, may_lose_answers=True)
+    record("webhooks_worker_and_redis_killed", **figures)
