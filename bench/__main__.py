@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from bench.harness import body, closed_loop, open_loop, stack
 from bench.repair import repair_scenario
 from bench.throughput import drain, saturation
+from bench.webhooks import webhooks_scenario
 from humanconnect.standin import Faults
 
 CHOSEN = "uvicorn httptools+uvloop"
@@ -130,6 +131,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "drain": lambda a: drain(),
     "wait_mode": lambda a: wait_mode(1000, a.concurrency),
     "repair": lambda a: repair_scenario(a.repair_users),
+    "webhooks": lambda a: webhooks_scenario(),
 }
 
 

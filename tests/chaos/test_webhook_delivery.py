@@ -13,10 +13,10 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.support.chaos import Chaos, bodies
-from tests.support.env import wait_for
+from tests.support.env import CLIENT_SECRET, wait_for
 from tests.support.figures import record
 from tests.support.receiver import Receiver
-from tests.support.scan import stream_entries
+from tests.support.scan import assert_no_secrets, stream_entries
 from worker.webhooks.signing import new_secret
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,9 @@ def wait_all_delivered(chaos: Chaos, receiver: Receiver, timeout: float) -> dict
     return event_ids(chaos)
 
 
-def verify_deliveries(chaos: Chaos, receiver: Receiver) -> dict[str, object]:
+def verify_deliveries(
+    chaos: Chaos, receiver: Receiver, sent: list[dict[str, str]]
+) -> dict[str, object]:
     """Same ids as the stream; each body is its event and verifies; another secret fails."""
     stream = event_ids(chaos)
     assert receiver.delivered_ids() == stream.keys()
@@ -75,6 +77,15 @@ def verify_deliveries(chaos: Chaos, receiver: Receiver) -> dict[str, object]:
         }
         with pytest.raises(WebhookVerificationError):
             other.verify(got.body, got.headers)
+    # A body carries what its event carries: no token, session token or secret.
+    issued = chaos.standin.state.by_human.values()
+    needles = [SECRET, CLIENT_SECRET, *(i.access_token for i in issued)]
+    needles += [i.public_token for i in issued if i.public_token]
+    needles += [b["sessionToken"] for b in sent]
+    assert_no_secrets(
+        needles,
+        texts={"webhook requests": "\n".join(f"{r.headers}{r.body}" for r in receiver.received)},
+    )
     per_id: dict[str, int] = {}
     for got in receiver.received:
         per_id[got.headers["webhook-id"]] = per_id.get(got.headers["webhook-id"], 0) + 1
@@ -106,7 +117,7 @@ def test_every_event_reaches_a_flaky_receiver_that_goes_down(
     chaos.wait_ended({b["humanId"] for b in sent}, 120)
     wait_all_delivered(chaos, receiver, 120)
     all_delivered_after_back_s = time.monotonic() - back_at
-    figures = verify_deliveries(chaos, receiver)
+    figures = verify_deliveries(chaos, receiver, sent)
     assert figures["events"] == 520  # 500 and the 20 that warm the deployment
     chaos.verify("webhooks-flaky", len(sent), sent, may_lose_answers=False)
     record(
@@ -155,7 +166,7 @@ def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
 
     chaos.wait_ended({b["humanId"] for b in first + second}, 240)
     wait_all_delivered(chaos, receiver, 180)
-    figures = verify_deliveries(chaos, receiver)
+    figures = verify_deliveries(chaos, receiver, first + second)
     assert figures["events"] == 420
     chaos.verify("webhooks-kills", 400, first + second, may_lose_answers=True)
     record("webhooks_worker_and_redis_killed", **figures)

@@ -1,0 +1,139 @@
+"""Webhooks: deliveries per second to a 0 ms receiver, and the exchange drain with webhooks
+on (receiver fine, receiver hanging) against the same drain with them off, same run."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from bench.harness import Stack, _wait_http, body, closed_loop, stack
+from bench.throughput import _cpu_s, _stored
+from humanconnect.procs import commands
+from humanconnect.standin import Faults
+from tests.support.env import free_port
+from worker.webhooks.signing import new_secret
+
+
+def _receiver(s: Stack, mode: str) -> str:
+    port = free_port()
+    log = open(s.workdir / f"receiver-{mode}.log", "ab")  # lives with the process
+    s.procs[f"receiver-{mode}"] = subprocess.Popen(
+        [sys.executable, "-m", "bench.receiver", "--port", str(port), "--mode", mode],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _wait_http(f"http://127.0.0.1:{port}/")
+    return f"http://127.0.0.1:{port}/hooks"
+
+
+def _count(db_url: str, sql: str) -> int:
+    engine = create_engine(db_url)
+    with engine.connect() as c:
+        n = c.execute(text(sql)).scalar_one()
+    engine.dispose()
+    return int(n)
+
+
+def _delivered(db_url: str) -> int:
+    return _count(db_url, "SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+
+
+def _drain(latency_ms: float, sessions: int, receiver: str | None) -> dict[str, Any]:
+    """Queue `sessions`, then start worker and beat and time until all are stored; with a
+    receiver ("ok" or "hang"), every event is also delivered to it."""
+    s = stack(Faults(latency_ms=latency_ms))
+    try:
+        if receiver is not None:
+            s.env.update(
+                HUMANCONNECT_WEBHOOK_URLS=_receiver(s, receiver),
+                HUMANCONNECT_WEBHOOK_SECRET=new_secret(),
+            )
+        url = s.start_web()
+        queued = asyncio.run(closed_loop(url, [body(i, "w1") for i in range(sessions)], 100))
+        sessions = queued["codes"].get(202, 0)
+        s.stop("web")
+        s._spawn("beat", [*commands(0, s.workdir)["beat"], "-l", "WARNING"])
+        s.start_worker()
+        worker = s.procs["worker"]
+        cpu0 = _cpu_s(worker.pid)
+        started = time.monotonic()
+        db = s.env["DATABASE_URL"]
+        while _stored(db) < sessions and time.monotonic() - started < 300:
+            time.sleep(0.25)
+        elapsed = time.monotonic() - started
+        cpu = _cpu_s(worker.pid) - cpu0
+        out: dict[str, Any] = {
+            "sessions": sessions,
+            "seconds": elapsed,
+            "rate": sessions / elapsed,
+            "cpu_s_per_exchange": cpu / sessions,
+        }
+        if receiver is not None:
+            out["delivered_when_drained"] = _delivered(db)
+        if receiver == "ok":
+            while _delivered(db) < sessions and time.monotonic() - started < 300:
+                time.sleep(0.25)
+            out["all_delivered_s"] = time.monotonic() - started
+        return out
+    finally:
+        s.close()
+
+
+def _delivery_rate(events: int) -> dict[str, Any]:
+    """`events` committed with their deliveries, then one worker and beat deliver them to a
+    0 ms receiver: deliveries per second, from the first tick to the last 2xx."""
+    from worker import events as outbox
+    from worker.db import session_factory
+    from worker.webhooks.deliveries import Targets
+
+    s = stack(Faults())
+    try:
+        hook = _receiver(s, "ok")
+        s.env.update(HUMANCONNECT_WEBHOOK_URLS=hook, HUMANCONNECT_WEBHOOK_SECRET=new_secret())
+        db_url = s.env["DATABASE_URL"]
+        with session_factory(db_url)() as db:
+            fields = [
+                {"humanId": f"{i:024x}", "clientUserId": f"user-{i}", "requestId": f"r{i}"}
+                for i in range(events)
+            ]
+            outbox.record_many(db, "connect.completed", fields, Targets((hook,)))
+            db.commit()
+        s.start_worker()
+        time.sleep(3)  # the worker up before beat's first tick
+        s._spawn("beat", [*commands(0, s.workdir)["beat"], "-l", "WARNING"])
+        started = None
+        while time.monotonic() - (started or time.monotonic()) < 300:
+            done = _delivered(db_url)
+            if started is None and done:
+                started = time.monotonic()
+            if done >= events:
+                break
+            time.sleep(0.1)
+        assert started is not None
+        elapsed = time.monotonic() - started
+        return {"events": events, "seconds": elapsed, "rate": events / elapsed}
+    finally:
+        s.close()
+
+
+def webhooks_scenario(sessions: int = 3000) -> dict[str, Any]:
+    """The delivery rate, then the 0 ms and 100 ms drains off / receiver fine / hanging."""
+    out: dict[str, Any] = {"delivery to a 0 ms receiver": _delivery_rate(5000)}
+    for latency in (0, 100):
+        off = _drain(latency, sessions, None)
+        fine = _drain(latency, sessions, "ok")
+        hang = _drain(latency, sessions, "hang")
+        out[f"{latency} ms"] = {
+            "off": off,
+            "receiver fine": fine,
+            "receiver hanging": hang,
+            "fine vs off": fine["rate"] / off["rate"],
+            "hanging vs off": hang["rate"] / off["rate"],
+        }
+    return out
