@@ -395,3 +395,46 @@ def test_cli_secret_list_retry_and_test(
     receiver.status = 500
     code, out = run_cli(capsys, "webhooks", "test", receiver.url)
     assert code == 1 and "not delivered (HTTP 500)" in out and "answer: no" in out
+
+
+# -- the receiver to copy ------------------------------------------------------------------
+
+
+def test_the_example_receiver_verifies_refuses_stale_and_dedupes() -> None:
+    import http.server
+    import io
+    import threading
+    from datetime import timedelta
+
+    import httpx
+
+    from examples.webhook_receiver import Seen, handler
+    from tests.support.env import free_port
+
+    out = io.StringIO()
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", port), handler(Webhook(SECRET), Seen(), out)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{port}/hooks"
+    signer = signing.Signer.from_secret(SECRET)
+    body = signing.body(
+        {"type": "connect.failed", "eventId": "e-9", "occurredAt": "2026-11-28T20:00:00+00:00"}
+    )
+    try:
+        fresh = signer.headers("e-9", body, now())
+        assert httpx.post(url, content=body, headers=fresh).status_code == 204
+        assert httpx.post(url, content=body, headers=fresh).status_code == 204  # a resend
+        stale = signer.headers("e-9", body, now() - timedelta(minutes=6))
+        answer = httpx.post(url, content=body, headers=stale)
+        assert (answer.status_code, answer.text) == (400, "rejected: Message timestamp too old")
+        forged = signing.Signer.from_secret(signing.new_secret()).headers("e-9", body, now())
+        assert httpx.post(url, content=body, headers=forged).status_code == 400
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Printed once, though delivered twice.
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"webhookId": "e-9", "type": "connect.failed", "data": {"eventId": "e-9"}}
+    ]

@@ -73,7 +73,10 @@ class Dispatcher:
                 totals += counts
                 if not counts["delivered"]:
                     break
-                lock.reacquire()
+                try:
+                    lock.reacquire()
+                except redis.exceptions.LockError:
+                    break  # lapsed (a round outlasted the lease): the next tick goes on
         finally:
             try:
                 lock.release()
