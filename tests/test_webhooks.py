@@ -402,14 +402,22 @@ def test_cli_secret_list_retry_and_test(
 
 def test_the_example_receiver_verifies_refuses_stale_and_dedupes() -> None:
     import http.server
+    import importlib.util
     import io
     import threading
     from datetime import timedelta
 
     import httpx
 
-    from examples.webhook_receiver import Seen, handler
-    from tests.support.env import free_port
+    from tests.support.env import ROOT, free_port
+
+    spec = importlib.util.spec_from_file_location(
+        "webhook_receiver", ROOT / "examples" / "webhook_receiver.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    Seen, handler = example.Seen, example.handler
 
     out = io.StringIO()
     port = free_port()
