@@ -104,6 +104,8 @@ def _no_tracebacks(web: Process) -> None:
 
 
 @pytest.mark.slow
+# The HTTP contract is the web's alone, whatever database the worker uses: SQLite only.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_openapi_document_holds_against_the_running_service(
     deploy: Callable[..., Deployment], tmp_path: Path
 ) -> None:
