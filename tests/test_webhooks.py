@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -446,3 +447,93 @@ def test_the_example_receiver_verifies_refuses_stale_and_dedupes() -> None:
     assert [json.loads(line) for line in out.getvalue().splitlines()] == [
         {"webhookId": "e-9", "type": "connect.failed", "data": {"eventId": "e-9"}}
     ]
+
+
+# -- what operators see, and TLS -------------------------------------------------------------
+
+
+def test_metrics_show_attempts_latency_and_each_endpoints_backlog(
+    hooked: Runtime, receiver: Receiver, redis_client: object
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from producer.app import create_app
+
+    completed(hooked, 3)
+    receiver.status = 500
+    dispatcher(hooked).run()
+    receiver.status = 200
+    completed(hooked, 2)
+    with TestClient(create_app(hooked.settings)) as web:
+        text = web.get("/metrics").text
+    shown = safe_url(hooked.settings.webhook_urls[0])
+    assert f'humanconnect_webhook_backlog{{endpoint="{shown}"}} 5.0' in text
+    assert 'humanconnect_webhook_attempts_total{outcome="retrying"} 3.0' in text
+    dispatcher(hooked).run()
+    with TestClient(create_app(hooked.settings)) as web:
+        text = web.get("/metrics").text
+    assert f'humanconnect_webhook_backlog{{endpoint="{shown}"}} 0.0' in text
+    assert 'humanconnect_webhook_attempts_total{outcome="delivered"} 5.0' in text
+    assert "humanconnect_webhook_delivery_seconds_count 5.0" in text
+    assert SECRET not in text
+
+
+def test_a_certificate_that_does_not_verify_is_a_failed_attempt(tmp_path: Path) -> None:
+    """TLS is verified: a receiver with a self-signed certificate is never sent the body."""
+    import datetime as dt
+    import http.server
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tests.support.env import free_port
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    stamp = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(stamp - dt.timedelta(days=1))
+        .not_valid_after(stamp + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    bodies: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            bodies.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = Sender(2.0).send(f"https://127.0.0.1:{port}/hooks", "{}", {"webhook-id": "x"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.delivered, result.error) == (False, "TLS verification failed")
+    assert bodies == []
