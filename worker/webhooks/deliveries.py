@@ -116,36 +116,51 @@ def next_wait(
 
 def claim(db: DbSession, endpoint: str, *, limit: int, lease_s: float) -> list[Due]:
     """Take up to `limit` due deliveries of `endpoint`, oldest due first, and commit: each
-    counts one more attempt and is not due again until `lease_s` from now."""
+    counts one more attempt and is not due again until `lease_s` from now.
+
+    One UPDATE … RETURNING picks and leases them: a write from its first step, so SQLite
+    queues it behind other writers (its busy timeout) where a read followed by a write would
+    fail at once once the exchanges have written in between."""
     at = now_us()
-    query = (
-        select(
-            T.c.id,
-            T.c.endpoint,
-            T.c.attempts,
-            outbox_table.c.event_id,
-            outbox_table.c.fields,
-            T.c.created_at,
-        )
-        .join(outbox_table, outbox_table.c.id == T.c.outbox_id)
+    due = (
+        select(T.c.id)
         .where(T.c.endpoint == endpoint, T.c.state == PENDING, T.c.due_us <= at)
         .order_by(T.c.due_us)
         .limit(limit)
     )
     if db.get_bind().dialect.name == "postgresql":
         # Two dispatchers (a lock lost with a Redis restart) never take the same rows.
-        query = query.with_for_update(skip_locked=True, of=T)
-    rows = db.execute(query).all()
-    if not rows:
+        due = due.with_for_update(skip_locked=True)
+    leased = db.execute(
+        update(T)
+        .where(T.c.id.in_(due.scalar_subquery()))
+        .values(due_us=at + to_us(lease_s), attempts=T.c.attempts + 1)
+        .returning(T.c.id, T.c.outbox_id, T.c.attempts, T.c.created_at)
+    ).all()
+    if not leased:
         db.rollback()
         return []
-    db.execute(
-        update(T)
-        .where(T.c.id.in_([r.id for r in rows]))
-        .values(due_us=at + to_us(lease_s), attempts=T.c.attempts + 1)
-    )
+    events = {
+        r.id: r
+        for r in db.execute(
+            select(outbox_table.c.id, outbox_table.c.event_id, outbox_table.c.fields).where(
+                outbox_table.c.id.in_([r.outbox_id for r in leased])
+            )
+        ).all()
+    }
     db.commit()
-    return [Due(r.id, r.endpoint, r.attempts + 1, r.event_id, r.fields, r.created_at) for r in rows]
+    picked = [
+        Due(
+            r.id,
+            endpoint,
+            r.attempts,
+            events[r.outbox_id].event_id,
+            events[r.outbox_id].fields,
+            r.created_at,
+        )
+        for r in leased
+    ]
+    return sorted(picked, key=lambda d: d.id)
 
 
 def settle(
