@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: How long one task keeps dispatching before it leaves the rest to the next tick.
 BUDGET_S = 20.0
 #: Claimed per round, per slot of concurrency.
-BATCH_PER_SLOT = 4
+BATCH_PER_SLOT = 16
 
 
 @dataclass
