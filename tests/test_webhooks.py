@@ -251,14 +251,16 @@ def test_a_redirect_is_not_followed_and_a_hang_times_out(
 def test_a_receiver_that_is_down_is_retried_and_its_dispatcher_stops_early(
     hooked: Runtime, receiver: Receiver
 ) -> None:
-    completed(hooked, 40)
+    completed(hooked, 100)
     receiver.down()
     d = dispatcher(hooked, concurrency=4)
-    # One batch of 16, all refused: the run ends there instead of trying the other 24.
-    assert d.run() == {"retrying": 16}
+    # One batch (16 per slot of concurrency), all refused: the run ends there instead of
+    # trying the other 36.
+    assert d.batch == 64
+    assert d.run() == {"retrying": 64}
     assert {r.last_error for r in rows(hooked) if r.attempts} == {"connection refused"}
     receiver.start()
-    assert d.run() == {"delivered": 40}
+    assert d.run() == {"delivered": 100}
 
 
 def test_one_dispatcher_per_endpoint_at_a_time(hooked: Runtime, receiver: Receiver) -> None:
