@@ -539,3 +539,14 @@ def test_a_certificate_that_does_not_verify_is_a_failed_attempt(tmp_path: Path) 
         server.server_close()
     assert (result.delivered, result.error) == (False, "TLS verification failed")
     assert bodies == []
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(receiver: Receiver) -> None:
+    import base64
+
+    url = receiver.url.replace("http://", "http://hook-user:p%40ss@") + "?tag=1"
+    result = Sender(2.0).send(url, "{}", {"webhook-id": "x"})
+    assert result.delivered
+    [got] = receiver.received
+    assert got.headers["authorization"] == "Basic " + base64.b64encode(b"hook-user:p@ss").decode()
+    assert safe_url(url) == receiver.url + "?…"

@@ -8,8 +8,9 @@ URL, and following one would send a signed body somewhere nobody configured).
 
 from __future__ import annotations
 
+import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import urllib3
 from urllib3.exceptions import (
@@ -19,6 +20,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.util import make_headers
 
 from worker.webhooks.deliveries import RESPONSE_CHARS, Result
 
@@ -36,26 +38,49 @@ def safe_url(url: str) -> str:
 
 
 class Sender:
-    """POSTs signed bodies; shared by every dispatcher thread of a process."""
+    """POSTs signed bodies; shared by every dispatcher thread of a process.
+
+    One connection pool per endpoint, looked up by URL: a PoolManager would parse the URL
+    and pick the pool again on every send, about a third of a send's CPU."""
 
     def __init__(self, timeout_s: float, pool_size: int = 8):
         self.timeout_s = timeout_s
-        self.http = urllib3.PoolManager(
-            num_pools=16,
-            maxsize=pool_size,
-            retries=False,
-            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-        )
+        self.pool_size = pool_size
+        #: url -> (its pool, the request target, headers of its own: Basic auth from the URL)
+        self._pools: dict[str, tuple[urllib3.HTTPConnectionPool, str, dict[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def _pool(self, url: str) -> tuple[urllib3.HTTPConnectionPool, str, dict[str, str]]:
+        found = self._pools.get(url)
+        if found is None:
+            with self._lock:
+                found = self._pools.get(url)
+                if found is None:
+                    parts = urlsplit(url)
+                    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                    pool = urllib3.connection_from_url(
+                        url,
+                        maxsize=self.pool_size,
+                        retries=False,
+                        timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
+                    )
+                    auth = {}
+                    if parts.username is not None:
+                        userinfo = parts.netloc.rsplit("@", 1)[0]
+                        auth = make_headers(basic_auth=unquote(userinfo))
+                    found = self._pools[url] = (pool, target, auth)
+        return found
 
     def send(self, url: str, body: str, headers: dict[str, str]) -> Result:
         """One attempt. Never raises for what the network or the receiver does."""
         started = time.monotonic()
+        pool, target, auth = self._pool(url)
         try:
-            resp = self.http.request(
+            resp = pool.urlopen(
                 "POST",
-                url,
+                target,
                 body=body.encode(),
-                headers=headers,
+                headers={**headers, **auth} if auth else headers,
                 redirect=False,
                 retries=False,
                 preload_content=False,
