@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from producer.lanes import WaitingLane
 from worker.clock import now
+from worker.errors import BacklogFullError
 from worker.redis_keys import (
     PENDING,
     QUEUE,
@@ -31,31 +32,44 @@ from worker.states import RequestState
 
 # KEYS: session claim, request status, pending set, queue, waiting queue, waiting lane.
 # ARGV: claim record, TTL, updatedAt, pending score, message, requestId, the message for the
-#       waiting queue ('' when nobody waits), the lane's interval and tolerance (µs), then
-#       the request's record fields as name/value pairs (ExchangeRequest.record_fields).
-# A waiting finish goes to the waiting queue while the lane has room (producer/lanes.py).
+#       waiting queue ('' when nobody waits), the lane's interval and tolerance (µs), the
+#       backlog cap (0: none), then the request's record fields as name/value pairs
+#       (ExchangeRequest.record_fields).
+# Returns false when it queued the request, the existing claim for a session already
+# accepted (a duplicate is answered whatever the backlog), or 0 when the backlog is full
+# (nothing written). A waiting finish goes to the waiting queue while the lane has room
+# (producer/lanes.py).
 _ACCEPT = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 10))
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
-  local queue, message = KEYS[4], ARGV[5]
-  if ARGV[7] ~= '' then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    local free = math.max(now, tonumber(redis.call('GET', KEYS[6]) or '0'))
-    if free - now <= tonumber(ARGV[9]) then
-      local after = free + tonumber(ARGV[8])
-      redis.call('SET', KEYS[6], string.format('%.0f', after), 'PX',
-        math.ceil((after - now) / 1000) + 1000)
-      queue, message = KEYS[5], ARGV[7]
-    end
-  end
-  redis.call('LPUSH', queue, message)
-  return false
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  return existing
 end
-return redis.call('GET', KEYS[1])
+local cap = tonumber(ARGV[10])
+if cap > 0 and redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5]) >= cap then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 11))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
+local queue, message = KEYS[4], ARGV[5]
+if ARGV[7] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local free = math.max(now, tonumber(redis.call('GET', KEYS[6]) or '0'))
+  if free - now <= tonumber(ARGV[9]) then
+    local after = free + tonumber(ARGV[8])
+    redis.call('SET', KEYS[6], string.format('%.0f', after), 'PX',
+      math.ceil((after - now) / 1000) + 1000)
+    queue, message = KEYS[5], ARGV[7]
+  end
+end
+redis.call('LPUSH', queue, message)
+return false
 """
+
+#: What the accept script returns when the backlog is at its cap.
+BACKLOG_FULL = 0
 
 
 @dataclass(frozen=True)
@@ -72,10 +86,12 @@ class Claim:
 class Claims:
     """Accept sessions and read their status records on one async Redis client."""
 
-    def __init__(self, r: Redis, status_ttl_s: int, lane: WaitingLane):
+    def __init__(self, r: Redis, status_ttl_s: int, lane: WaitingLane, max_backlog: int = 0):
         self.r = r
         self.ttl = status_ttl_s
         self.lane = lane
+        #: Sessions queued (both queues) at which new finishes are shed; 0: no cap.
+        self.max_backlog = max_backlog
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
 
@@ -115,9 +131,12 @@ class Claims:
                 waiting_message or "",
                 self.lane.interval_us,
                 self.lane.tolerance_us,
+                self.max_backlog,
                 *fields,
             ],
         )
+        if existing == BACKLOG_FULL:
+            raise BacklogFullError(f"{self.max_backlog} sessions queued")
         if not existing:
             return Claim(request.request_id, request.human_id, RequestState.QUEUED, mine=True)
         data = json.loads(existing)

@@ -31,7 +31,7 @@ from producer.state import Parts
 from producer.waiters import requested_wait
 from worker import sessions, store
 from worker.crypto import Cipher
-from worker.errors import QueueUnavailableError
+from worker.errors import BacklogFullError, QueueUnavailableError
 from worker.runtime import Runtime
 from worker.states import FINAL, RequestState
 from worker.tickets import TicketError
@@ -118,7 +118,7 @@ FINISH_RESPONSES: dict[int | str, dict[str, Any]] = {
         "the exchange failed within the wait (the request's status)",
         "headers": {"Preference-Applied": _applied("With `Prefer: wait=N`: the wait")},
     },
-    503: schemas.unavailable("The queue is unavailable"),
+    503: schemas.unavailable("The queue is unavailable, or full (HUMANCONNECT_MAX_BACKLOG)"),
 }
 STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": schemas.FinishStatus, "description": "The request's status"},
@@ -224,6 +224,10 @@ def router(parts_of: Any) -> APIRouter:
             log.warning("finish refused: %s", exc)
             FINISHES.labels("refused", "queue_unavailable").inc()
             return unavailable("queue unavailable, try again")
+        except BacklogFullError:
+            # Shed, not failed: the process is fine and /readyz stays 200; the metric says why.
+            FINISHES.labels("refused", "backlog_full").inc()
+            return unavailable("too many sessions queued, try again")
         FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
         if wait_s is not None:
             return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)

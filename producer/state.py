@@ -30,7 +30,12 @@ class Parts:
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
         aredis = async_redis_client(settings.required_redis_url)
-        claims = Claims(aredis, settings.status_ttl_s, WaitingLane.for_rate(settings.max_rps))
+        claims = Claims(
+            aredis,
+            settings.status_ttl_s,
+            WaitingLane.for_rate(settings.max_rps),
+            max_backlog=settings.max_backlog,
+        )
         waiters = Waiters(aredis)
         await waiters.start()
         return cls(

@@ -42,3 +42,7 @@ class PermanentUpstreamError(UpstreamError):
 
 class QueueUnavailableError(HumanConnectError):
     """Raised when Redis cannot take the work right now."""
+
+
+class BacklogFullError(HumanConnectError):
+    """Raised when the queued backlog is at HUMANCONNECT_MAX_BACKLOG: new work is shed."""

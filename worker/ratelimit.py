@@ -122,7 +122,9 @@ class GlobalRateLimiter:
             with self._cond:
                 while not self._live_waiters():
                     self._cond.wait()
-                wanted = len(self._waiters)
+                # Only callers still waiting: one that timed out must not reserve a slot
+                # that every other process then can't use.
+                wanted = sum(1 for w in self._waiters if not w.abandoned)
             # Slots are placed from when the call left, not when its answer came back: an
             # answer held up in this process then makes its slots late (and lapse), never
             # closer to the next reservation's.

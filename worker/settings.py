@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     ticket_key: SecretStr | None = Field(None, validation_alias=_env("HUMANCONNECT_TICKET_KEY"))
     #: Comma-separated exact origins a browser may finish from (CORS). Unset: no CORS headers.
     cors_origins_list: str = Field("", validation_alias=_env("HUMANCONNECT_CORS_ORIGINS"))
+    #: With this many sessions queued, new finishes get 503 and are not queued (0: no cap).
+    max_backlog: int = Field(100_000, ge=0, validation_alias=_env("HUMANCONNECT_MAX_BACKLOG"))
+    #: Run against a Redis whose maxmemory-policy may evict keys (warned at every start).
+    allow_evicting_redis: bool = Field(
+        False, validation_alias=_env("HUMANCONNECT_ALLOW_EVICTING_REDIS")
+    )
     #: Comma-separated http(s) URLs every event is delivered to (worker/webhooks). Unset: none.
     webhook_urls_list: str = Field("", validation_alias=_env("HUMANCONNECT_WEBHOOK_URLS"))
     #: `whsec_` + base64 of 24-64 random bytes; signs every delivery. Required with URLs.

@@ -15,7 +15,7 @@ from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from worker import events, logs, metrics, migrate, status
+from worker import events, logs, metrics, migrate, redis_policy, status
 from worker.celery import (
     DELIVER_TASK,
     EXCHANGE_TASK,
@@ -230,7 +230,9 @@ def reconcile_pending() -> int:
 
 def _require_or_exit(*, secret: bool) -> None:
     try:
-        get_settings().require(secret=secret)
+        settings = get_settings()
+        settings.require(secret=secret)
+        redis_policy.check(settings.required_redis_url, allow=settings.allow_evicting_redis)
     except ConfigError as exc:
         sys.stderr.write(f"humanconnect: {exc}\n")
         sys.stderr.flush()

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -26,7 +27,16 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server of our own on a fixed port, which a test may kill and restart."""
 
-    def __init__(self, workdir: Path, *, aof: bool = False, port: int | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        aof: bool = False,
+        port: int | None = None,
+        extra: Sequence[str] = (),
+    ):
+        #: More redis-server options ("--maxmemory-policy", "allkeys-lru", ...).
+        self.extra = list(extra)
         self.port = port or free_port()
         self.workdir = workdir
         self.aof = aof
@@ -54,6 +64,7 @@ class RedisServer:
             "always",
             "--logfile",
             str(self.workdir / "redis.log"),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
