@@ -13,6 +13,12 @@ def to_us(seconds: float) -> int:
     return int(seconds * 1_000_000)
 
 
+def timestamp(stamp: datetime) -> float:
+    """A time read back from the database as epoch seconds: SQLite hands back naive
+    datetimes, and everything we write is UTC."""
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
 def now_us() -> int:
     """`now()` in microseconds since the epoch."""
     return to_us(now().timestamp())

@@ -12,7 +12,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -20,7 +20,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session as DbSession
 
-from worker.clock import now
+from worker.clock import now, timestamp
 from worker.models import OutboxEvent, outbox_table
 from worker.webhooks import deliveries
 
@@ -171,13 +171,8 @@ def relay_pending(
     if db.get_bind().dialect.name == "postgresql":
         # Two sweepers never take the same rows.
         query = query.with_for_update(skip_locked=True)
-    events = [e for e in db.scalars(query).all() if _utc_ts(e.created_at) <= cutoff]
+    events = [e for e in db.scalars(query).all() if timestamp(e.created_at) <= cutoff]
     return _send(db, r, stream, events)
-
-
-def _utc_ts(stamp: datetime) -> float:
-    # SQLite hands back naive datetimes; everything we write is UTC.
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
 
 
 def backlog(db: DbSession) -> int:

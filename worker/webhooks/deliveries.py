@@ -187,8 +187,8 @@ def settle(
                 "b_due": due_us,
                 "b_finished": finished,
                 "b_status": result.status,
-                "b_error": (result.error or None) and result.error[:200],
-                "b_response": (result.response or None) and result.response[:RESPONSE_CHARS],
+                "b_error": result.error[:200] if result.error else None,
+                "b_response": result.response[:RESPONSE_CHARS] if result.response else None,
             }
         )
     if params:

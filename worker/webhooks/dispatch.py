@@ -15,13 +15,12 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import redis
 from redis.lock import Lock
 
 from worker import metrics
-from worker.clock import now
+from worker.clock import now, timestamp
 from worker.redis_keys import webhook_lock
 from worker.runtime import Runtime
 from worker.webhooks import deliveries, signing
@@ -53,9 +52,9 @@ class Dispatcher:
 
     @property
     def lease_s(self) -> float:
-        """A claim outlives the slowest batch (every attempt timing out), then some."""
-        rounds = -(-self.batch // self.concurrency)
-        return rounds * self.sender.timeout_s + 10.0
+        """A claim outlives the slowest batch (every attempt timing out, BATCH_PER_SLOT
+        rounds of `concurrency` each), then some."""
+        return BATCH_PER_SLOT * self.sender.timeout_s + 10.0
 
     def run(self, budget_s: float = BUDGET_S) -> Counter[str]:
         """Deliver what is due until nothing is, the endpoint fails, or the budget is spent."""
@@ -114,7 +113,9 @@ class Dispatcher:
     def _record(self, due: list[Due], results: list[Result], counts: Counter[str]) -> None:
         stamp = now().timestamp()
         latencies = [
-            stamp - _ts(d.created_at) for d, r in zip(due, results, strict=True) if r.delivered
+            stamp - timestamp(d.created_at)
+            for d, r in zip(due, results, strict=True)
+            if r.delivered
         ]
         try:
             pipe = self.rt.redis.pipeline(transaction=False)
@@ -124,8 +125,3 @@ class Dispatcher:
             pipe.execute()
         except redis.exceptions.RedisError:
             log.debug("webhook metrics not recorded")
-
-
-def _ts(stamp: datetime) -> float:
-    # SQLite hands back naive datetimes; everything we write is UTC.
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
