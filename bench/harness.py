@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import redis
+from sqlalchemy import create_engine, text
 
 from humanconnect.embedded import free_port, redis_binary
 from humanconnect.procs import commands
@@ -97,7 +98,7 @@ class StandInProcess:
         ]
         log = open(self.workdir / "standin.log", "ab")  # lives with the process
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        _wait_http(self.url + "/_standin/stats")
+        wait_http(self.url + "/_standin/stats")
         return self
 
     def stats(self) -> dict[str, Any]:
@@ -142,7 +143,7 @@ class Stack:
             argv.remove("--factory")
         self._spawn("web", [*argv, "--log-level", "warning", *extra])
         self.web_url = f"http://127.0.0.1:{port}"
-        _wait_http(self.web_url + "/openapi.json")
+        wait_http(self.web_url + "/openapi.json")
         return self.web_url
 
     def start_worker(self, concurrency: int = 32) -> None:
@@ -157,6 +158,9 @@ class Stack:
             "--without-heartbeat",
         ]
         self._spawn("worker", argv)
+
+    def start_beat(self) -> None:
+        self._spawn("beat", [*commands(0, self.workdir)["beat"], "-l", "WARNING"])
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
@@ -193,7 +197,7 @@ def _redis_proc(stack: Stack) -> subprocess.Popen[bytes]:
 _REDIS: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(url: str, timeout: float = 30) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -205,6 +209,15 @@ def _wait_http(url: str, timeout: float = 30) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def count(db_url: str, sql: str) -> int:
+    """One `SELECT count(*) …` against the benchmark's database."""
+    engine = create_engine(db_url)
+    with engine.connect() as c:
+        n = c.execute(text(sql)).scalar_one()
+    engine.dispose()
+    return int(n)
 
 
 def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import create_engine, text
 
-from bench.harness import BIN, Stack, body, closed_loop, stack
+from bench.harness import BIN, Stack, body, closed_loop, count, stack
 from humanconnect.standin import Faults
 from worker.celery import EXCHANGE_TASK, celery_config
 from worker.crypto import Cipher
@@ -68,21 +68,32 @@ def saturation(requests: int = 5000, concurrency: int = 100) -> dict[str, Any]:
 
 
 def _stored(db_url: str) -> int:
-    engine = create_engine(db_url)
-    with engine.connect() as c:
-        n = c.execute(text("SELECT count(*) FROM sessions WHERE state = 'succeeded'")).scalar_one()
-    engine.dispose()
-    return int(n)
+    return count(db_url, "SELECT count(*) FROM sessions WHERE state = 'succeeded'")
 
 
-def _drain_one(latency_ms: float, sessions: int) -> dict[str, Any]:
+def drain_one(
+    latency_ms: float,
+    sessions: int,
+    *,
+    beat: bool = False,
+    prepare: Callable[[Stack], None] | None = None,
+    after: Callable[[Stack, float, int], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Queue `sessions` through the web, then start a worker (and beat, if asked) and time
+    until all are stored. `prepare` adjusts the stack before the web starts; `after` adds
+    figures once the drain is done (given the stack, when the drain started and how many
+    sessions it drained)."""
     s = stack(Faults(latency_ms=latency_ms))
     try:
+        if prepare is not None:
+            prepare(s)
         url = s.start_web()
         queued = asyncio.run(closed_loop(url, [body(i, "d1") for i in range(sessions)], 100))
         # Under a saturating burst a few finishes may be shed with 503: drain what was queued.
         sessions = queued["codes"].get(202, 0)
         s.stop("web")
+        if beat:
+            s.start_beat()
         s.start_worker()
         worker = s.procs["worker"]
         cpu0 = _cpu_s(worker.pid)
@@ -92,13 +103,16 @@ def _drain_one(latency_ms: float, sessions: int) -> dict[str, Any]:
             time.sleep(0.25)
         elapsed = time.monotonic() - started
         cpu = _cpu_s(worker.pid) - cpu0
-        return {
+        result = {
             "sessions": sessions,
             "seconds": elapsed,
             "rate": sessions / elapsed,
             "cpu_s_per_exchange": cpu / sessions,
             "worker_peak_rss_mb": s.peak_rss.get("worker", 0.0),
         }
+        if after is not None:
+            result.update(after(s, started, sessions))
+        return result
     finally:
         s.close()
 
@@ -152,8 +166,8 @@ def _drain_noop(sessions: int) -> dict[str, Any]:
 
 def drain(sessions: int = 5000) -> dict[str, Any]:
     """5,000 queued sessions exchanged at 0 ms and 100 ms upstream, beside no-op tasks."""
-    zero = _drain_one(0, sessions)
-    hundred = _drain_one(100, sessions)
+    zero = drain_one(0, sessions)
+    hundred = drain_one(100, sessions)
     noop = _drain_noop(sessions)
     return {
         "0 ms": zero,

@@ -3,19 +3,15 @@ on (receiver fine, receiver hanging) against the same drain with them off, same 
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, text
-
-from bench.harness import Stack, _wait_http, body, closed_loop, stack
-from bench.throughput import _cpu_s, _stored
-from humanconnect.procs import commands
+from bench.harness import Stack, count, stack, wait_http
+from bench.throughput import drain_one
+from humanconnect.embedded import free_port
 from humanconnect.standin import Faults
-from tests.support.env import free_port
 from worker.webhooks.signing import new_secret
 
 
@@ -28,61 +24,36 @@ def _receiver(s: Stack, mode: str) -> str:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    _wait_http(f"http://127.0.0.1:{port}/")
+    wait_http(f"http://127.0.0.1:{port}/")
     return f"http://127.0.0.1:{port}/hooks"
 
 
-def _count(db_url: str, sql: str) -> int:
-    engine = create_engine(db_url)
-    with engine.connect() as c:
-        n = c.execute(text(sql)).scalar_one()
-    engine.dispose()
-    return int(n)
-
-
 def _delivered(db_url: str) -> int:
-    return _count(db_url, "SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+    return count(db_url, "SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
 
 
 def _drain(latency_ms: float, sessions: int, receiver: str | None) -> dict[str, Any]:
-    """Queue `sessions`, then start worker and beat and time until all are stored; with a
-    receiver ("ok" or "hang"), every event is also delivered to it."""
-    s = stack(Faults(latency_ms=latency_ms))
-    try:
-        if receiver is not None:
-            s.env.update(
-                HUMANCONNECT_WEBHOOK_URLS=_receiver(s, receiver),
-                HUMANCONNECT_WEBHOOK_SECRET=new_secret(),
-            )
-        url = s.start_web()
-        queued = asyncio.run(closed_loop(url, [body(i, "w1") for i in range(sessions)], 100))
-        sessions = queued["codes"].get(202, 0)
-        s.stop("web")
-        s._spawn("beat", [*commands(0, s.workdir)["beat"], "-l", "WARNING"])
-        s.start_worker()
-        worker = s.procs["worker"]
-        cpu0 = _cpu_s(worker.pid)
-        started = time.monotonic()
+    """The drain (beat running, as webhooks need it) with webhooks off, or on to a receiver
+    ("ok" or "hang"): then also how many were delivered by its end, and when all were."""
+    if receiver is None:
+        return drain_one(latency_ms, sessions, beat=True)
+
+    def prepare(s: Stack) -> None:
+        s.env.update(
+            HUMANCONNECT_WEBHOOK_URLS=_receiver(s, receiver),
+            HUMANCONNECT_WEBHOOK_SECRET=new_secret(),
+        )
+
+    def after(s: Stack, started: float, drained: int) -> dict[str, Any]:
         db = s.env["DATABASE_URL"]
-        while _stored(db) < sessions and time.monotonic() - started < 300:
-            time.sleep(0.25)
-        elapsed = time.monotonic() - started
-        cpu = _cpu_s(worker.pid) - cpu0
-        out: dict[str, Any] = {
-            "sessions": sessions,
-            "seconds": elapsed,
-            "rate": sessions / elapsed,
-            "cpu_s_per_exchange": cpu / sessions,
-        }
-        if receiver is not None:
-            out["delivered_when_drained"] = _delivered(db)
+        out: dict[str, Any] = {"delivered_when_drained": _delivered(db)}
         if receiver == "ok":
-            while _delivered(db) < sessions and time.monotonic() - started < 300:
+            while _delivered(db) < drained and time.monotonic() - started < 300:
                 time.sleep(0.25)
             out["all_delivered_s"] = time.monotonic() - started
         return out
-    finally:
-        s.close()
+
+    return drain_one(latency_ms, sessions, beat=True, prepare=prepare, after=after)
 
 
 def _delivery_rate(events: int) -> dict[str, Any]:
@@ -106,7 +77,7 @@ def _delivery_rate(events: int) -> dict[str, Any]:
             db.commit()
         s.start_worker()
         time.sleep(3)  # the worker up before beat's first tick
-        s._spawn("beat", [*commands(0, s.workdir)["beat"], "-l", "WARNING"])
+        s.start_beat()
         started = None
         while time.monotonic() - (started or time.monotonic()) < 300:
             done = _delivered(db_url)
