@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,8 +220,9 @@ def test_a_failing_receiver_is_retried_then_failed_and_410_fails_at_once(
     assert row.state == "failed" and row.last_response == "no"
     assert len(receiver.received) == 3
     assert {r.headers["webhook-id"] for r in receiver.received} == {event_id}
-    # Each attempt is stamped with its own time (the signature covers it).
-    assert len({r.headers["webhook-signature"] for r in receiver.received}) >= 1
+    # Each attempt is signed over its own timestamp header: every one verifies.
+    for got in receiver.received:
+        Webhook(SECRET).verify(got.body, got.headers)
 
     receiver.status = 410
     completed(hooked)
@@ -269,8 +271,6 @@ def test_one_dispatcher_per_endpoint_at_a_time(hooked: Runtime, receiver: Receiv
     d1, d2 = dispatcher(hooked), dispatcher(hooked)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(d1.run)
-        import time
-
         time.sleep(0.1)
         second = pool.submit(d2.run)
         assert second.result() == {}
@@ -286,8 +286,6 @@ def test_a_lapsed_claim_is_sent_again(hooked: Runtime, receiver: Receiver) -> No
     assert due.attempts == 1
     d = dispatcher(hooked)
     assert d.run() == {}
-    import time
-
     time.sleep(0.25)
     assert d.run() == {"delivered": 1}
     assert receiver.delivered_ids() == {event_id}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,9 +87,7 @@ def verify_deliveries(
         needles,
         texts={"webhook requests": "\n".join(f"{r.headers}{r.body}" for r in receiver.received)},
     )
-    per_id: dict[str, int] = {}
-    for got in receiver.received:
-        per_id[got.headers["webhook-id"]] = per_id.get(got.headers["webhook-id"], 0) + 1
+    per_id = Counter(got.headers["webhook-id"] for got in receiver.received)
     return {
         "events": len(stream),
         "requests": len(receiver.received),
