@@ -119,8 +119,9 @@ def test_settings_refuse_urls_without_a_secret_and_name_no_url(
     assert str(caught.value) == (
         "HUMANCONNECT_WEBHOOK_URLS: Value error, URL number 2 is not an http(s) URL"
     )
-    with pytest.raises(ValidationError, match="seconds"):
-        make_settings(HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE="0,5,soon")
+    for schedule in ("0,5,soon", "0,-5", "0,inf", "0,nan"):
+        with pytest.raises(ValidationError, match="seconds"):
+            make_settings(HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE=schedule)
     s = make_settings(
         HUMANCONNECT_WEBHOOK_URLS=" https://a.example/h , https://a.example/h,http://b:9/x",
         HUMANCONNECT_WEBHOOK_SECRET=SECRET,

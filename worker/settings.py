@@ -5,6 +5,7 @@ Every default is documented here, beside its field. Names are the contract's var
 
 from __future__ import annotations
 
+import math
 import sys
 from functools import lru_cache
 from typing import NoReturn
@@ -260,8 +261,8 @@ class Settings(BaseSettings):
             waits = [float(w) for w in value.split(",")]
         except ValueError:
             raise ValueError("must be comma-separated seconds, like 0,5,300") from None
-        if not waits or any(w < 0 or w != w for w in waits):
-            raise ValueError("must be comma-separated seconds, none negative")
+        if not waits or not all(math.isfinite(w) and w >= 0 for w in waits):
+            raise ValueError("must be comma-separated seconds, none negative or infinite")
         return value
 
     @property
