@@ -263,6 +263,10 @@ def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
         HUMANCONNECT_AUTO_MIGRATE="0",
         # Tickets on: every finish is checked (the ticket check is CPU only, no Redis call).
         HUMANCONNECT_TICKET_KEY=TICKET_KEY,
+        # The per-source limits on, counted for every finish, but above what one load
+        # generator on one address sends: the bench measures their cost, not their refusals.
+        HUMANCONNECT_FINISH_LIMIT_PER_IP="1000000/second",
+        HUMANCONNECT_FINISH_LIMIT_PER_USER="1000000/second",
         PYTHONUNBUFFERED="1",
     )
     return Stack(workdir, port, standin, env)

@@ -30,6 +30,9 @@ def commands(port: int, var: Path) -> dict[str, list[str]]:
             "--http",
             "httptools",
             "--no-access-log",
+            # X-Forwarded-For counts only from HUMANCONNECT_TRUSTED_PROXIES (producer/app.py),
+            # never from uvicorn's default of trusting whatever 127.0.0.1 says.
+            "--no-proxy-headers",
         ],
         # Below the web in CPU priority: on a shared machine, accepting stays fast while the
         # queue absorbs the drain (the README's benchmark section).

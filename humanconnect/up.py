@@ -124,6 +124,10 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
                 "SANDBOX MODE: no HUMANAPI_CLIENT_SECRET, exchanging against a local stand-in "
                 f"of the Human API on {base_env['HUMANAPI_BASE_URL']} (not the real upstream)"
             )
+            if "HUMANCONNECT_FINISH_LIMIT_PER_IP" not in base_env:
+                # `demo` fires every simulated user from this one machine.
+                base_env["HUMANCONNECT_FINISH_LIMIT_PER_IP"] = "off"
+                _say("sandbox: no per-address finish limit (set HUMANCONNECT_FINISH_LIMIT_PER_IP)")
         elif settings.client_secret is not None:
             worker_env = {
                 **base_env,

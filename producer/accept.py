@@ -9,11 +9,10 @@ import redis
 
 from producer.body import FinishBody
 from producer.claims import Claims
-from producer.message import MessageBuilder
+from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 from worker import logs
-from worker.clock import now, to_us
 from worker.crypto import Cipher, session_hash
-from worker.errors import HumanConnectError, QueueUnavailableError
+from worker.errors import HumanConnectError, QueueUnavailableError, RedisFullError
 from worker.redis_keys import WAITING_QUEUE
 from worker.request import ExchangeRequest
 from worker.states import RequestState
@@ -53,17 +52,20 @@ class Acceptor:
         *,
         expected_client_user_id: str | None = None,
         waiting: bool = False,
+        client: str = "",
     ) -> Accepted:
         """Queue `body`, or answer with the request that already queued its session.
         `expected_client_user_id` is the user a connect ticket vouched for; `waiting` says
-        a person waits on the answer (the waiting queue, while its share allows)."""
+        a person waits on the answer (the waiting queue, while its share allows); `client`
+        is the caller's address. Both count against the finish limits (OverLimitError)."""
         # Sealed: neither the queue nor Redis ever holds a usable session token.
         request = ExchangeRequest(
             request_id=new_request_id(),
             human_id=body.humanId,
             client_id=body.clientId,
             sealed_session_token=self.cipher.seal(body.sessionToken),
-            received_us=to_us(now().timestamp()),
+            # Redis's clock, set by the accept script: one clock for every web host.
+            received_us=RECEIVED_PLACEHOLDER,
             expected_client_user_id=expected_client_user_id,
         )
         message = self.messages.exchange(request)
@@ -71,7 +73,12 @@ class Acceptor:
         try:
             claim = await asyncio.wait_for(
                 self.claims.accept(
-                    session_hash(body.sessionToken), request, message, waiting_message
+                    session_hash(body.sessionToken),
+                    request,
+                    message,
+                    waiting_message,
+                    client=client,
+                    user=expected_client_user_id,
                 ),
                 ACCEPT_DEADLINE_S,
             )
@@ -85,6 +92,10 @@ class Acceptor:
                 # its publish may still fail, so promise nothing yet.
                 raise QueueUnavailableError("the first request of this session is enqueueing")
             current = await self.claims.state(claim.request_id) or {}
+        except redis.exceptions.OutOfMemoryError:
+            # Redis at its maxmemory (noeviction) refused the script before it ran: full,
+            # like a backlog at its cap, and nothing was written.
+            raise RedisFullError("redis is out of memory (maxmemory)") from None
         except (redis.exceptions.RedisError, TimeoutError) as exc:
             raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
         return Accepted(claim.request_id, current.get("state", RequestState.QUEUED), duplicate=True)

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from producer import browser, finish, ops, users
 from producer.body import FinishBody
@@ -63,6 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(browser.router(_parts, settings))
     if settings.cors_origins:
         api.add_middleware(BrowserCORS, origins=settings.cors_origins)
+    if settings.trusted_proxies:
+        # The client is the nearest X-Forwarded-For address that is not a trusted proxy (the
+        # finish limits count it). Uvicorn's own copy of this runs off: see the Procfile.
+        api.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
 
     original_openapi = api.openapi
 

@@ -11,65 +11,115 @@ the same call, so a fast worker's `running` is never overwritten by the producer
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from producer.lanes import WaitingLane
+from producer.memory import MemoryWatch
+from producer.message import RECEIVED_MARKER
 from worker.clock import now
-from worker.errors import BacklogFullError
+from worker.errors import BacklogFullError, OverLimitError, RedisFullError
+from worker.rates import Rate
 from worker.redis_keys import (
     PENDING,
     QUEUE,
     WAITING_LANE,
     WAITING_QUEUE,
+    finish_limit,
     request_status,
     session_claim,
 )
 from worker.request import ExchangeRequest
 from worker.states import RequestState
 
-# KEYS: session claim, request status, pending set, queue, waiting queue, waiting lane.
-# ARGV: claim record, TTL, updatedAt, pending score, message, requestId, the message for the
-#       waiting queue ('' when nobody waits), the lane's interval and tolerance (µs), the
-#       backlog cap (0: none), then the request's record fields as name/value pairs
-#       (ExchangeRequest.record_fields).
-# Returns false when it queued the request, the existing claim for a session already
-# accepted (a duplicate is answered whatever the backlog), or 0 when the backlog is full
-# (nothing written). A waiting finish goes to the waiting queue while the lane has room
-# (producer/lanes.py).
+# KEYS: session claim, request status, pending set, queue, waiting queue, waiting lane, the
+#       client address's limit, the ticket user's limit.
+# ARGV: claim record, TTL, updatedAt, the receive-time marker, message, requestId, the message
+#       for the waiting queue ('' when nobody waits), the lane's interval and tolerance (µs),
+#       the backlog cap (0: none), each limit's interval and tolerance (µs; interval 0: no
+#       limit), '1' when Redis's memory is near its maxmemory (producer/memory.py), then the
+#       request's record fields as name/value pairs (ExchangeRequest.record_fields).
+# Returns false when it queued the request; the existing claim for a session already
+# accepted (a duplicate is answered whatever the limits and the backlog); {'limited', which
+# (0: address, 1: user), µs until it may send again} over a limit; 0 when the backlog is
+# full, {'memory'} when Redis's memory is. Refused, it writes nothing. A waiting finish goes
+# to the waiting queue while the lane has room (producer/lanes.py).
+#
+# The receive time that decides which session's tokens win is Redis's clock, read here: one
+# clock for every web host. The message carries a marker in its place (the body is plain
+# JSON: see producer/message.py), replaced with it before the push.
 _ACCEPT = """
 local existing = redis.call('GET', KEYS[1])
 if existing then
   return existing
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Stamped before anything is written: a message without its marker fails whole.
+local received = string.format('%.0f', now)
+local function stamped(message)
+  if message == '' then
+    return message
+  end
+  local first, last = string.find(message, ARGV[4], 1, true)
+  if not first then
+    error('the message has no receive-time marker')
+  end
+  -- The marker ends in its placeholder value, -1.
+  return string.sub(message, 1, last - 2) .. received .. string.sub(message, last + 1)
+end
+local ordinary, waiting = stamped(ARGV[5]), stamped(ARGV[7])
+local due = {}
+for i = 0, 1 do
+  local interval = tonumber(ARGV[11 + 2 * i])
+  if interval > 0 then
+    local tat = math.max(now, tonumber(redis.call('GET', KEYS[7 + i]) or '0'))
+    local early = tat - now - tonumber(ARGV[12 + 2 * i])
+    if early > 0 then
+      return {'limited', i, early}
+    end
+    due[7 + i] = tat + interval
+  end
+end
+if ARGV[15] == '1' then
+  return {'memory'}
+end
 local cap = tonumber(ARGV[10])
 if cap > 0 and redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5]) >= cap then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 11))
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
-local queue, message = KEYS[4], ARGV[5]
-if ARGV[7] ~= '' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for key, tat in pairs(due) do
+  redis.call('SET', KEYS[key], string.format('%.0f', tat), 'PX',
+    math.ceil((tat - now) / 1000) + 1)
+end
+local queue, message = KEYS[4], ordinary
+if waiting ~= '' then
   local free = math.max(now, tonumber(redis.call('GET', KEYS[6]) or '0'))
   if free - now <= tonumber(ARGV[9]) then
     local after = free + tonumber(ARGV[8])
     redis.call('SET', KEYS[6], string.format('%.0f', after), 'PX',
       math.ceil((after - now) / 1000) + 1000)
-    queue, message = KEYS[5], ARGV[7]
+    queue, message = KEYS[5], waiting
   end
 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 16))
+redis.call('HSET', KEYS[2], 'receivedUs', received)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], string.format('%.6f', now / 1000000), ARGV[6])
 redis.call('LPUSH', queue, message)
 return false
 """
 
 #: What the accept script returns when the backlog is at its cap.
 BACKLOG_FULL = 0
+#: The first item of what it returns when a source is over its limit.
+LIMITED = "limited"
+#: What it returns when Redis's memory is near full.
+MEMORY_FULL = "memory"
+#: A limit's source, by its place in the script.
+SOURCES = ("ip", "user")
 
 
 @dataclass(frozen=True)
@@ -86,12 +136,23 @@ class Claim:
 class Claims:
     """Accept sessions and read their status records on one async Redis client."""
 
-    def __init__(self, r: Redis, status_ttl_s: int, lane: WaitingLane, max_backlog: int = 0):
+    def __init__(
+        self,
+        r: Redis,
+        status_ttl_s: int,
+        lane: WaitingLane,
+        max_backlog: int = 0,
+        per_ip: Rate | None = None,
+        per_user: Rate | None = None,
+        memory: MemoryWatch | None = None,
+    ):
         self.r = r
         self.ttl = status_ttl_s
         self.lane = lane
         #: Sessions queued (both queues) at which new finishes are shed; 0: no cap.
         self.max_backlog = max_backlog
+        self.limits = (per_ip, per_user)
+        self.memory = memory
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
 
@@ -101,9 +162,15 @@ class Claims:
         request: ExchangeRequest,
         message: str,
         waiting_message: str | None = None,
+        *,
+        client: str = "",
+        user: str | None = None,
     ) -> Claim:
         """Claim the session and queue `message` for `request` (or `waiting_message` on the
-        waiting queue, while its lane has room), or return the claim that exists."""
+        waiting queue, while its lane has room), or return the claim that exists. `client`
+        (its address) and `user` (a ticket's) are counted against their limits.
+
+        Raises OverLimitError or BacklogFullError when it refused the finish."""
         record = json.dumps(
             {
                 "requestId": request.request_id,
@@ -120,21 +187,30 @@ class Claims:
                 QUEUE,
                 WAITING_QUEUE,
                 WAITING_LANE,
+                finish_limit("ip", client),
+                finish_limit("user", user or ""),
             ],
             args=[
                 record,
                 self.ttl,
                 now().isoformat(),
-                time.time(),
+                RECEIVED_MARKER,
                 message,
                 request.request_id,
                 waiting_message or "",
                 self.lane.interval_us,
                 self.lane.tolerance_us,
                 self.max_backlog,
+                *_limit_args(self.limits[0]),
+                *_limit_args(self.limits[1] if user else None),
+                "1" if self.memory and self.memory.full else "0",
                 *fields,
             ],
         )
+        if isinstance(existing, list) and existing[0] == LIMITED:
+            raise OverLimitError(SOURCES[int(existing[1])], int(existing[2]) / 1e6)
+        if isinstance(existing, list) and existing[0] == MEMORY_FULL:
+            raise RedisFullError("redis memory near its maxmemory")
         if existing == BACKLOG_FULL:
             raise BacklogFullError(f"{self.max_backlog} sessions queued")
         if not existing:
@@ -148,3 +224,8 @@ class Claims:
         """A request's status record, or None when unknown (or expired)."""
         raw = await self.r.hgetall(request_status(request_id))
         return {str(k): str(v) for k, v in raw.items()} if raw else None
+
+
+def _limit_args(rate: Rate | None) -> tuple[int, int]:
+    """A limit's interval and tolerance for the script; (0, 0) for none."""
+    return (rate.interval_us, rate.tolerance_us) if rate else (0, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -31,12 +32,19 @@ from producer.state import Parts
 from producer.waiters import requested_wait
 from worker import sessions, store
 from worker.crypto import Cipher
-from worker.errors import BacklogFullError, QueueUnavailableError
+from worker.errors import (
+    BacklogFullError,
+    OverLimitError,
+    QueueUnavailableError,
+    RedisFullError,
+)
 from worker.runtime import Runtime
 from worker.states import FINAL, RequestState
 from worker.tickets import TicketError
 
 log = logging.getLogger(__name__)
+# How a refusal names the source that is over its limit.
+_SOURCE_NAMES = {"ip": "address", "user": "user"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 FINISHES = Counter(
@@ -110,6 +118,11 @@ FINISH_RESPONSES: dict[int | str, dict[str, Any]] = {
         {"WWW-Authenticate": header("`Bearer`", required=True)},
     ),
     409: schemas.error("The sessionToken was already used with another humanId"),
+    429: schemas.error(
+        "Over a finish limit: this client address's (HUMANCONNECT_FINISH_LIMIT_PER_IP) or "
+        "this ticket user's (HUMANCONNECT_FINISH_LIMIT_PER_USER); a duplicate is never refused",
+        {"Retry-After": header("Seconds until a finish from this source is taken", required=True)},
+    ),
     413: schemas.error(f"The body is over {MAX_BODY_BYTES} bytes"),
     415: schemas.error("Content-Type is not application/json"),
     422: {
@@ -177,7 +190,7 @@ def router(parts_of: Any) -> APIRouter:
     async def finish(request: Request) -> JSONResponse:
         started = time.monotonic()
         parts: Parts = parts_of(request)
-        # Refusals in the contract's order: 413, 401, 415, 400, 422.
+        # Refusals in the contract's order: 413, 401, 415, 400, 422 (429 in the accept call).
         try:
             raw = await read_limited(request)
         except BadRequest as exc:
@@ -209,7 +222,10 @@ def router(parts_of: Any) -> APIRouter:
         wait_s = requested_wait(request.headers.get("prefer"), request.query_params.get("wait"))
         try:
             accepted = await parts.acceptor.accept(
-                body, expected_client_user_id=user, waiting=bool(wait_s)
+                body,
+                expected_client_user_id=user,
+                waiting=bool(wait_s),
+                client=request.client.host if request.client else "",
             )
         except SessionConflict:
             return _refused(
@@ -224,9 +240,24 @@ def router(parts_of: Any) -> APIRouter:
             log.warning("finish refused: %s", exc)
             FINISHES.labels("refused", "queue_unavailable").inc()
             return unavailable("queue unavailable, try again")
-        except BacklogFullError:
-            # Shed, not failed: the process is fine and /readyz stays 200; the metric says why.
-            FINISHES.labels("refused", "backlog_full").inc()
+        except OverLimitError as exc:
+            return _refused(
+                429,
+                f"limit_{exc.source}",
+                {
+                    "error": f"too many finishes from this {_SOURCE_NAMES[exc.source]}, "
+                    "try again later",
+                    "fields": {},
+                },
+                **{"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+            )
+        except BacklogFullError as exc:
+            # Shed, not failed: the process is fine and /readyz stays 200; the metric says why
+            # (the cap, or a Redis out of memory).
+            full = isinstance(exc, RedisFullError)
+            if full:
+                log.warning("finish shed: %s", exc)
+            FINISHES.labels("refused", "redis_oom" if full else "backlog_full").inc()
             return unavailable("too many sessions queued, try again")
         FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
         if wait_s is not None:

@@ -6,11 +6,14 @@ that claims the session. The message is what Celery's own `send_task` writes to 
 transport (protocol 2 headers from Celery's `as_task_v2`, in Kombu's JSON envelope);
 `tests/test_message.py` compares the two field by field, so a Celery or Kombu upgrade that
 changes the format fails a test instead of a worker.
+
+One difference on purpose: the body is plain JSON, not base64 (Kombu reads a message without
+a `body_encoding` as it is), so the accept script can put Redis's clock in it as the receive
+time: the web writes `RECEIVED_PLACEHOLDER` and the script replaces `RECEIVED_MARKER`.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from typing import Any
@@ -22,6 +25,10 @@ from worker.redis_keys import QUEUE
 from worker.request import ExchangeRequest
 
 _TEMPLATE_ID = "template"
+#: The receive time a web writes into a request; the accept script replaces it.
+RECEIVED_PLACEHOLDER = -1
+#: How `received_us: RECEIVED_PLACEHOLDER` reads inside a message: JSON in a JSON string.
+RECEIVED_MARKER = json.dumps(json.dumps({"received_us": RECEIVED_PLACEHOLDER})[1:-1])[1:-1]
 # The embed part of a protocol 2 body: no callbacks, chain or chord.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -45,7 +52,6 @@ class MessageBuilder:
             "argsrepr": "()",
             "delivery_mode": 2,
             "priority": 0,
-            "body_encoding": "base64",
         }
 
     def exchange(self, request: ExchangeRequest, queue: str = QUEUE) -> str:
@@ -57,10 +63,10 @@ class MessageBuilder:
         # Our own argument reprs: Celery shows them in logs and monitors, and they must never
         # show the sealed session token.
         kwargsrepr = f"{{'request_id': {task_id!r}}}"
-        body = json.dumps([[], kwargs, _EMBED]).encode()
+        body = json.dumps([[], kwargs, _EMBED])
         return json.dumps(
             {
-                "body": base64.b64encode(body).decode(),
+                "body": body,
                 "content-encoding": "utf-8",
                 "content-type": "application/json",
                 "headers": {

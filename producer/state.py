@@ -10,6 +10,7 @@ from redis.asyncio import Redis as AsyncRedis
 from producer.accept import Acceptor
 from producer.claims import Claims
 from producer.lanes import WaitingLane
+from producer.memory import MemoryWatch
 from producer.message import MessageBuilder
 from producer.tickets import TicketCheck
 from producer.waiters import Waiters
@@ -26,15 +27,21 @@ class Parts:
     acceptor: Acceptor
     waiters: Waiters
     tickets: TicketCheck
+    memory: MemoryWatch
 
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
         aredis = async_redis_client(settings.required_redis_url)
+        memory = MemoryWatch(aredis)
+        await memory.start()
         claims = Claims(
             aredis,
             settings.status_ttl_s,
             WaitingLane.for_rate(settings.max_rps),
             max_backlog=settings.max_backlog,
+            per_ip=settings.finish_limit_per_ip,
+            per_user=settings.finish_limit_per_user,
+            memory=memory,
         )
         waiters = Waiters(aredis)
         await waiters.start()
@@ -46,8 +53,10 @@ class Parts:
             Acceptor(claims, MessageBuilder(celery), rt.cipher),
             waiters,
             TicketCheck(settings),
+            memory,
         )
 
     async def stop(self) -> None:
         await self.waiters.stop()
+        await self.memory.stop()
         await self.aredis.aclose()

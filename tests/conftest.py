@@ -15,7 +15,15 @@ import redis
 from fastapi.testclient import TestClient
 
 from humanconnect.standin import Faults, Running, StandIn
-from tests.support.env import CI, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env
+from tests.support.env import (
+    CI,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FERNET_KEY,
+    NO_LIMITS,
+    ROOT,
+    service_env,
+)
 from tests.support.processes import Deployment, Process, start_web, start_worker
 from tests.support.servers import RedisServer, create_pg_database, drop_pg_database
 from worker import migrate
@@ -162,6 +170,7 @@ def make_settings(redis_url: str) -> Callable[..., Settings]:
             "HUMANCONNECT_RETRY_INITIAL_S": "0.01",
             "HUMANCONNECT_RETRY_INLINE_BUDGET_S": "0.2",
             "HUMANCONNECT_AUTO_MIGRATE": "0",
+            **NO_LIMITS,
             **env,
         }
         # model_validate skips the environment and .env: the test decides everything.

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from tests import factories
 from tests.support.env import CLIENT_ID, CLIENT_SECRET
-from tests.support.scan import assert_no_secrets, redis_text
+from tests.support.scan import assert_no_secrets, redis_text, task_kwargs
 from tests.support.servers import RedisServer
 from worker import redis_keys
 from worker.redis_keys import QUEUE
@@ -80,13 +80,6 @@ def test_snake_case_and_extra_fields(client: TestClient, redis_client: redis.Red
     kwargs = task_kwargs(queued_messages(redis_client)[0])
     assert "local-42" not in json.dumps(kwargs)
     assert kwargs["human_id"] == body["humanId"]
-
-
-def task_kwargs(message: dict) -> dict:
-    """The kwargs of a queued Celery message (body: base64 JSON [args, kwargs, embed])."""
-    import base64
-
-    return json.loads(base64.b64decode(message["body"]))[1]
 
 
 BAD = [

@@ -1,15 +1,17 @@
-"""The exchange message the accept script queues is exactly what Celery's `send_task` writes."""
+"""The exchange message the accept script queues is what Celery's `send_task` writes, but for
+its body's encoding: plain JSON, where Celery's is base64 (see producer/message.py)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import uuid
+from dataclasses import replace
 
 import redis
 from celery import Celery
 
-from producer.message import MessageBuilder
+from producer.message import RECEIVED_MARKER, RECEIVED_PLACEHOLDER, MessageBuilder
 from worker.celery import EXCHANGE_TASK, celery_config
 from worker.redis_keys import QUEUE, WAITING_QUEUE
 from worker.request import ExchangeRequest
@@ -48,7 +50,11 @@ def _celerys_own(app: Celery, r: redis.Redis, request: ExchangeRequest, queue: s
     )
     raw = r.rpop(queue)
     assert isinstance(raw, bytes)
-    return dict(json.loads(raw))
+    message = dict(json.loads(raw))
+    # Kombu's base64, read as a worker's Kombu reads it: our message is the plain JSON.
+    assert message["properties"].pop("body_encoding") == "base64"
+    message["body"] = base64.b64decode(message["body"]).decode()
+    return message
 
 
 def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Redis) -> None:
@@ -68,9 +74,20 @@ def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Red
         tags += [m["properties"].pop("delivery_tag") for m in (theirs, ours, again)]
         assert ours == theirs == again
         # And the body carries the kwargs a worker will call the task with
-        args, kwargs, _embed = json.loads(base64.b64decode(ours["body"]))
+        args, kwargs, _embed = json.loads(ours["body"])
         assert (args, kwargs) == ([], request.task_kwargs())
     assert len({uuid.UUID(t) for t in tags}) == len(tags)
+
+
+def test_the_receive_time_marker_is_in_the_message() -> None:
+    """The accept script stamps Redis's clock where the marker is: it must be there once."""
+    app = Celery("test-sender")
+    request = replace(REQUESTS[1], received_us=RECEIVED_PLACEHOLDER)
+    message = MessageBuilder(app).exchange(request)
+    assert message.count(RECEIVED_MARKER) == 1
+    stamped = message.replace(RECEIVED_MARKER, RECEIVED_MARKER[:-2] + "1764316800000042")
+    _args, kwargs, _embed = json.loads(json.loads(stamped)["body"])
+    assert kwargs == {**request.task_kwargs(), "received_us": 1764316800000042}
 
 
 def test_the_waiting_queues_message_matches_celerys_own(

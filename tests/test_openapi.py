@@ -274,6 +274,12 @@ def test_every_documented_answer_is_given_as_documented(
         answers = Answers(c, seen)
         answers.post(json=factories.finish_body())  # 401: no ticket
 
+    limited = app_settings.model_copy(update={"finish_limit_per_ip_text": "1/minute"})
+    with TestClient(create_app(limited)) as c:
+        answers = Answers(c, seen)
+        answers.post(json=factories.finish_body())  # 202
+        answers.post(json=factories.finish_body())  # 429: over the address's limit
+
     with TestClient(create_app(app_settings)) as c:
         answers = Answers(c, seen)
         own_redis.kill()

@@ -4,18 +4,25 @@ everything queued is stored once the worker drains. A real web and worker on rea
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
+from humanconnect.standin import Running
+from producer.memory import MIN_HEADROOM_BYTES
 from tests import factories
-from tests.support.env import ROOT, wait_for
-from tests.support.processes import Deployment, start_worker
-from tests.support.scan import state_counts
-from worker.redis_keys import PENDING, QUEUES
+from tests.support.env import CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env, wait_for
+from tests.support.processes import Deployment, start_web, start_worker
+from tests.support.scan import state_counts, stored_users
+from tests.support.servers import RedisServer
+from worker import migrate
+from worker.crypto import session_hash
+from worker.redis_keys import PENDING, QUEUES, session_claim
 
 CAP = 10
 
@@ -60,3 +67,103 @@ def test_the_cap_is_queued_the_rest_shed_and_everything_queued_stored(
         assert httpx.post(d.url + "/connect/finish", json=bodies[-1]).status_code == 202
     finally:
         worker.stop()
+
+
+def test_a_redis_out_of_memory_sheds_with_nothing_half_accepted_and_the_drain_goes_on(
+    standin: Running, tmp_path: Path
+) -> None:
+    """A real Redis with noeviction and a small maxmemory: near full, finishes get 503 with
+    nothing of them written (no claim, no status, no message); the workers, left the rest of
+    the memory, drain everything accepted; with memory freed, finishes are taken again."""
+    server = RedisServer(tmp_path / "redis", extra=["--maxmemory-policy", "noeviction"]).start()
+    db_url = f"sqlite:///{tmp_path / 'hc.db'}"
+    migrate.upgrade(db_url)
+    env = service_env(
+        REDIS_URL=server.url,
+        DATABASE_URL=db_url,
+        HUMANAPI_BASE_URL=standin.url,
+        HUMANAPI_CLIENT_ID=CLIENT_ID,
+        HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
+        HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
+        HUMANAPI_MAX_RPS="500",
+        HUMANCONNECT_AUTO_MIGRATE="0",
+    )
+    r = redis.Redis.from_url(server.url)
+    web, url = start_web(env, ROOT, tmp_path / "web.log")
+    worker = start_worker(env, ROOT, tmp_path / "worker.log")
+    try:
+        # The worker paused (its queues declared, its connections open) while Redis fills:
+        # room for a few hundred sessions above what the running service already holds.
+        worker.signal(signal.SIGSTOP)
+        # Room for a few hundred sessions before the web's headroom for the workers (16 MiB,
+        # producer/memory.py): most of the space above the headroom taken by a filler.
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory", used + MIN_HEADROOM_BYTES + 4_000_000)
+        r.set("filler", b"x" * 3_000_000)
+        bodies = [factories.finish_body() for _ in range(3000)]
+        answers = []
+        for body in bodies:
+            answers.append(httpx.post(url + "/connect/finish", json=body, timeout=10))
+            if answers[-1].status_code == 503 and len(answers) > 50:
+                if sum(a.status_code == 503 for a in answers[-20:]) == 20:
+                    break
+        accepted = [b for b, a in zip(bodies, answers, strict=False) if a.status_code == 202]
+        shed = [(b, a) for b, a in zip(bodies, answers, strict=False) if a.status_code == 503]
+        assert len(accepted) > 50 and len(shed) >= 20, (len(accepted), len(shed))
+        assert {a.status_code for a in answers} == {202, 503}
+        assert all(a.headers["Retry-After"] for _, a in shed)
+        assert shed[0][1].json()["error"] == "too many sessions queued, try again"
+        # Nothing half-accepted: exactly the accepted sessions are claimed, recorded, queued.
+        assert not any(r.exists(session_claim(session_hash(b["sessionToken"]))) for b, _ in shed)
+        assert r.zcard(PENDING) == len(accepted)
+        assert len(list(r.scan_iter("hc:request:*"))) == len(accepted)
+        # Queued, but for the one the paused worker's waiting BRPOP took as it stopped.
+        assert len(accepted) - 1 <= sum(r.llen(q) for q in QUEUES) <= len(accepted)
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert 'reason="redis_oom"' in httpx.get(url + "/metrics").text
+    finally:
+        worker.signal(signal.SIGCONT)
+    try:
+        # The worker drains it all, at the same maxmemory.
+        wait_for(
+            lambda: state_counts(db_url).get("succeeded") == len(accepted),
+            90,
+            what="every accepted session stored",
+        )
+        stored = stored_users(db_url)
+        assert {b["humanId"] for b in accepted} <= set(stored)
+        # Memory freed (here, the filler: an operator raising maxmemory is the same), the web
+        # takes finishes again at its next reading.
+        r.delete("filler")
+        wait_for(
+            lambda: httpx.post(url + "/connect/finish", json=shed[0][0]).status_code == 202,
+            10,
+            what="finishes taken again",
+        )
+    finally:
+        worker.stop()
+        web.stop()
+        server.stop()
+
+
+def test_an_accept_refused_by_redis_oom_is_shed_too(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Past the web's reading (a burst between two), Redis itself refuses the accept script
+    with OOM before it runs: the same 503, and nothing written."""
+    server = RedisServer(tmp_path / "redis", extra=["--maxmemory-policy", "noeviction"]).start()
+    try:
+        client = make_client(REDIS_URL=server.url)
+        # The web's own reading stopped: this is Redis's refusal alone.
+        assert client.portal is not None
+        client.portal.call(client.app.state.parts.memory.stop)  # type: ignore[attr-defined,call-arg]
+        r = redis.Redis.from_url(server.url)
+        r.config_set("maxmemory", 1)  # below what any Redis uses: every write refused
+        answer = client.post("/connect/finish", json=factories.finish_body())
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+        assert answer.json()["error"] == "too many sessions queued, try again"
+        r.config_set("maxmemory", 0)
+        assert r.dbsize() == 0
+        assert 'reason="redis_oom"' in client.get("/metrics").text
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from tests import factories
 from tests.support.env import BIN, TICKET_KEY, service_env
-from tests.support.scan import assert_no_secrets
+from tests.support.scan import assert_no_secrets, task_kwargs
 from worker import redis_keys
 from worker.redis_keys import QUEUE
 from worker.tickets import TicketError, mint, verify
@@ -117,7 +117,7 @@ def test_a_valid_ticket_is_read_from_each_place_and_travels_with_the_request(
     resp = ticketed.post(url, json=body, headers=headers)
     assert resp.status_code == 202, resp.text
     message = json.loads(redis_client.lrange(QUEUE, 0, -1)[0])
-    _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    kwargs = task_kwargs(message)
     assert kwargs["expected_client_user_id"] == "alice@example.com"
     record = redis_client.hgetall(redis_keys.request_status(resp.json()["requestId"]))
     assert record[b"expectedClientUserId"] == b"alice@example.com"

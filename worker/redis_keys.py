@@ -7,6 +7,8 @@ events stream is named by HUMANCONNECT_EVENTS_STREAM.
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "hc:"
 
 #: The Celery queue the exchange and housekeeping tasks go through (a Redis list).
@@ -44,6 +46,14 @@ REPAIR_LOCK = PREFIX + "lock:repair"
 def webhook_lock(endpoint_digest: str) -> str:
     """Held by the one dispatcher of an endpoint (named by a digest: a URL may hold a secret)."""
     return f"{PREFIX}lock:webhook:{endpoint_digest}"
+
+
+def finish_limit(source: str, who: str) -> str:
+    """A source's finish limit (its next due time, µs): a client address, or a ticket's user
+    by digest (a user id may be an email address, and keys show in every Redis tool)."""
+    if source == "user":
+        who = hashlib.blake2b(who.encode(), digest_size=12).hexdigest()
+    return f"{PREFIX}limit:{source}:{who}"
 
 
 def session_claim(session_hash: str) -> str:

@@ -5,6 +5,7 @@ Every default is documented here, beside its field. Names are the contract's var
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import sys
 from functools import lru_cache
@@ -23,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.rates import Rate
 
 #: Tickets are HMAC-SHA256: a shorter key is guessable offline from one ticket.
 MIN_TICKET_KEY_BYTES = 32
@@ -120,6 +122,17 @@ class Settings(BaseSettings):
     cors_origins_list: str = Field("", validation_alias=_env("HUMANCONNECT_CORS_ORIGINS"))
     #: With this many sessions queued, new finishes get 503 and are not queued (0: no cap).
     max_backlog: int = Field(100_000, ge=0, validation_alias=_env("HUMANCONNECT_MAX_BACKLOG"))
+    #: Finishes one client address may send (worker/rates.py: `N/minute`, or `off`).
+    finish_limit_per_ip_text: str = Field(
+        "60/minute", validation_alias=_env("HUMANCONNECT_FINISH_LIMIT_PER_IP")
+    )
+    #: Finishes one ticket's user may send (only finishes that carry a ticket count).
+    finish_limit_per_user_text: str = Field(
+        "10/minute", validation_alias=_env("HUMANCONNECT_FINISH_LIMIT_PER_USER")
+    )
+    #: Comma-separated CIDRs of proxies whose X-Forwarded-For names the client. Unset: the
+    #: header is ignored and the socket's peer is the client.
+    trusted_proxies_list: str = Field("", validation_alias=_env("HUMANCONNECT_TRUSTED_PROXIES"))
     #: Run against a Redis whose maxmemory-policy may evict keys (warned at every start).
     allow_evicting_redis: bool = Field(
         False, validation_alias=_env("HUMANCONNECT_ALLOW_EVICTING_REDIS")
@@ -226,6 +239,35 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         """The exact origins allowed to call the finish routes from a browser."""
         return [o.strip() for o in self.cors_origins_list.split(",") if o.strip()]
+
+    @field_validator("finish_limit_per_ip_text", "finish_limit_per_user_text")
+    @classmethod
+    def _rate_shape(cls, value: str) -> str:
+        Rate.parse(value)
+        return value
+
+    @property
+    def finish_limit_per_ip(self) -> Rate | None:
+        return Rate.parse(self.finish_limit_per_ip_text)
+
+    @property
+    def finish_limit_per_user(self) -> Rate | None:
+        return Rate.parse(self.finish_limit_per_user_text)
+
+    @field_validator("trusted_proxies_list")
+    @classmethod
+    def _proxies_shape(cls, value: str) -> str:
+        for cidr in (c.strip() for c in value.split(",") if c.strip()):
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR like 10.0.0.0/8") from None
+        return value
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """The proxies (addresses and networks) trusted to name the client."""
+        return [c.strip() for c in self.trusted_proxies_list.split(",") if c.strip()]
 
     @field_validator("webhook_urls_list")
     @classmethod

@@ -49,9 +49,12 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
-def start_web(env: dict[str, str], cwd: Path, log: Path) -> tuple[Process, str]:
+def start_web(
+    env: dict[str, str], cwd: Path, log: Path, *, prefix: tuple[str, ...] = ()
+) -> tuple[Process, str]:
+    """The web on a free port; `prefix` goes before its command (`faketime -f +5s`)."""
     port = free_port()
-    proc = Process("web", commands(port, cwd / "var")["web"], env, cwd, log)
+    proc = Process("web", [*prefix, *commands(port, cwd / "var")["web"]], env, cwd, log)
     url = f"http://127.0.0.1:{port}"
     import httpx
 

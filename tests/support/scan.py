@@ -19,12 +19,25 @@ from worker.db import session_factory
 from worker.models import User
 
 
+def task_body(message: dict[str, Any]) -> str:
+    """A queued Celery message's body as JSON text: base64 as Kombu writes it (a worker's
+    retries), or plain as the web's accept script queues it."""
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        return base64.b64decode(body).decode()
+    return str(body)
+
+
+def task_kwargs(message: dict[str, Any]) -> dict[str, Any]:
+    """The task's keyword arguments in a queued message (body: [args, kwargs, embed])."""
+    return dict(json.loads(task_body(message))[1])
+
+
 def _celery_body(raw: bytes) -> bytes:
-    """A queued Celery message with its base64 body decoded, so a grep sees the payload."""
+    """A queued Celery message with its body decoded, so a grep sees the payload."""
     try:
-        message = json.loads(raw)
-        body = base64.b64decode(message["body"])
-    except (ValueError, KeyError, TypeError):
+        body = task_body(json.loads(raw)).encode()
+    except (ValueError, KeyError, TypeError, AttributeError):
         return raw
     return raw + b"\n" + body
 
