@@ -1,24 +1,159 @@
-"""`Prefer: wait=N` through real processes: 201 with the publicToken, 422, or 202 in time."""
+"""`Prefer: wait=N` through real processes: 201 with the publicToken, 422, or 202 in time.
+
+One web and one worker serve the whole module (per database): starting them takes seconds.
+Each test still has an upstream of its own: the deployment calls a router that hands every
+humanId to the stand-in of the test that sent it first, so a test's faults and counts are its
+own, whatever ran before it and whatever earlier tests' sessions are still doing.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
+from aiohttp import web as aioweb
 
-from humanconnect.standin import Faults, Running
+from humanconnect.standin import Faults, Running, StandIn
 from tests import factories
-from tests.support.processes import Deployment
+from tests.support.env import CI, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env
+from tests.support.processes import Deployment, start_web, start_worker
+from tests.support.servers import create_pg_database, drop_pg_database
+from worker import migrate
+from worker.db import dispose_all
+
+
+def new_standin() -> StandIn:
+    """A stand-in as the `standin` fixture of conftest.py makes it."""
+    return StandIn(CLIENT_ID, CLIENT_SECRET, Faults(), seed=7)
+
+
+class Router(StandIn):
+    """The module's upstream: a call goes to the stand-in owning its humanId, which is the one
+    that was `current` when the humanId was first seen."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIENT_ID, CLIENT_SECRET)
+        self.current = new_standin()
+        self.owners: dict[str, StandIn] = {}
+
+    async def _owner(self, request: aioweb.Request) -> StandIn:
+        try:
+            body = await request.json()  # aiohttp keeps the body for the stand-in to read
+        except ValueError:
+            body = None
+        human_id = body.get("humanId") if isinstance(body, dict) else None
+        if not isinstance(human_id, str):
+            return self.current
+        return self.owners.setdefault(human_id, self.current)
+
+    async def tokens(self, request: aioweb.Request) -> aioweb.StreamResponse:
+        return await (await self._owner(request)).tokens(request)
+
+    async def publictokens(self, request: aioweb.Request) -> aioweb.StreamResponse:
+        return await (await self._owner(request)).publictokens(request)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Running]:
+    """The router on a port, for the module's deployment."""
+    running = Running(Router()).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(redis_server_url: str) -> Iterator[str]:
+    """The shared Redis, flushed before and after the module (as `redis_url` is per test)."""
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    try:
+        yield redis_server_url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def module_db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An empty, migrated database for the module, as `db_url` makes one per test."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('wait-db') / 'hc.db'}"
+        migrate.upgrade(url)
+        yield url
+        dispose_all()
+        return
+    base = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
+    if not base:
+        if CI:
+            raise RuntimeError("HUMANCONNECT_TEST_POSTGRES_URL must be set in CI")
+        pytest.skip("no PostgreSQL configured (set HUMANCONNECT_TEST_POSTGRES_URL)")
+    url = create_pg_database(base)
+    migrate.upgrade(url)
+    yield url
+    drop_pg_database(base, url)
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    module_redis_url: str,
+    module_db_url: str,
+    upstream: Running,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
+    """`web` and `worker` started once for the module, as the `deploy` fixture starts them."""
+    logs = tmp_path_factory.mktemp("wait-logs")
+    env = service_env(
+        REDIS_URL=module_redis_url,
+        DATABASE_URL=module_db_url,
+        HUMANAPI_BASE_URL=upstream.url,
+        HUMANAPI_CLIENT_ID=CLIENT_ID,
+        HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
+        HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
+        HUMANAPI_MAX_RPS="500",
+        HUMANCONNECT_RETRY_INITIAL_S="0.05",
+        HUMANCONNECT_RETRY_INLINE_BUDGET_S="1",
+        HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
+    )
+    web_proc, url = start_web(env, ROOT, logs / "web.log")
+    try:
+        worker = start_worker(env, ROOT, logs / "worker.log", concurrency=32)
+    except BaseException:
+        web_proc.stop()
+        raise
+    yield Deployment(
+        url, env, web_proc, worker, module_db_url, [logs / "web.log", logs / "worker.log"]
+    )
+    web_proc.stop()
+    worker.stop()
 
 
 @pytest.fixture
-def web(deploy: Callable[..., Deployment]) -> Deployment:
-    return deploy()
+def standin(upstream: Running) -> StandIn:
+    """This test's own stand-in (overrides conftest.py's): it answers for every humanId first
+    seen during the test, with fresh counts and faults that touch no other test."""
+    own = new_standin()
+    router = upstream.standin
+    assert isinstance(router, Router)
+    router.current = own
+    return own
 
 
-def test_fast_upstream_answers_201_with_the_public_token(web, standin: Running) -> None:
+@pytest.fixture
+def web(deployment: Deployment, standin: StandIn) -> Deployment:
+    """The module's deployment, its upstream this test's stand-in."""
+    assert deployment.web.alive() and deployment.worker.alive()
+    return deployment
+
+
+def test_fast_upstream_answers_201_with_the_public_token(web, standin: StandIn) -> None:
     """Against a fast upstream, wait=5 gets 201 with publicToken at the top level."""
     body = factories.finish_body()
     started = time.monotonic()
@@ -37,7 +172,7 @@ def test_fast_upstream_answers_201_with_the_public_token(web, standin: Running) 
     assert elapsed < 5
 
 
-def test_slow_upstream_answers_202_after_about_n_seconds(web, standin: Running) -> None:
+def test_slow_upstream_answers_202_after_about_n_seconds(web, standin: StandIn) -> None:
     """Against an upstream slower than N, the answer is 202 after about N seconds."""
     standin.state.faults = Faults(latency_ms=4000)
     started = time.monotonic()
@@ -53,7 +188,7 @@ def test_slow_upstream_answers_202_after_about_n_seconds(web, standin: Running) 
     assert 0.9 <= elapsed < 2.5
 
 
-def test_permanent_failure_answers_422_with_the_status(web, standin: Running) -> None:
+def test_permanent_failure_answers_422_with_the_status(web, standin: StandIn) -> None:
     """A refused session under wait mode gets 422 and the failed status body."""
     standin.state.faults = Faults(refuse_status=401)
     resp = httpx.post(
@@ -82,7 +217,7 @@ def test_bad_wait_values_get_the_default_not_an_error(web, prefer: str) -> None:
     assert resp.headers["Preference-Applied"] == "wait=10"
 
 
-def test_duplicate_with_wait_returns_the_finished_status(web, standin: Running) -> None:
+def test_duplicate_with_wait_returns_the_finished_status(web, standin: StandIn) -> None:
     """Posting a finished session again with wait gets 201 at once, without a new exchange."""
     body = factories.finish_body()
     first = httpx.post(
