@@ -41,6 +41,8 @@ class Faults:
     refuse_status: int = 0
     #: Answer only 503 while this is true (an outage).
     down: bool = False
+    #: Refuse (400, as for a forged session) every session token starting with this.
+    refuse_token_prefix: str = ""
 
 
 @dataclass
@@ -166,6 +168,10 @@ class StandIn:
         if not isinstance(human_id, str) or not isinstance(token, str) or not human_id or not token:
             self.state.calls["tokens:400"] += 1
             return web.json_response({"error": "humanId and sessionToken are required"}, status=400)
+        prefix = self.state.faults.refuse_token_prefix
+        if prefix and token.startswith(prefix):
+            self.state.calls["tokens:forged"] += 1
+            return web.json_response({"error": "invalid session token"}, status=400)
         if token in self.state.by_session:
             self.state.calls["tokens:used"] += 1
             return web.json_response({"error": "session token already used"}, status=400)

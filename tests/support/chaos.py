@@ -16,12 +16,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from sqlalchemy import text
 
 from humanconnect.procs import commands
-from humanconnect.standin import Running
+from humanconnect.standin import Running, client_user_id_for
 from tests import factories
 from tests.support.env import (
     CLIENT_ID,
@@ -36,6 +37,7 @@ from tests.support.scan import assert_no_secrets, stored_users, stream_entries
 from tests.support.servers import RedisServer
 from worker.db import session_factory
 from worker.states import FINAL, ErrorKind, RequestState
+from worker.tickets import mint
 
 REPORT = ROOT / "var" / "chaos-report.jsonl"
 #: Sessions per scenario (the issue's floor).
@@ -125,7 +127,13 @@ class Chaos:
         # Warm every connection pool before the scenario: its timings are then the
         # scenario's, not those of processes still starting.
         self.warm = bodies(20)
-        assert {s.status for s in self.send(self.warm)} == {202}
+        tickets = None
+        if key := self.env.get("HUMANCONNECT_TICKET_KEY"):
+            tickets = [
+                {"Authorization": f"Bearer {mint(key, client_user_id_for(b['humanId']), 600)}"}
+                for b in self.warm
+            ]
+        assert {s.status for s in self.send(self.warm, headers=tickets)} == {202}
         self.wait_ended({b["humanId"] for b in self.warm}, 60)
         return self
 
@@ -158,36 +166,52 @@ class Chaos:
         return sorted(self.tmp.glob("*.log"))
 
     # -- traffic -------------------------------------------------------------------------
-    def send(self, bodies: list[dict[str, str]], *, rate: float | None = None) -> list[Sent]:
-        """POST every body from a client process of its own (see tests/chaos/sender.py)."""
+    def send(
+        self,
+        bodies: list[dict[str, str]],
+        *,
+        rate: float | None = None,
+        url: str | None = None,
+        sources: list[str] | None = None,
+        headers: list[dict[str, str]] | None = None,
+    ) -> list[Sent]:
+        """POST every body from a client process of its own (see tests/chaos/sender.py), to
+        `url` (the web's by default), from `sources` in turn, with each body's `headers`."""
         self._sends += 1
         given = self.tmp / f"send{self._sends}.json"
         got = self.tmp / f"sent{self._sends}.json"
         given.write_text(json.dumps(bodies))
-        argv = [sys.executable, "-m", "tests.chaos.sender", self.url, str(given), str(got)]
-        subprocess.run([*argv, *(["--rate", str(rate)] if rate else [])], cwd=ROOT, check=True)
+        argv = [sys.executable, "-m", "tests.chaos.sender", url or self.url, str(given), str(got)]
+        if rate:
+            argv += ["--rate", str(rate)]
+        if sources:
+            argv += ["--from", ",".join(sources)]
+        if headers:
+            (self.tmp / f"headers{self._sends}.json").write_text(json.dumps(headers))
+            argv += ["--headers", str(self.tmp / f"headers{self._sends}.json")]
+        subprocess.run(argv, cwd=ROOT, check=True)
         results = json.loads(got.read_text())
         return [
             Sent(body, r["status"], r["seconds"], r["retry_after"], r["at"])
             for body, r in zip(bodies, results, strict=True)
         ]
 
-    def send_in_background(
-        self, bodies: list[dict[str, str]], *, rate: float | None = None
-    ) -> Future[list[Sent]]:
+    def send_in_background(self, bodies: list[dict[str, str]], **send: Any) -> Future[list[Sent]]:
         """`send` on a thread of its own, so the test can break things meanwhile."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="burst")
-        future = pool.submit(self.send, bodies, rate=rate)
+        future = pool.submit(self.send, bodies, **send)
         pool.shutdown(wait=False)
         return future
 
-    def send_until_accepted(self, bodies: list[dict[str, str]], timeout: float = 60) -> None:
+    def send_until_accepted(
+        self, bodies: list[dict[str, str]], timeout: float = 60, url: str | None = None
+    ) -> None:
         """What a client does with a 503: send again until it is accepted."""
         deadline = time.monotonic() + timeout
         todo = bodies
         while todo:
             assert time.monotonic() < deadline, f"{len(todo)} still refused after {timeout}s"
-            results = self.send(todo)
+            results = self.send(todo, url=url)
             assert {s.status for s in results} <= {200, 202, 503}, {s.status for s in results}
             todo = [s.body for s in results if s.status == 503]
             if todo:
