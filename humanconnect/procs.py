@@ -40,16 +40,8 @@ def commands(port: int, var: Path) -> dict[str, list[str]]:
             *("nice", "-n", "10", str(BIN / "celery"), "-A", "worker.celery:app"),
             *("worker", "-l", "INFO"),
         ],
-        "beat": [
-            str(BIN / "celery"),
-            "-A",
-            "worker.celery:app",
-            "beat",
-            "-l",
-            "INFO",
-            "-s",
-            str(var / "celerybeat-schedule"),
-        ],
+        # The schedule lives in Redis (RedBeat), not in a file: any number of beats may run.
+        "beat": [str(BIN / "celery"), "-A", "worker.celery:app", "beat", "-l", "INFO"],
     }
 
 

@@ -109,8 +109,8 @@ def test_procfile_runs_the_commands_up_runs() -> None:
     )
     assert set(lines) == {"web", "worker", "beat"}
     ours = commands(8000, Path("var"))
-    # `up` binds loopback and keeps beat's schedule under var/; everything else is the same.
-    local_only = {"--host", "-s"}
+    # `up` binds loopback; everything else is the same.
+    local_only = {"--host"}
 
     def strip(argv: list[str]) -> list[str]:
         out, skip = [], False

@@ -16,6 +16,9 @@
   starved past a stated bound.
 - Webhook deliveries tick on a third queue, taken before the ordinary one: a tick a second
   per endpoint, each starting that endpoint's dispatcher (worker/webhooks/dispatch.py).
+- Beat's schedule and lock in Redis (RedBeat, worker/beat.py): any number of beats may run;
+  the one holding the lock sends, and another takes over about BEAT_LOCK_TIMEOUT_S after it
+  dies.
 - Thread pool: an exchange is I/O (waiting on the upstream), so many threads per process keep
   the upstream's latency hidden without as many processes' memory.
 
@@ -32,7 +35,7 @@ from celery import Celery
 from kombu import Queue
 
 from worker import broker
-from worker.redis_keys import CONSUMED, QUEUE, WEBHOOK_QUEUE
+from worker.redis_keys import CONSUMED, PREFIX, QUEUE, WEBHOOK_QUEUE
 from worker.request import ExchangeRequest
 from worker.settings import Settings, settings_or_exit
 from worker.webhooks.deliveries import endpoint_digest
@@ -46,6 +49,14 @@ DELIVER_TASK = "humanconnect.deliver_webhooks"
 WEBHOOK_TICK_S = 1.0
 # How often beat sweeps the outbox for events a worker could not relay itself.
 RELAY_INTERVAL_S = 5.0
+# Beat's schedule and lock live in Redis under this prefix (RedBeat's keys; see worker/beat.py).
+BEAT_KEY_PREFIX = PREFIX + "redbeat:"
+# The lock the sending beat renews on every pass; a standby takes over at most this long (plus
+# one pass) after the sender dies.
+BEAT_LOCK_TIMEOUT_S = 10
+# The longest a beat sleeps between passes: how often the sender renews its lock when nothing is
+# due sooner, and how often a standby tries to take it.
+BEAT_MAX_LOOP_S = 1.0
 
 app = Celery("humanconnect", include=["worker.tasks"])
 
@@ -66,8 +77,9 @@ def configure(celery: Celery, settings: Settings, **overrides: Any) -> None:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for `settings`; kept a function so tests can build their own app."""
+    redis_url = settings.redis_url or "redis://127.0.0.1:6379/0"
     return {
-        "broker_url": settings.redis_url or "redis://127.0.0.1:6379/0",
+        "broker_url": redis_url,
         "broker_connection_retry_on_startup": True,
         # The producer must answer 503 within 2 s when Redis is away, not hang on a retry.
         "broker_connection_timeout": 1.0,
@@ -99,6 +111,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
+        # RedBeat's, by name: only beat imports it.
+        "beat_scheduler": "worker.beat:Scheduler",
+        "beat_max_loop_interval": BEAT_MAX_LOOP_S,
+        "redbeat_redis_url": redis_url,
+        # A hung connection fails a pass well before the lock it renews would expire.
+        "redbeat_redis_options": {"socket_connect_timeout": 1.0, "socket_timeout": 5.0},
+        "redbeat_key_prefix": BEAT_KEY_PREFIX,
+        "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT_S,
         "beat_schedule": {
             "relay-events": {
                 "task": RELAY_TASK,
