@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
+from bench.abuse import abuse_scenario
 from bench.harness import body, closed_loop, open_loop, stack
 from bench.repair import repair_scenario
 from bench.throughput import drain, saturation
@@ -132,6 +133,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "wait_mode": lambda a: wait_mode(1000, a.concurrency),
     "repair": lambda a: repair_scenario(a.repair_users),
     "webhooks": lambda a: webhooks_scenario(),
+    "abuse": lambda a: abuse_scenario(),
 }
 
 
