@@ -92,10 +92,20 @@ class Acceptor:
                 # its publish may still fail, so promise nothing yet.
                 raise QueueUnavailableError("the first request of this session is enqueueing")
             current = await self.claims.state(claim.request_id) or {}
-        except redis.exceptions.OutOfMemoryError:
-            # Redis at its maxmemory (noeviction) refused the script before it ran: full,
-            # like a backlog at its cap, and nothing was written.
+        except redis.exceptions.ResponseError as exc:
+            if not _out_of_memory(exc):
+                raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
+            # Redis at its maxmemory (noeviction) refused the script's first write (Redis 7
+            # checks there; every check comes before any write, so nothing was written): full,
+            # like a backlog at its cap.
             raise RedisFullError("redis is out of memory (maxmemory)") from None
         except (redis.exceptions.RedisError, TimeoutError) as exc:
             raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
         return Accepted(claim.request_id, current.get("state", RequestState.QUEUED), duplicate=True)
+
+
+def _out_of_memory(exc: redis.exceptions.ResponseError) -> bool:
+    """Redis's OOM refusal: redis-py's own class on Redis 7, a script error naming it on 6."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(
+        exc
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
@@ -86,6 +87,21 @@ def status_from_db(rt: Runtime, request_id: str) -> dict[str, str] | None:
         if row.error:
             record["error"] = row.error
         return record
+
+
+def client_address(request: Request) -> str:
+    """The address a finish limit counts: the peer (or, behind HUMANCONNECT_TRUSTED_PROXIES,
+    the client the proxy names); an IPv6 client by its /64, which one host holds whole."""
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an IP (a unix socket, a test client): counted as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _refused(status_code: int, reason: str, body: dict[str, Any], **headers: str) -> JSONResponse:
@@ -225,7 +241,7 @@ def router(parts_of: Any) -> APIRouter:
                 body,
                 expected_client_user_id=user,
                 waiting=bool(wait_s),
-                client=request.client.host if request.client else "",
+                client=client_address(request),
             )
         except SessionConflict:
             return _refused(

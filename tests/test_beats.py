@@ -134,17 +134,22 @@ def test_a_beat_waits_for_redis_and_outlives_a_restart_that_lost_everything(
 def test_an_entry_gone_from_the_settings_is_gone_from_redis(
     make_settings: Callable[..., Settings], redis_client: redis.Redis
 ) -> None:
-    """A beat started without a webhook endpoint deletes the entry an earlier beat stored for
-    it: a removed endpoint stops ticking. The others keep their last run."""
+    """A beat started without a webhook endpoint deletes, once it holds the lock, the entry an
+    earlier beat stored for it: a removed endpoint stops ticking. The others keep their last
+    run. A standby (no lock) writes nothing: the sender's schedule is the sender's."""
 
-    def start_scheduler(*urls: str) -> None:
+    def start_scheduler(*urls: str, lead: bool = True) -> None:
         app = Celery("beats-test")
         settings = make_settings(
             HUMANCONNECT_WEBHOOK_URLS=",".join(urls), HUMANCONNECT_WEBHOOK_SECRET=SECRET
         )
         configure(app, settings)
-        Scheduler(app=app)  # writes the schedule into Redis, as every beat does at start
-        app.redbeat_redis.close()
+        scheduler = Scheduler(app=app)
+        if lead:
+            # Its first pass, holding the lock, writes the schedule (and sends what is due).
+            scheduler.tick()
+            scheduler.close()
+            app.redbeat_redis.close()
 
     kept, removed = "http://127.0.0.1:9/kept", "http://127.0.0.1:9/removed"
     schedule = BEAT_KEY_PREFIX + ":schedule"
@@ -158,7 +163,10 @@ def test_an_entry_gone_from_the_settings_is_gone_from_redis(
     relay = BEAT_KEY_PREFIX + "relay-events"
     last_run = json.dumps({"last_run_at": datetime(2030, 1, 2, tzinfo=UTC)}, cls=RedBeatJSONEncoder)
     redis_client.hset(relay, "meta", last_run)
-    # When a beat starts with one
+    # When a standby starts with one, nothing changes
+    start_scheduler(kept, lead=False)
+    assert redis_client.exists(entry(kept), entry(removed)) == 2
+    # When a beat that takes the lock starts with one
     start_scheduler(kept)
     # Then the other's entry is gone, and what stayed keeps its state
     assert redis_client.exists(entry(kept)) and not redis_client.exists(entry(removed))

@@ -13,7 +13,9 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
+from producer.finish import client_address
 from tests import factories
 from tests.support.env import CLIENT_ID, FERNET_KEY, ROOT, TICKET_KEY, service_env
 from tests.support.processes import start_web
@@ -48,7 +50,8 @@ def test_rates_parse_and_refuse_nonsense() -> None:
     assert Rate.parse("off") is None and Rate.parse("") is None
     rate = Rate.parse("3/second")
     assert rate and (rate.interval_us, rate.tolerance_us) == (333_333, 666_667)
-    for bad in ("60", "0/minute", "-1/minute", "60/fortnight", "1.5/second", "sixty/minute"):
+    bad_rates = ("60", "0/minute", "-1/minute", "60/fortnight", "1.5/second", "2000000/second")
+    for bad in (*bad_rates, "sixty/minute"):
         with pytest.raises(ValueError):
             Rate.parse(bad)
 
@@ -101,7 +104,9 @@ def test_a_client_that_waits_retry_after_is_taken(
     assert [_post(client, factories.finish_body()).status_code for _ in range(2)] == [202, 202]
     refused = _post(client, factories.finish_body())
     assert refused.status_code == 429
-    # A refusal takes nothing: waiting the time it names is enough.
+    # Refusals take nothing: five more, and waiting the time the first named is still enough
+    # (had each refusal used up allowance, the next slot would be seconds further off).
+    assert {_post(client, factories.finish_body()).status_code for _ in range(5)} == {429}
     time.sleep(int(refused.headers["Retry-After"]))
     assert _post(client, factories.finish_body()).status_code == 202
     assert redis_client.llen(QUEUE) == 3
@@ -131,6 +136,22 @@ def test_the_user_limit_counts_each_tickets_user_apart(
     # The user's key names a digest, never the user id (often an email address).
     keys = [k.decode() for k in redis_client.scan_iter("hc:limit:user:*")]
     assert len(keys) == 2 and not any("example.com" in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("peer", "counted"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::9", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("testclient", "testclient"),
+    ],
+)
+def test_an_ipv6_client_counts_by_its_64(peer: str, counted: str) -> None:
+    """One host holds a whole /64: counted by address, it would have 2^64 allowances."""
+    request = Request({"type": "http", "client": (peer, 5000), "headers": []})
+    assert client_address(request) == counted
 
 
 def test_limits_off_take_every_finish(

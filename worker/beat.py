@@ -4,8 +4,9 @@ RedBeat keeps the schedule (each entry's definition and last run) in Redis and l
 beat holding its lock send. The sender renews the lock on every pass; a standby waits at start
 for the lock, trying every `beat_max_loop_interval`, and once it holds it carries on from the
 last runs recorded in Redis, so no job runs twice for one interval. At start every beat writes
-the schedule from its configuration into Redis and deletes the entries it wrote earlier that
-the configuration no longer has (a webhook endpoint removed from the settings stops ticking).
+the schedule from its configuration into Redis once it holds the lock, and deletes the
+entries written earlier that the configuration no longer has (a webhook endpoint removed from
+the settings stops ticking). The lock is checked again before each send.
 
 What this class adds is surviving Redis being away, which the stock scheduler did (it only
 logged the failed sends). RedBeat lets a connection error out of its pass, which ends the
@@ -58,12 +59,18 @@ class Scheduler(RedBeatScheduler):
             return RETRY_S
 
     def setup_schedule(self) -> None:
-        # At start, before the lock: a Redis not up yet is waited for (the pass writes the
-        # schedule once this beat holds the lock), as the stock scheduler waited.
-        try:
-            super().setup_schedule()
-        except REDIS_AWAY as exc:
-            log.warning("beat: Redis unreachable (%s); the schedule is written once it is", exc)
+        # Celery calls this at start, before the lock is taken: a standby must not rewrite
+        # (or prune) the schedule the sender runs, say during a rolling upgrade whose hosts
+        # configure different webhook URLs. `tick` writes it once this beat holds the lock.
+        pass
+
+    def maybe_due(self, entry: Any, **kwargs: Any) -> Any:
+        # The lock checked again right before each send, not only at the start of the pass:
+        # a pass that stalled past the lock's timeout (a frozen host) must not send what the
+        # beat that took over has sent meanwhile. LockNotOwnedError ends the pass in `tick`.
+        if self.lock is not None and entry.is_due()[0]:
+            self.lock.extend(int(self.lock_timeout))
+        return super().maybe_due(entry, **kwargs)
 
     def close(self) -> None:
         try:

@@ -32,7 +32,11 @@ class Rate:
         match = _RATE.match(text)
         if not match or int(match.group(1)) < 1:
             raise ValueError(f"{text!r} is not a rate like 60/minute (or off)")
-        return cls(int(match.group(1)), _UNITS[match.group(2).lower()])
+        rate = cls(int(match.group(1)), _UNITS[match.group(2).lower()])
+        if rate.interval_us < 1:
+            # Spaced under a microsecond, the script could not tell it from no limit at all.
+            raise ValueError(f"{text!r} is over 1000000/second (use off for no limit)")
+        return rate
 
     @property
     def interval_us(self) -> int:
