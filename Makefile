@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/humanconnect up
 
 test: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the chaos runs, fuzzing and long bursts.
 test-quick: $(STAMP)
