@@ -16,22 +16,19 @@ from fastapi.testclient import TestClient
 
 from humanconnect.standin import Faults, Running, StandIn
 from tests.support.env import (
-    CI,
     CLIENT_ID,
     CLIENT_SECRET,
     FERNET_KEY,
     NO_LIMITS,
     ROOT,
-    service_env,
+    deployment_env,
 )
 from tests.support.processes import Deployment, Process, start_web, start_worker
-from tests.support.servers import RedisServer, create_pg_database, drop_pg_database
+from tests.support.servers import RedisServer, flushed, fresh_database, pg_or_skip
 from worker import migrate
 from worker.db import dispose_all
 from worker.runtime import Runtime
 from worker.settings import Settings
-
-PG_BASE = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
 
 
 @pytest.fixture
@@ -43,21 +40,7 @@ def deploy(
 
     def make(*, sandbox_web: bool = False, **extra: str) -> Deployment:
         """`sandbox_web`: the web without the clientSecret, in sandbox mode as `up` runs it."""
-        env = service_env(
-            **{
-                "REDIS_URL": redis_url,
-                "DATABASE_URL": db_url,
-                "HUMANAPI_BASE_URL": standin.url,
-                "HUMANAPI_CLIENT_ID": CLIENT_ID,
-                "HUMANAPI_CLIENT_SECRET": CLIENT_SECRET,
-                "HUMANCONNECT_ENCRYPTION_KEYS": FERNET_KEY,
-                "HUMANAPI_MAX_RPS": "500",
-                "HUMANCONNECT_RETRY_INITIAL_S": "0.05",
-                "HUMANCONNECT_RETRY_INLINE_BUDGET_S": "1",
-                "HUMANCONNECT_RETRY_MAX_COUNTDOWN_S": "2",
-                **extra,
-            }
-        )
+        env = deployment_env(redis_url, db_url, standin.url, **extra)
         web_env = {k: v for k, v in env.items() if k != "HUMANAPI_CLIENT_SECRET"}
         web, url = start_web(web_env if sandbox_web else env, ROOT, tmp_path / "web.log")
         started.append(web)
@@ -90,13 +73,8 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_url(redis_server_url: str) -> Iterator[str]:
     """The shared Redis's URL, its database flushed before and after the test."""
-    client = redis.Redis.from_url(redis_server_url)
-    client.flushdb()
-    try:
-        yield redis_server_url
-    finally:
-        client.flushdb()
-        client.close()
+    with flushed(redis_server_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -115,28 +93,12 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def _pg_or_skip() -> str:
-    if not PG_BASE:
-        if CI:
-            raise RuntimeError("HUMANCONNECT_TEST_POSTGRES_URL must be set in CI")
-        pytest.skip("no PostgreSQL configured (set HUMANCONNECT_TEST_POSTGRES_URL)")
-    return PG_BASE
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty, migrated database: a SQLite file, then a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'hc.db'}"
-        migrate.upgrade(url)
+    base = "" if request.param == "sqlite" else pg_or_skip()
+    with fresh_database(request.param, tmp_path, base) as url:
         yield url
-        dispose_all()
-        return
-    base = _pg_or_skip()
-    url = create_pg_database(base)
-    migrate.upgrade(url)
-    yield url
-    drop_pg_database(base, url)
 
 
 @pytest.fixture

@@ -14,15 +14,17 @@ import redis
 from fastapi.testclient import TestClient
 
 from humanconnect.standin import Running
+from producer.app import create_app
 from producer.memory import MIN_HEADROOM_BYTES
 from tests import factories
-from tests.support.env import CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env, wait_for
+from tests.support.env import ROOT, deployment_env, wait_for
 from tests.support.processes import Deployment, start_web, start_worker
 from tests.support.scan import state_counts, stored_users
 from tests.support.servers import RedisServer
 from worker import migrate
 from worker.crypto import session_hash
 from worker.redis_keys import PENDING, QUEUES, session_claim
+from worker.settings import Settings
 
 CAP = 10
 
@@ -78,16 +80,7 @@ def test_a_redis_out_of_memory_sheds_with_nothing_half_accepted_and_the_drain_go
     server = RedisServer(tmp_path / "redis", extra=["--maxmemory-policy", "noeviction"]).start()
     db_url = f"sqlite:///{tmp_path / 'hc.db'}"
     migrate.upgrade(db_url)
-    env = service_env(
-        REDIS_URL=server.url,
-        DATABASE_URL=db_url,
-        HUMANAPI_BASE_URL=standin.url,
-        HUMANAPI_CLIENT_ID=CLIENT_ID,
-        HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
-        HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
-        HUMANAPI_MAX_RPS="500",
-        HUMANCONNECT_AUTO_MIGRATE="0",
-    )
+    env = deployment_env(server.url, db_url, standin.url, HUMANCONNECT_AUTO_MIGRATE="0")
     r = redis.Redis.from_url(server.url)
     web, url = start_web(env, ROOT, tmp_path / "web.log")
     worker = start_worker(env, ROOT, tmp_path / "worker.log")
@@ -147,23 +140,26 @@ def test_a_redis_out_of_memory_sheds_with_nothing_half_accepted_and_the_drain_go
 
 
 def test_an_accept_refused_by_redis_oom_is_shed_too(
-    make_client: Callable[..., TestClient], tmp_path: Path
+    make_settings: Callable[..., Settings], sqlite_url: str, tmp_path: Path
 ) -> None:
     """Past the web's reading (a burst between two), Redis itself refuses the accept script
-    with OOM before it runs: the same 503, and nothing written."""
+    at its first write, after every check: the same 503, and nothing written."""
     server = RedisServer(tmp_path / "redis", extra=["--maxmemory-policy", "noeviction"]).start()
     try:
-        client = make_client(REDIS_URL=server.url)
-        # The web's own reading stopped: this is Redis's refusal alone.
-        assert client.portal is not None
-        client.portal.call(client.app.state.parts.memory.stop)  # type: ignore[attr-defined,call-arg]
-        r = redis.Redis.from_url(server.url)
-        r.config_set("maxmemory", 1)  # below what any Redis uses: every write refused
-        answer = client.post("/connect/finish", json=factories.finish_body())
-        assert answer.status_code == 503 and answer.headers["Retry-After"]
-        assert answer.json()["error"] == "too many sessions queued, try again"
-        r.config_set("maxmemory", 0)
-        assert r.dbsize() == 0
-        assert 'reason="redis_oom"' in client.get("/metrics").text
+        # The app stopped while its Redis still runs (its shutdown talks to it).
+        settings = make_settings(REDIS_URL=server.url, DATABASE_URL=sqlite_url)
+        with TestClient(create_app(settings)) as client:
+            # The web's own reading stopped: this is Redis's refusal alone.
+            assert client.portal is not None
+            client.portal.call(client.app.state.parts.memory.stop)  # type: ignore[attr-defined,call-arg]
+            r = redis.Redis.from_url(server.url)
+            r.config_set("maxmemory", 1)  # below what any Redis uses: every write refused
+            answer = client.post("/connect/finish", json=factories.finish_body())
+            assert answer.status_code == 503 and answer.headers["Retry-After"]
+            assert answer.json()["error"] == "too many sessions queued, try again"
+            r.config_set("maxmemory", 0)
+            assert r.dbsize() == 0
+            assert 'reason="redis_oom"' in client.get("/metrics").text
+            r.close()
     finally:
         server.stop()

@@ -8,22 +8,18 @@ own, whatever ran before it and whatever earlier tests' sessions are still doing
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
 from aiohttp import web as aioweb
 
 from humanconnect.standin import Faults, Running, StandIn
 from tests import factories
-from tests.support.env import CI, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env
+from tests.support.env import CLIENT_ID, CLIENT_SECRET, ROOT, deployment_env
 from tests.support.processes import Deployment, start_web, start_worker
-from tests.support.servers import create_pg_database, drop_pg_database
-from worker import migrate
-from worker.db import dispose_all
+from tests.support.servers import flushed, fresh_database, pg_or_skip
 
 
 def new_standin() -> StandIn:
@@ -68,13 +64,8 @@ def upstream() -> Iterator[Running]:
 @pytest.fixture(scope="module")
 def module_redis_url(redis_server_url: str) -> Iterator[str]:
     """The shared Redis, flushed before and after the module (as `redis_url` is per test)."""
-    client = redis.Redis.from_url(redis_server_url)
-    client.flushdb()
-    try:
-        yield redis_server_url
-    finally:
-        client.flushdb()
-        client.close()
+    with flushed(redis_server_url) as url:
+        yield url
 
 
 @pytest.fixture(
@@ -84,21 +75,9 @@ def module_db_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """An empty, migrated database for the module, as `db_url` makes one per test."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('wait-db') / 'hc.db'}"
-        migrate.upgrade(url)
+    base = "" if request.param == "sqlite" else pg_or_skip()
+    with fresh_database(request.param, tmp_path_factory.mktemp("wait-db"), base) as url:
         yield url
-        dispose_all()
-        return
-    base = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
-    if not base:
-        if CI:
-            raise RuntimeError("HUMANCONNECT_TEST_POSTGRES_URL must be set in CI")
-        pytest.skip("no PostgreSQL configured (set HUMANCONNECT_TEST_POSTGRES_URL)")
-    url = create_pg_database(base)
-    migrate.upgrade(url)
-    yield url
-    drop_pg_database(base, url)
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +89,7 @@ def deployment(
 ) -> Iterator[Deployment]:
     """`web` and `worker` started once for the module, as the `deploy` fixture starts them."""
     logs = tmp_path_factory.mktemp("wait-logs")
-    env = service_env(
-        REDIS_URL=module_redis_url,
-        DATABASE_URL=module_db_url,
-        HUMANAPI_BASE_URL=upstream.url,
-        HUMANAPI_CLIENT_ID=CLIENT_ID,
-        HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
-        HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
-        HUMANAPI_MAX_RPS="500",
-        HUMANCONNECT_RETRY_INITIAL_S="0.05",
-        HUMANCONNECT_RETRY_INLINE_BUDGET_S="1",
-        HUMANCONNECT_RETRY_MAX_COUNTDOWN_S="2",
-    )
+    env = deployment_env(module_redis_url, module_db_url, upstream.url)
     web_proc, url = start_web(env, ROOT, logs / "web.log")
     try:
         worker = start_worker(env, ROOT, logs / "worker.log", concurrency=32)

@@ -60,3 +60,23 @@ def service_env(**overrides: str) -> dict[str, str]:
     env.update(NO_LIMITS)
     env.update(overrides)
     return env
+
+
+def deployment_env(redis_url: str, db_url: str, upstream_url: str, **extra: str) -> dict[str, str]:
+    """`service_env` for a deployment against `upstream_url`: this app's credentials, and
+    quick retries (a test waits seconds, not minutes); `extra` adds or overrides."""
+    return service_env(
+        **{
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": db_url,
+            "HUMANAPI_BASE_URL": upstream_url,
+            "HUMANAPI_CLIENT_ID": CLIENT_ID,
+            "HUMANAPI_CLIENT_SECRET": CLIENT_SECRET,
+            "HUMANCONNECT_ENCRYPTION_KEYS": FERNET_KEY,
+            "HUMANAPI_MAX_RPS": "500",
+            "HUMANCONNECT_RETRY_INITIAL_S": "0.05",
+            "HUMANCONNECT_RETRY_INLINE_BUDGET_S": "1",
+            "HUMANCONNECT_RETRY_MAX_COUNTDOWN_S": "2",
+            **extra,
+        }
+    )

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
-from tests.support.env import free_port, wait_for
+from tests.support.env import CI, free_port, wait_for
 
 
 def redis_server_binary() -> str:
@@ -204,3 +206,51 @@ class StaticSite:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def pg_or_skip() -> str:
+    """The PostgreSQL to test against (HUMANCONNECT_TEST_POSTGRES_URL); skips without one,
+    fails in CI, where one must be set."""
+    import pytest
+
+    base = os.environ.get("HUMANCONNECT_TEST_POSTGRES_URL", "")
+    if not base:
+        if CI:
+            raise RuntimeError("HUMANCONNECT_TEST_POSTGRES_URL must be set in CI")
+        pytest.skip("no PostgreSQL configured (set HUMANCONNECT_TEST_POSTGRES_URL)")
+    return base
+
+
+@contextmanager
+def flushed(url: str) -> Iterator[str]:
+    """The Redis database at `url`, flushed before and after."""
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextmanager
+def fresh_database(kind: str, directory: Path, pg_base: str = "") -> Iterator[str]:
+    """An empty, migrated database: a SQLite file in `directory`, or a new PostgreSQL
+    database beside `pg_base` (dropped after)."""
+    from worker import migrate
+    from worker.db import dispose_all
+
+    if kind == "sqlite":
+        url = f"sqlite:///{directory / 'hc.db'}"
+        migrate.upgrade(url)
+        try:
+            yield url
+        finally:
+            dispose_all()
+        return
+    url = create_pg_database(pg_base)
+    migrate.upgrade(url)
+    try:
+        yield url
+    finally:
+        drop_pg_database(pg_base, url)
