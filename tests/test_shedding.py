@@ -4,7 +4,9 @@ everything queued is stored once the worker drains. A real web and worker on rea
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from humanconnect.standin import Running
 from producer.app import create_app
-from producer.memory import MIN_HEADROOM_BYTES
+from producer.memory import INTERVAL_S, MIN_HEADROOM_BYTES, MemoryWatch
 from tests import factories
 from tests.support.env import ROOT, deployment_env, wait_for
 from tests.support.processes import Deployment, start_web, start_worker
@@ -24,6 +26,7 @@ from tests.support.servers import RedisServer
 from worker import migrate
 from worker.crypto import session_hash
 from worker.redis_keys import PENDING, QUEUES, session_claim
+from worker.runtime import async_redis_client
 from worker.settings import Settings
 
 CAP = 10
@@ -163,3 +166,23 @@ def test_an_accept_refused_by_redis_oom_is_shed_too(
             r.close()
     finally:
         server.stop()
+
+
+def test_the_memory_watch_stops_promptly_whenever_it_is_stopped(redis_url: str) -> None:
+    """The web's shutdown stops the watch: a stop that lands while redis-py opens its
+    connection (its cancel comes back as a RedisError) once hung the shutdown for good."""
+
+    async def cycles() -> float:
+        worst = 0.0
+        for i in range(30):
+            r = async_redis_client(redis_url)
+            watch = MemoryWatch(r)
+            await watch.start()
+            await asyncio.sleep(i % 7 * 0.0005)  # caught at every point of its first reading
+            started = time.monotonic()
+            await watch.stop()
+            worst = max(worst, time.monotonic() - started)
+            await r.aclose()
+        return worst
+
+    assert asyncio.run(cycles()) < 2 * INTERVAL_S + 1
