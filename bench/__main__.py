@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from bench.abuse import abuse_scenario
 from bench.harness import body, closed_loop, open_loop, stack
 from bench.repair import repair_scenario
+from bench.step import step_scenario
 from bench.throughput import drain, saturation
 from bench.webhooks import webhooks_scenario
 from humanconnect.standin import Faults
@@ -134,6 +135,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "repair": lambda a: repair_scenario(a.repair_users),
     "webhooks": lambda a: webhooks_scenario(),
     "abuse": lambda a: abuse_scenario(),
+    "step": lambda a: step_scenario(),
 }
 
 

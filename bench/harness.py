@@ -339,6 +339,8 @@ async def open_loop(
     """Send body i at start + i/rate whatever the previous answers do (no coordinated
     omission): latency counts from the scheduled time, so a slow server can't hide it."""
     latencies: list[float] = []
+    #: Each second of the run's latencies, by when the finish was due.
+    seconds: dict[int, list[float]] = {}
     codes: dict[int, int] = {}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -357,6 +359,7 @@ async def open_loop(
             except (aiohttp.ClientError, TimeoutError):
                 codes[0] = codes.get(0, 0) + 1
             latencies.append((loop.time() - due) * 1000)
+            seconds.setdefault(int(i / rate), []).append(latencies[-1])
 
         await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
     return {
@@ -366,4 +369,5 @@ async def open_loop(
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "max_ms": max(latencies),
+        "p99_ms_per_second": [round(percentile(seconds[k], 99), 1) for k in sorted(seconds)],
     }
