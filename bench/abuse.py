@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 
 from bench.harness import Stack, body, percentile, stack
 from humanconnect.standin import Faults
+from worker.clock import timestamp
 
 REAL = 100
 JUNK = 5000
@@ -78,15 +79,9 @@ def _completion_ms(db_url: str, humans: list[str], timeout: float = 600) -> list
         time.sleep(0.5)
     engine.dispose()
     assert len(rows) == len(wanted), f"{len(rows)} of {len(wanted)} real users stored"
-    return [(_epoch(r[2]) - r[1] / 1e6) * 1000 for r in rows]
-
-
-def _epoch(value: Any) -> float:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return float(value.timestamp())
+    # A raw SELECT on SQLite gives the stored text, not a datetime.
+    stamps = [datetime.fromisoformat(r[2]) if isinstance(r[2], str) else r[2] for r in rows]
+    return [(timestamp(t) - r[1] / 1e6) * 1000 for t, r in zip(stamps, rows, strict=True)]
 
 
 def _pass(s: Stack, url: str, run: str, junk: int) -> dict[str, Any]:

@@ -56,20 +56,6 @@ if existing then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
--- Stamped before anything is written: a message without its marker fails whole.
-local received = string.format('%.0f', now)
-local function stamped(message)
-  if message == '' then
-    return message
-  end
-  local first, last = string.find(message, ARGV[4], 1, true)
-  if not first then
-    error('the message has no receive-time marker')
-  end
-  -- The marker ends in its placeholder value, -1.
-  return string.sub(message, 1, last - 2) .. received .. string.sub(message, last + 1)
-end
-local ordinary, waiting = stamped(ARGV[5]), stamped(ARGV[7])
 local due = {}
 for i = 0, 1 do
   local interval = tonumber(ARGV[11 + 2 * i])
@@ -89,6 +75,21 @@ local cap = tonumber(ARGV[10])
 if cap > 0 and redis.call('LLEN', KEYS[4]) + redis.call('LLEN', KEYS[5]) >= cap then
   return 0
 end
+-- Stamped after the refusals (nothing to do for a refused finish) and before anything is
+-- written: a message without its marker fails whole.
+local received = string.format('%.0f', now)
+local function stamped(message)
+  if message == '' then
+    return message
+  end
+  local first, last = string.find(message, ARGV[4], 1, true)
+  if not first then
+    error('the message has no receive-time marker')
+  end
+  -- The marker ends in its placeholder value, -1.
+  return string.sub(message, 1, last - 2) .. received .. string.sub(message, last + 1)
+end
+local ordinary, waiting = stamped(ARGV[5]), stamped(ARGV[7])
 for key, tat in pairs(due) do
   redis.call('SET', KEYS[key], string.format('%.0f', tat), 'PX',
     math.ceil((tat - now) / 1000) + 1)

@@ -14,7 +14,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from humanconnect.standin import Faults, Running, StandIn
+from humanconnect.standin import Running
+from tests import factories
 from tests.support.env import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -113,7 +114,7 @@ def sqlite_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def standin() -> Iterator[Running]:
     """The upstream stand-in listening on a port, with this app's credentials."""
-    running = Running(StandIn(CLIENT_ID, CLIENT_SECRET, Faults(), seed=7)).start()
+    running = Running(factories.standin()).start()
     yield running
     running.stop()
 

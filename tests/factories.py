@@ -6,13 +6,29 @@ import secrets
 
 from sqlalchemy.orm import Session as DbSession
 
-from tests.support.env import CLIENT_ID
+from humanconnect.standin import Faults, StandIn, client_user_id_for
+from tests.support.env import CLIENT_ID, CLIENT_SECRET, TICKET_KEY
 from worker import sessions, store
 from worker.clock import now_us
 from worker.crypto import Cipher, session_hash
 from worker.models import Session
 from worker.request import Job
 from worker.runtime import Runtime
+from worker.tickets import mint
+
+
+def standin() -> StandIn:
+    """The upstream stand-in with this app's credentials, no faults, a fixed seed."""
+    return StandIn(CLIENT_ID, CLIENT_SECRET, Faults(), seed=7)
+
+
+def ticket_headers(bodies: list[dict[str, str]], key: str = TICKET_KEY) -> list[dict[str, str]]:
+    """Each finish's `Authorization` header: a ticket (10 minutes) for the user the
+    stand-in will name for its humanId."""
+    return [
+        {"Authorization": f"Bearer {mint(key, client_user_id_for(b['humanId']), 600)}"}
+        for b in bodies
+    ]
 
 
 def human_id() -> str:

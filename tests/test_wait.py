@@ -22,18 +22,13 @@ from tests.support.processes import Deployment, start_web, start_worker
 from tests.support.servers import flushed, fresh_database, pg_or_skip
 
 
-def new_standin() -> StandIn:
-    """A stand-in as the `standin` fixture of conftest.py makes it."""
-    return StandIn(CLIENT_ID, CLIENT_SECRET, Faults(), seed=7)
-
-
 class Router(StandIn):
     """The module's upstream: a call goes to the stand-in owning its humanId, which is the one
     that was `current` when the humanId was first seen."""
 
     def __init__(self) -> None:
         super().__init__(CLIENT_ID, CLIENT_SECRET)
-        self.current = new_standin()
+        self.current = factories.standin()
         self.owners: dict[str, StandIn] = {}
 
     async def _owner(self, request: aioweb.Request) -> StandIn:
@@ -107,7 +102,7 @@ def deployment(
 def standin(upstream: Running) -> StandIn:
     """This test's own stand-in (overrides conftest.py's): it answers for every humanId first
     seen during the test, with fresh counts and faults that touch no other test."""
-    own = new_standin()
+    own = factories.standin()
     router = upstream.standin
     assert isinstance(router, Router)
     router.current = own

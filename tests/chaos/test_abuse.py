@@ -13,11 +13,9 @@ import time
 
 import pytest
 
-from humanconnect.standin import client_user_id_for
 from tests import factories
 from tests.support.chaos import Chaos
 from tests.support.env import TICKET_KEY
-from worker.tickets import mint
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +74,7 @@ def test_junk_over_fifty_addresses_without_tickets_gets_401_and_nothing_queued(
     junk = _junk(JUNK)
     real = [factories.finish_body() for _ in range(REAL)]
     # Each user's ticket, for the user the upstream will name (the ticket must match it).
-    tickets = [
-        {"Authorization": f"Bearer {mint(TICKET_KEY, client_user_id_for(b['humanId']), 600)}"}
-        for b in real
-    ]
+    tickets = factories.ticket_headers(real)
     spread = [f"127.0.1.{i}" for i in range(1, 51)]
     flood = chaos.send_in_background(junk, sources=spread)
     users = chaos.send(real, sources=REAL_SOURCES, rate=50, headers=tickets)

@@ -22,7 +22,7 @@ import redis
 from sqlalchemy import text
 
 from humanconnect.procs import commands
-from humanconnect.standin import Running, client_user_id_for
+from humanconnect.standin import Running
 from tests import factories
 from tests.support.env import (
     CLIENT_ID,
@@ -37,7 +37,6 @@ from tests.support.scan import assert_no_secrets, stored_users, stream_entries
 from tests.support.servers import RedisServer
 from worker.db import session_factory
 from worker.states import FINAL, ErrorKind, RequestState
-from worker.tickets import mint
 
 REPORT = ROOT / "var" / "chaos-report.jsonl"
 #: Sessions per scenario (the issue's floor).
@@ -127,12 +126,8 @@ class Chaos:
         # Warm every connection pool before the scenario: its timings are then the
         # scenario's, not those of processes still starting.
         self.warm = bodies(20)
-        tickets = None
-        if key := self.env.get("HUMANCONNECT_TICKET_KEY"):
-            tickets = [
-                {"Authorization": f"Bearer {mint(key, client_user_id_for(b['humanId']), 600)}"}
-                for b in self.warm
-            ]
+        key = self.env.get("HUMANCONNECT_TICKET_KEY")
+        tickets = factories.ticket_headers(self.warm, key) if key else None
         assert {s.status for s in self.send(self.warm, headers=tickets)} == {202}
         self.wait_ended({b["humanId"] for b in self.warm}, 60)
         return self
@@ -203,15 +198,13 @@ class Chaos:
         pool.shutdown(wait=False)
         return future
 
-    def send_until_accepted(
-        self, bodies: list[dict[str, str]], timeout: float = 60, url: str | None = None
-    ) -> None:
+    def send_until_accepted(self, bodies: list[dict[str, str]], timeout: float = 60) -> None:
         """What a client does with a 503: send again until it is accepted."""
         deadline = time.monotonic() + timeout
         todo = bodies
         while todo:
             assert time.monotonic() < deadline, f"{len(todo)} still refused after {timeout}s"
-            results = self.send(todo, url=url)
+            results = self.send(todo)
             assert {s.status for s in results} <= {200, 202, 503}, {s.status for s in results}
             todo = [s.body for s in results if s.status == 503]
             if todo:
