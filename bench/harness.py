@@ -143,7 +143,8 @@ class Stack:
             argv.remove("--factory")
         self._spawn("web", [*argv, "--log-level", "warning", *extra])
         self.web_url = f"http://127.0.0.1:{port}"
-        wait_http(self.web_url + "/openapi.json")
+        # The service answers /readyz once its start (the warm-up too) is done.
+        wait_http(self.web_url + ("/readyz" if app == "producer.main:app" else "/openapi.json"))
         return self.web_url
 
     def start_worker(self, concurrency: int = 32) -> None:

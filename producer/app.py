@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from producer import browser, finish, ops, users
+from producer import browser, finish, ops, users, warm
 from producer.body import FinishBody
 from producer.cors import BrowserCORS
 from producer.state import Parts
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(migrate.upgrade, settings.database_url)
         # Created inside the server's event loop, which the async Redis client is bound to.
         api.state.parts = await Parts.start(settings, rt, celery_app)
+        warm.prime(api, rt.cipher)
         try:
             yield
         finally:

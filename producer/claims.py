@@ -157,6 +157,11 @@ class Claims:
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
 
+    async def preload(self) -> None:
+        """Load the accept script into Redis, so no finish meets NOSCRIPT (a restarted Redis
+        has none)."""
+        await self.r.script_load(_ACCEPT)
+
     async def accept(
         self,
         session_hash: str,

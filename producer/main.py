@@ -7,6 +7,7 @@ variable stops the process with one line) when uvicorn calls `app()` at start.
 from fastapi import FastAPI
 
 from producer.app import create_app
+from producer.warm import freeze_heap
 from worker import redis_policy
 from worker.errors import ConfigError
 from worker.settings import exit_on_config_error, settings_or_exit
@@ -20,4 +21,7 @@ def app() -> FastAPI:
         redis_policy.check(settings.required_redis_url, allow=settings.allow_evicting_redis)
     except ConfigError as exc:
         exit_on_config_error(str(exc))
-    return create_app(settings)
+    api = create_app(settings)
+    # Once per server process (tests build many apps in one process, and freeze nothing).
+    freeze_heap()
+    return api

@@ -14,6 +14,7 @@ from producer.memory import MemoryWatch
 from producer.message import MessageBuilder
 from producer.tickets import TicketCheck
 from producer.waiters import Waiters
+from producer.warm import WarmPool
 from worker.runtime import Runtime, async_redis_client
 from worker.settings import Settings
 
@@ -28,6 +29,7 @@ class Parts:
     waiters: Waiters
     tickets: TicketCheck
     memory: MemoryWatch
+    warm: WarmPool
 
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
@@ -45,6 +47,9 @@ class Parts:
         )
         waiters = Waiters(aredis)
         await waiters.start()
+        # Last, so its connections are open when the server starts taking finishes.
+        warm = WarmPool(aredis, prepare=claims.preload)
+        await warm.start()
         return cls(
             settings,
             rt,
@@ -54,9 +59,11 @@ class Parts:
             waiters,
             TicketCheck(settings),
             memory,
+            warm,
         )
 
     async def stop(self) -> None:
+        await self.warm.stop()
         await self.waiters.stop()
         await self.memory.stop()
         await self.aredis.aclose()

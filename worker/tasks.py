@@ -15,7 +15,7 @@ from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from worker import events, logs, metrics, migrate, redis_policy, status
+from worker import events, logs, metrics, migrate, priority, redis_policy, status
 from worker.celery import (
     DELIVER_TASK,
     EXCHANGE_TASK,
@@ -243,6 +243,7 @@ def _require_or_exit(*, secret: bool) -> None:
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
     _require_or_exit(secret=True)
+    priority.nice_session_group()
     settings = get_settings()
     if settings.auto_migrate:
         migrate.upgrade(settings.database_url)

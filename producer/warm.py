@@ -1,0 +1,138 @@
+"""Keeping the web's Redis connections open, so a burst on an idle service is fast at once.
+
+A burst that meets an empty pool opens its connections while the finishes queue behind them:
+each new connection is a TCP handshake and redis-py's setup commands, and the finishes that
+arrive meanwhile each open another. Measured (issue 15, `python -m bench --only step`): the
+first second of 800 finishes/s on a fresh web had a p99 of 47–243 ms against 3–5 ms after,
+and a warm-up burst at concurrency 50 beforehand took it to 8 ms, one at concurrency 1 did
+not: the pool's size, not Python's first calls, was the cost.
+
+So the web opens `CONNECTIONS` before it starts serving, loads the accept script, and every
+`INTERVAL_S` touches them again (a PING each): a Redis whose `timeout` closes idle clients,
+a restart, or a NAT that forgets a quiet flow then costs the keeper a reconnect, not the
+next burst.
+
+With the pool warm, the first finish still took 7–10 ms against 2 (one finish after an idle
+start, timed from a client): a profile of it showed FastAPI reading each endpoint's source
+on its first call (`inspect.getsourcelines`, for error messages; about 6 ms for the finish
+route) and OpenSSL's first cipher context (2 ms). `prime` does both before serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+
+import fastapi.routing
+import redis
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from starlette.routing import BaseRoute
+
+from worker.crypto import Cipher
+
+log = logging.getLogger(__name__)
+
+#: Connections kept open: above what 800 finishes/s hold at once (about 5), with room for a
+#: moment when the process is held up.
+CONNECTIONS = 32
+#: How often they are touched; below the 300 s idle timeout some hosted Redis plans set.
+INTERVAL_S = 10.0
+
+
+def prime(api: FastAPI, cipher: Cipher) -> None:
+    """Do now what each route and the cipher would do on their first call."""
+    # FastAPI's own per-endpoint cache, filled on a route's first request; private, so a
+    # FastAPI without it only costs that first request again.
+    extract = getattr(fastapi.routing, "_extract_endpoint_context", None)
+    if extract is not None:
+        for route in _routes(api.routes):
+            extract(route.dependant.call)
+    cipher.open(cipher.seal("warm"))
+
+
+def freeze_heap() -> None:
+    """Put what the process built so far out of the garbage collector's way: it lives as
+    long as the process, and a full collection under load then walks only what requests
+    left behind (one over the whole heap, at start, took 45 ms)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
+    """The endpoints under `routes`, into included routers (FastAPI keeps those whole)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _routes(included.routes)
+
+
+class WarmPool:
+    """Open `connections` of `r`'s pool now and keep them open; `prepare` (loading scripts)
+    runs with each round."""
+
+    def __init__(
+        self,
+        r: Redis,
+        prepare: Callable[[], Awaitable[object]] | None = None,
+        connections: int = CONNECTIONS,
+        interval_s: float = INTERVAL_S,
+    ):
+        self.r = r
+        self.prepare = prepare
+        self.connections = connections
+        self.interval_s = interval_s
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def touch(self) -> int:
+        """Check out `connections` at once (so each is a different one), PING each, give them
+        back; return how many answered. Redis being away is not an error here."""
+        pool = self.r.connection_pool
+        taken = await asyncio.gather(
+            *(pool.get_connection() for _ in range(self.connections)), return_exceptions=True
+        )
+        held = [c for c in taken if isinstance(c, Connection)]
+        try:
+            answers = await asyncio.gather(*(_ping(c) for c in held), return_exceptions=True)
+        finally:
+            for conn in held:
+                await pool.release(conn)
+        if self.prepare is not None and held:
+            try:
+                await self.prepare()
+            except (redis.exceptions.RedisError, OSError):
+                pass  # the next round tries again; an accept loads it itself meanwhile
+        return sum(1 for a in answers if a is True)
+
+    async def start(self) -> None:
+        """Open the connections (before the web serves), then keep them open."""
+        opened = await self.touch()
+        if opened < self.connections:
+            log.warning("redis: %d of %d connections opened at start", opened, self.connections)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self.interval_s)
+            if not self._stopped:
+                await self.touch()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._task:
+            self._task.cancel()
+            # As MemoryWatch.stop: a cancel can land inside redis-py's connect and come back
+            # as a RedisError; the flag ends the loop regardless, and the wait is bounded.
+            await asyncio.wait({self._task}, timeout=2)
+
+
+async def _ping(conn: Connection) -> bool:
+    await conn.send_command("PING")
+    return await conn.read_response() in ("PONG", b"PONG")

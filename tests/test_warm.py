@@ -1,0 +1,159 @@
+"""A burst on an idle service is fast from its first finish: the web opens its Redis
+connections and loads the accept script before it serves, keeps them open through a Redis
+that drops idle clients or restarts, and has done each route's first-call work; a niced
+worker that leads its own session nices its scheduling group too. Real Redis servers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from humanconnect.embedded import free_port
+from producer.app import create_app
+from producer.claims import _ACCEPT
+from producer.warm import CONNECTIONS, WarmPool
+from tests import factories
+from tests.support.env import ROOT
+from tests.support.servers import RedisServer
+from worker.runtime import async_redis_client
+from worker.settings import Settings
+
+
+def _clients(r: redis.Redis) -> int:
+    """Clients connected to `r`'s server other than `r`'s own connection."""
+    me = str(r.client_id())
+    return sum(1 for c in r.client_list() if c["id"] != me)
+
+
+#: The accept script's digest, as Redis names it.
+ACCEPT_SHA = hashlib.sha1(_ACCEPT.encode()).hexdigest()
+
+
+def test_the_web_is_warm_before_it_serves(
+    make_settings: Callable[..., Settings],
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before its first request: its connections open, the accept script in Redis, and no
+    route left to read its own source on its first call (FastAPI does, for its error
+    messages: 6 ms of the finish route's first request)."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        settings = make_settings(REDIS_URL=server.url, DATABASE_URL=sqlite_url)
+        assert r.script_exists(ACCEPT_SHA) == [False]
+        with TestClient(create_app(settings)) as client:
+            assert _clients(r) >= CONNECTIONS
+            assert r.script_exists(ACCEPT_SHA) == [True]
+            read: list[Any] = []
+            real = inspect.getsourcelines
+
+            def counted(f: Any) -> Any:
+                read.append(f)
+                return real(f)
+
+            monkeypatch.setattr(inspect, "getsourcelines", counted)
+            for path in ("/healthz", "/readyz"):
+                assert client.get(path).status_code == 200
+            answer = client.post("/connect/finish", json=factories.finish_body())
+            assert answer.status_code == 202
+            assert read == []
+    finally:
+        server.stop()
+
+
+def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(tmp_path: Path) -> None:
+    """A Redis that closes idle clients (its `timeout`), or restarts, costs the keeper a
+    reconnect, not the next burst."""
+    server = RedisServer(tmp_path / "redis").start()
+    r = redis.Redis.from_url(server.url)
+
+    async def run() -> None:
+        aredis = async_redis_client(server.url)
+        keeper = WarmPool(aredis, prepare=lambda: aredis.script_load(_ACCEPT), interval_s=0.2)
+        try:
+            await keeper.start()
+            assert await keeper.touch() == CONNECTIONS
+            r.script_flush()
+            assert r.client_kill_filter(_type="normal", skipme=True) >= CONNECTIONS
+            await asyncio.sleep(0.1)
+            assert _clients(r) == 0
+            deadline = time.monotonic() + 5
+            while _clients(r) < CONNECTIONS and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert _clients(r) >= CONNECTIONS
+            assert r.script_exists(ACCEPT_SHA) == [True]
+        finally:
+            await keeper.stop()
+            await aredis.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def test_a_web_starts_and_stops_promptly_with_redis_away() -> None:
+    """No Redis at start: the warm-up gives up within its connect timeouts (the web then
+    answers 503 until Redis is back, and the keeper opens the connections then)."""
+
+    async def run() -> tuple[float, float]:
+        aredis = async_redis_client(f"redis://127.0.0.1:{free_port()}/0")
+        keeper = WarmPool(aredis, interval_s=0.1)
+        started = time.monotonic()
+        await keeper.start()
+        took = time.monotonic() - started
+        await asyncio.sleep(0.3)  # a few rounds of the keeper, each failing
+        started = time.monotonic()
+        await keeper.stop()
+        await aredis.aclose()
+        return took, time.monotonic() - started
+
+    start_s, stop_s = asyncio.run(run())
+    assert start_s < 3 and stop_s < 3
+
+
+AUTOGROUP = Path("/proc/self/autogroup")
+PROBE = (
+    "from worker.priority import nice_session_group; print(nice_session_group()); "
+    "print(open('/proc/self/autogroup').read().split()[-1])"
+)
+
+
+@pytest.mark.skipif(not AUTOGROUP.exists(), reason="no Linux autogroup scheduling here")
+@pytest.mark.parametrize(
+    ("own_session", "niceness", "expected"),
+    [(True, 10, ("True", "10")), (False, 10, ("False", None)), (True, 0, ("False", "0"))],
+)
+def test_a_niced_worker_nices_its_own_session_group_only(
+    own_session: bool, niceness: int, expected: tuple[str, str | None]
+) -> None:
+    """With autogroup scheduling, `nice -n 10` alone ranks the worker's threads only among
+    themselves; a worker leading its own session gives its group the niceness too. One that
+    shares a session (with a web, perhaps) leaves the group alone."""
+    ours = AUTOGROUP.read_text().split()[-1]
+    out = subprocess.run(
+        ["nice", "-n", str(niceness), sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=own_session,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    assert (out[0], out[1]) == (expected[0], expected[1] or ours)
+    assert AUTOGROUP.read_text().split()[-1] == ours

@@ -1,0 +1,39 @@
+"""Making the worker's `nice` hold against the web on Linux.
+
+The Procfile starts the worker under `nice -n 10` so that, on a shared host, accepting stays
+fast while the queue absorbs the drain. But with Linux's autogroup scheduling (on by default
+on desktop and many server kernels) niceness only ranks threads within one session: each
+session's group gets an equal share of the CPU, whatever its threads' nice values. A worker
+that runs in a session of its own (as `humanconnect up`, the benchmark and most supervisors
+start it) then took CPU from the web as if it were not niced at all: with a worker beside it,
+the first second of an 800/s burst had a p99 of 32–55 ms, against 18–46 ms with the group
+niced too (`python -m bench --only step`, issue 15).
+
+So a worker that leads its own session gives its group the same niceness. It only ever
+lowers its priority, which any process may do; where that is refused or there is no
+autogroup, nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+AUTOGROUP = Path("/proc/self/autogroup")
+
+
+def nice_session_group() -> bool:
+    """Give this process's autogroup its niceness; True when that was done."""
+    niceness = os.nice(0)
+    # Another session's leader may be the web (a shell running both): never slow it down.
+    if niceness <= 0 or os.getsid(0) != os.getpid() or not AUTOGROUP.exists():
+        return False
+    try:
+        AUTOGROUP.write_text(str(niceness))
+    except OSError as exc:
+        log.debug("autogroup niceness not set: %s", exc)
+        return False
+    return True
