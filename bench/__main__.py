@@ -17,9 +17,12 @@ from sqlalchemy import create_engine, text
 
 from bench.abuse import abuse_scenario
 from bench.harness import body, closed_loop, open_loop, stack
+from bench.knee import knee_scenario
 from bench.repair import repair_scenario
+from bench.step import RATE as STEP_RATE
+from bench.step import SECONDS as STEP_SECONDS
 from bench.step import step_scenario
-from bench.throughput import drain, saturation
+from bench.throughput import DEFAULT_MAX_RPS, drain, saturation
 from bench.webhooks import webhooks_scenario
 from humanconnect.standin import Faults
 
@@ -136,6 +139,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "webhooks": lambda a: webhooks_scenario(),
     "abuse": lambda a: abuse_scenario(),
     "step": lambda a: step_scenario(),
+    "knee": lambda a: knee_scenario(),
 }
 
 
@@ -253,6 +257,22 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{dr['100 ms']['rate']:.0f}/s, no-op tasks {dr['no-op tasks']['rate']:.0f}/s; "
             f"0 ms vs no-op {dr['0 ms vs no-op']:.2f}, 100 ms vs 0 ms {dr['100 ms vs 0 ms']:.2f}"
         )
+        limited = dr[f"limit {DEFAULT_MAX_RPS}/s"]
+        console.print(
+            f"drain of {limited['sessions']} at HUMANAPI_MAX_RPS={DEFAULT_MAX_RPS} (200 ms "
+            f"upstream): {limited['rate']:.1f}/s, "
+            f"{limited['cpu_s_per_exchange'] * 1000:.1f} ms CPU each, "
+            f"{dr['cpu at the limit vs 0 ms']:.2f}x the unthrottled figure"
+        )
+    step = results.get("step")
+    if step:
+        st = Table(title=f"step: idle, then {STEP_RATE} finishes/s for {STEP_SECONDS} s")
+        for col in ("variant", "answers", "p99 ms", "p99 ms of each second"):
+            st.add_column(col, justify="right")
+        for name, r in step.items():
+            per_second = ", ".join(f"{v:.0f}" for v in r["p99_ms_per_second"])
+            st.add_row(name, str(r["codes"]), f"{r['p99_ms']:.1f}", per_second)
+        console.print(st)
     rep = Table(title="publicToken repair by one worker process")
     for col in ("run", "users", "seconds", "users/s", "limit", "share of limit", "worker MB"):
         rep.add_column(col, justify="right")
@@ -268,6 +288,29 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{r['worker_peak_rss_mb']:.0f}",
         )
     console.print(rep)
+    knee = results.get("knee")
+    if knee:
+        kt = Table(
+            title="knee: highest rate (steps of 100/s) with p99 ≤ 50 ms and every finish "
+            "accepted, upstream 200 ms, worker at HUMANAPI_MAX_RPS=20"
+        )
+        for col in ("design", "knee /s", "p99 ms at each tried rate (✗: failed)"):
+            kt.add_column(col, justify="right")
+        for name, r in knee.items():
+            if not isinstance(r, dict):
+                continue
+            k = r["knee_rps"]
+            kt.add_row(
+                name,
+                "none (< 100)" if k is None else f"{k}{'+' if r['ceiling_reached'] else ''}",
+                ", ".join(
+                    f"{t['rate']}: {t['p99_ms']:.1f}" + ("" if t["passed"] else f" ✗ {t['codes']}")
+                    for t in r["tried"]
+                ),
+            )
+        console.print(kt)
+        bound = "≥ " if knee["ratio_is_lower_bound"] else ""
+        console.print(f"knee ratio, ours / inline: {bound}{knee['ratio']:.1f}")
 
 
 if __name__ == "__main__":
