@@ -1,4 +1,5 @@
-"""Kombu's Redis transport with one fix: a worker survives losing Redis under load.
+"""Kombu's Redis transport with two changes: a worker survives losing Redis under load, and
+a message costs no new Redis client.
 
 On a broker loss Celery's consumer first collects the connection (which detaches the
 transport from it) and then closes it. If the first close of the channel was cut short (it
@@ -10,6 +11,12 @@ error, so Celery stops the worker ("Unrecoverable error"). Seen in the Redis cha
 Here that case is a connection error, which the close path expects: the worker reconnects,
 and the unacknowledged messages stay in Redis's unacked set, where the visibility timeout
 hands them out again.
+
+Kombu also builds a new `redis.Redis` around its pool for every note of a message in flight
+and every ack (`Channel.conn_or_acquire`), and a client's construction copies redis-py's
+table of reply parsers: 15 % of a draining worker's Python time (a py-spy profile of the
+drain benchmark, issue 15). A client holds no connection of its own (each command takes one
+from the pool), so one client per pool serves every thread.
 """
 
 from __future__ import annotations
@@ -25,6 +32,17 @@ TRANSPORT = "worker.broker:Transport"
 
 
 class Channel(kombu_redis.Channel):
+    _sync_client: redis.Redis | None = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        client = self._sync_client
+        # A new pool (after a reconnect) gets a new client.
+        if client is None or client.connection_pool is not self.pool:
+            client = self._sync_client = super()._create_client()
+        return client
+
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self.connection.client is None:
             raise redis.exceptions.ConnectionError("broker connection already collected")
