@@ -7,7 +7,7 @@ import redis
 from kombu import Connection
 from kombu.common import ignore_errors
 
-from worker.broker import TRANSPORT
+from worker.broker import TRANSPORT, Channel
 
 
 @pytest.mark.parametrize(
@@ -85,6 +85,7 @@ def test_a_message_costs_no_new_redis_client(redis_url: str, redis_client: redis
         assert built == []
         assert redis_client.hlen("unacked") == 0
         channel = conn.default_channel
+        assert isinstance(channel, Channel)
         first = channel._create_client()
         channel._pool = None  # as after a reconnect
         assert channel._create_client() is not first
