@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session as DbSession
 
@@ -89,6 +90,10 @@ def stored_user(rt: Runtime, *, public_token: str | None = None) -> str:
     return "user@example.com"
 
 
-def free_slot(*, priority: bool = False) -> float:
+def free_slot(
+    *, priority: bool = False, on_grant: Callable[[float], object] | None = None
+) -> float:
     """A rate-limit slot that is always free at once (for tests not about the limit)."""
+    if on_grant is not None:
+        on_grant(0.0)
     return 0.0

@@ -3,6 +3,8 @@ the first success."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import redis
 
 from humanconnect.standin import Faults, Running
@@ -107,3 +109,24 @@ def test_slow_failures_still_add_up(redis_client: redis.Redis) -> None:
     time.sleep(breaker.OK_WINDOW_S + 0.5)
     _fail(b, breaker.THRESHOLD - breaker.THRESHOLD // 2)
     assert Breaker(redis_client).wait() > 0
+
+
+def test_the_last_seconds_successes_still_count_when_a_new_second_begins(
+    redis_client: redis.Redis,
+) -> None:
+    """A steady fault rate doesn't trip it when a new second begins: the first failure of
+    that second still sees the successes of the one before (a fixed 2-second window once
+    left it none, and a 30 % fault rate tripped the breaker at random). Two seconds without
+    a success and it trips as before."""
+    second = 1_800_000_000
+    clock = [second * 1_000_000]
+    with mock.patch("worker.breaker.now_us", lambda: clock[0]):
+        b = Breaker(redis_client)
+        b.success()
+        _fail(b, breaker.THRESHOLD - 1)
+        clock[0] += 1_000_000  # the next second: none of its own successes yet
+        b.failure()
+        assert Breaker(redis_client).wait() == 0
+        clock[0] += 1_000_000  # two seconds on, nothing succeeded: an outage
+        b.failure()
+        assert Breaker(redis_client).wait() > 0

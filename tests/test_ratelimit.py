@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from worker.ratelimit import GlobalRateLimiter, slot_interval
+from worker.ratelimit import LATE_S, GlobalRateLimiter, slot_interval
 
 
 def _worst_window(stamps: list[float], width: float) -> int:
@@ -109,3 +109,20 @@ def test_redis_gone_reaches_the_caller(redis_client: redis.Redis) -> None:
     limiter = GlobalRateLimiter("redis://127.0.0.1:1/0", 20)
     with pytest.raises(redis.exceptions.ConnectionError):
         limiter.acquire(timeout=5)
+
+
+def test_what_the_caller_does_on_the_grant_counts_against_its_slot(redis_url: str) -> None:
+    """A grant whose caller then runs late (a lock renewal held up) is not used: the caller
+    waits for the next slot, so its call still leaves on its slot's time."""
+    limiter = GlobalRateLimiter(redis_url, 10)
+    grants: list[float] = []
+
+    def slow_first(waited: float) -> None:
+        grants.append(waited)
+        if len(grants) == 1:
+            time.sleep(LATE_S * 2)
+
+    waited = limiter.acquire(timeout=10, on_grant=slow_first)
+    assert len(grants) == 2
+    # The second slot came at least one interval after the first.
+    assert waited >= 0.9 * limiter.interval

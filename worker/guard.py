@@ -36,7 +36,9 @@ RENEW_AFTER_WAIT_S = 2.5
 class AcquireSlot(Protocol):
     """Blocks until the caller may make one upstream call (GlobalRateLimiter.acquire)."""
 
-    def __call__(self, *, priority: bool = False) -> float: ...
+    def __call__(
+        self, *, priority: bool = False, on_grant: Callable[[float], object] | None = None
+    ) -> float: ...
 
 
 class UpstreamGuard:
@@ -68,13 +70,17 @@ class UpstreamGuard:
             raise CircuitOpen(
                 "upstream failing: calls paused", retry_after=stay_away * (1 + random.random())
             )
-        # The renewal first: between the slot and the call nothing but the call, so calls
-        # reach the provider at the pace the slots were given.
+        # The renewal first, and after a long wait again on the grant, where the limiter
+        # counts it against the slot: between the slot and the call nothing but the call,
+        # so calls reach the provider at the pace the slots were given.
         if before is not None:
             before()
-        waited = self.acquire_slot(priority=priority)
-        if before is not None and waited > RENEW_AFTER_WAIT_S:
-            before()
+
+        def renew_after_wait(waited: float) -> None:
+            if before is not None and waited > RENEW_AFTER_WAIT_S:
+                before()
+
+        self.acquire_slot(priority=priority, on_grant=renew_after_wait)
         started = time.monotonic()
         try:
             result = fn()
