@@ -49,14 +49,6 @@ BUSY = 0.85
 WorkerStarter = Callable[[dict[str, str], int], list[Process]]
 
 
-def _worst_second(call_times: list[float]) -> int:
-    """The most upstream calls the stand-in saw in any one-second window."""
-    stamps = sorted(call_times)
-    if not stamps:
-        return 0
-    return max(sum(1 for s in stamps[i:] if s - start < 1.0) for i, start in enumerate(stamps))
-
-
 @contextmanager
 def _steady_stamps() -> Iterator[None]:
     """No collection in this process while the stand-in stamps calls: it runs here, and a
@@ -124,7 +116,7 @@ def test_five_worker_processes_share_one_upstream_limit(
 
     stamps = sorted(standin.state.call_times)
     in_span = [t for t in stamps if span_from <= t < span_to]
-    worst = _worst_second(in_span)
+    worst = figures.most_in_window(in_span)
     allowed = PACE * (span_to - span_from)
     counts = state_counts(db_url)
     figures.record(
@@ -138,7 +130,7 @@ def test_five_worker_processes_share_one_upstream_limit(
         pace_allows=round(allowed, 1),
         busy=round(len(in_span) / allowed, 3),
         worst_second=worst,
-        worst_second_from_start=_worst_second(stamps),
+        worst_second_from_start=figures.most_in_window(stamps),
         calls_from_start=len(stamps),
         sessions=counts,
     )

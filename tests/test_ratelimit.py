@@ -8,12 +8,8 @@ import time
 import pytest
 import redis
 
+from tests.support import figures
 from worker.ratelimit import LATE_S, GlobalRateLimiter, slot_interval
-
-
-def _worst_window(stamps: list[float], width: float) -> int:
-    stamps = sorted(stamps)
-    return max(sum(1 for s in stamps[i:] if s - start < width) for i, start in enumerate(stamps))
 
 
 def _script_calls(r: redis.Redis) -> int:
@@ -46,7 +42,7 @@ def test_two_limiters_share_one_budget(redis_url: str, redis_client: redis.Redis
     assert len(stamps) == 60
     assert stamps[-1] - stamps[0] >= 59 * slot_interval(10) - 0.05
     # ... and no one-second window held more than 10
-    assert _worst_window(stamps, 1.0) <= 10
+    assert figures.most_in_window(stamps, 1.0) <= 10
 
 
 def test_waiting_threads_cost_a_call_per_slot_not_a_poll_each(

@@ -61,14 +61,6 @@ def _finished_at(db_url: str, request_ids: list[str]) -> list[datetime]:
     return [d if isinstance(d, datetime) else datetime.fromisoformat(d) for d in done]
 
 
-def _worst_second(call_times: list[float]) -> int:
-    """The most upstream calls the stand-in saw in any one-second window."""
-    stamps = sorted(call_times)
-    if not stamps:
-        return 0
-    return max(sum(1 for s in stamps[i:] if s - start < 1.0) for i, start in enumerate(stamps))
-
-
 def test_sdk_finishes_answer_within_10s_behind_a_100s_backlog(
     deploy: Callable[..., Deployment], standin: Running, db_url: str
 ) -> None:
@@ -110,8 +102,8 @@ def test_sdk_finishes_answer_within_10s_behind_a_100s_backlog(
         posting_2000_s=round(queued_at - posting_from, 1),
         stored_30s_after_posting=stored,
         backlog_2000_at_pace_s=round(2000 / PACE, 1),
-        worst_second=_worst_second(standin.state.call_times),
-        worst_second_after_posting=_worst_second(
+        worst_second=figures.most_in_window(standin.state.call_times),
+        worst_second_after_posting=figures.most_in_window(
             [t for t in standin.state.call_times if t >= quiet_from]
         ),
     )
@@ -122,7 +114,7 @@ def test_sdk_finishes_answer_within_10s_behind_a_100s_backlog(
     # the pace is the limiter's own (tests/test_ratelimit.py).
     stamps = sorted(standin.state.call_times)
     assert len(stamps) / (stamps[-1] - stamps[0]) <= MAX_RPS
-    assert _worst_second([t for t in stamps if t >= quiet_from]) <= MAX_RPS + 2
+    assert figures.most_in_window([t for t in stamps if t >= quiet_from]) <= MAX_RPS + 2
 
 
 def test_a_flood_of_waiting_finishes_starves_nobody_past_the_bound(

@@ -18,3 +18,11 @@ def record(test: str, **figures: Any) -> None:
     with FIGURES.open("a") as out:
         out.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "test": test, **figures}))
         out.write("\n")
+
+
+def most_in_window(stamps: list[float], width: float = 1.0) -> int:
+    """The most of `stamps` (seconds) that fall in any window `width` long."""
+    ordered = sorted(stamps)
+    if not ordered:
+        return 0
+    return max(sum(1 for s in ordered[i:] if s - start < width) for i, start in enumerate(ordered))
