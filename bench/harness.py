@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,13 +342,38 @@ async def open_loop(
 ) -> dict[str, Any]:
     """Send body i at start + i/rate whatever the previous answers do (no coordinated
     omission): latency counts from the scheduled time, so a slow server can't hide it."""
+    conn = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    tickets = ticket_headers(bodies)
+    with _no_collection():
+        return await _open_loop(url, bodies, rate, conn, timeout, tickets)
+
+
+@contextmanager
+def _no_collection() -> Iterator[None]:
+    """No garbage collection in the load generator while it sends: a full collection of its
+    heap (thousands of pending sends) took 29–59 ms here, and every finish due
+    meanwhile would count that pause as the server's latency."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def _open_loop(
+    url: str,
+    bodies: list[dict[str, str]],
+    rate: float,
+    conn: aiohttp.TCPConnector,
+    timeout: aiohttp.ClientTimeout,
+    tickets: list[dict[str, str]],
+) -> dict[str, Any]:
     latencies: list[float] = []
     #: Each second of the run's latencies, by when the finish was due.
     seconds: dict[int, list[float]] = {}
     codes: dict[int, int] = {}
-    conn = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    tickets = ticket_headers(bodies)
     async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=timeout) as session:
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.5
