@@ -30,7 +30,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection
 from starlette.routing import BaseRoute
 
 from worker.crypto import Cipher
@@ -98,7 +98,7 @@ class WarmPool:
         taken = await asyncio.gather(
             *(pool.get_connection() for _ in range(self.connections)), return_exceptions=True
         )
-        held = [c for c in taken if isinstance(c, Connection)]
+        held = [c for c in taken if not isinstance(c, BaseException)]
         try:
             answers = await asyncio.gather(*(_ping(c) for c in held), return_exceptions=True)
         finally:
@@ -121,8 +121,12 @@ class WarmPool:
     async def _run(self) -> None:
         while not self._stopped:
             await asyncio.sleep(self.interval_s)
-            if not self._stopped:
+            if self._stopped:
+                break
+            try:
                 await self.touch()
+            except Exception:  # a keeper that dies would leave the next burst cold
+                log.exception("redis connection keeper: round failed, trying again later")
 
     async def stop(self) -> None:
         self._stopped = True
@@ -133,6 +137,6 @@ class WarmPool:
             await asyncio.wait({self._task}, timeout=2)
 
 
-async def _ping(conn: Connection) -> bool:
+async def _ping(conn: AbstractConnection) -> bool:
     await conn.send_command("PING")
     return await conn.read_response() in ("PONG", b"PONG")
