@@ -276,6 +276,29 @@ def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
     return Stack(workdir, port, standin, env)
 
 
+def idle_then_burst(
+    app: str,
+    *,
+    worker: bool,
+    max_rps: float,
+    idle_s: float,
+    bodies: list[dict[str, str]],
+    rate: float,
+) -> dict[str, Any]:
+    """A fresh stack (upstream at 200 ms) running `app`, with a worker beside it if asked,
+    left idle `idle_s`, then `bodies` sent open loop at `rate`: the step and knee scenarios'
+    one measurement."""
+    s = stack(Faults(latency_ms=200), max_rps=max_rps)
+    try:
+        if worker:
+            s.start_worker()
+        url = s.start_web(app=app)
+        time.sleep(idle_s)
+        return asyncio.run(open_loop(url, bodies, rate))
+    finally:
+        s.close()
+
+
 def ticket_headers(bodies: list[dict[str, str]]) -> list[dict[str, str]]:
     """Each finish's Authorization header: a ticket for the user the stand-in will name,
     minted before the clock starts (an app's server mints it before Connect opens)."""
@@ -345,15 +368,18 @@ async def open_loop(
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     tickets = ticket_headers(bodies)
-    with _no_collection():
+    # No collection while it sends: a full collection of the load generator's heap
+    # (thousands of pending sends) took 29–59 ms here, and every finish due meanwhile would
+    # count that pause as the server's latency.
+    with no_collection():
         return await _open_loop(url, bodies, rate, conn, timeout, tickets)
 
 
 @contextmanager
-def _no_collection() -> Iterator[None]:
-    """No garbage collection in the load generator while it sends: a full collection of its
-    heap (thousands of pending sends) took 29–59 ms here, and every finish due
-    meanwhile would count that pause as the server's latency."""
+def no_collection() -> Iterator[None]:
+    """This process's garbage collection done now and off until the block ends, for a
+    process whose own pauses would show up in what it times (the load generator; a test's
+    in-process stand-in stamping upstream calls)."""
     gc.collect()
     gc.disable()
     try:

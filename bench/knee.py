@@ -23,12 +23,9 @@ machine, so on a small one the knee is the machine's as much as the service's.""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
-from bench.harness import body, open_loop, stack
-from humanconnect.standin import Faults
+from bench.harness import body, idle_then_burst
 
 STEP = 100
 CEILING = 3000
@@ -47,16 +44,10 @@ DESIGNS: dict[str, dict[str, Any]] = {
 
 
 def _one_rate(n: int, design: dict[str, Any], rate: int) -> dict[str, Any]:
-    s = stack(Faults(latency_ms=200), max_rps=20)
-    try:
-        if design["worker"]:
-            s.start_worker()
-        url = s.start_web(app=design["app"])
-        time.sleep(IDLE_S)
-        bodies = [body(i, f"k{n}r{rate}") for i in range(rate * SECONDS)]
-        result = asyncio.run(open_loop(url, bodies, rate))
-    finally:
-        s.close()
+    bodies = [body(i, f"k{n}r{rate}") for i in range(rate * SECONDS)]
+    result = idle_then_burst(
+        design["app"], worker=design["worker"], max_rps=20, idle_s=IDLE_S, bodies=bodies, rate=rate
+    )
     codes: dict[int, int] = result["codes"]
     passed = result["p99_ms"] <= P99_MS and codes == {design["accepted"]: len(bodies)}
     return {

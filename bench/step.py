@@ -6,12 +6,9 @@ the web alone, ≤ 50 ms with the worker at the default limit, ours ≥ 5× lowe
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
-from bench.harness import body, open_loop, stack
-from humanconnect.standin import Faults
+from bench.harness import body, idle_then_burst
 
 RATE = 800
 SECONDS = 10
@@ -28,16 +25,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def step_scenario() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n, (name, v) in enumerate(VARIANTS.items()):
-        s = stack(Faults(latency_ms=200), max_rps=v["max_rps"])
-        try:
-            if v["worker"]:
-                s.start_worker()
-            app = "bench.sync_baseline:app" if v.get("inline") else "producer.main:app"
-            url = s.start_web(app=app)
-            time.sleep(IDLE_S)
-            bodies = [body(i, f"st{n}") for i in range(RATE * SECONDS)]
-            result = asyncio.run(open_loop(url, bodies, RATE))
-            out[name] = {k: result[k] for k in ("codes", "p99_ms", "p99_ms_per_second")}
-        finally:
-            s.close()
+        result = idle_then_burst(
+            "bench.sync_baseline:app" if v.get("inline") else "producer.main:app",
+            worker=v["worker"],
+            max_rps=v["max_rps"],
+            idle_s=IDLE_S,
+            bodies=[body(i, f"st{n}") for i in range(RATE * SECONDS)],
+            rate=RATE,
+        )
+        out[name] = {k: result[k] for k in ("codes", "p99_ms", "p99_ms_per_second")}
     return out

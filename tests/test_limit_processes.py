@@ -4,16 +4,15 @@ never sees more than 20 calls in a second and is kept busy at the limiter's pace
 
 from __future__ import annotations
 
-import gc
 import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from bench.harness import no_collection
 from humanconnect.standin import Running
 from tests import factories
 from tests.support import figures
@@ -47,19 +46,6 @@ WATCH_S = 15.0
 BUSY = 0.85
 
 WorkerStarter = Callable[[dict[str, str], int], list[Process]]
-
-
-@contextmanager
-def _steady_stamps() -> Iterator[None]:
-    """No collection in this process while the stand-in stamps calls: it runs here, and a
-    full collection of the test's heap held its loop 150 ms, so calls that arrived on
-    their slots were stamped together (23 in a second seen, from a limiter at 20)."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @pytest.fixture
@@ -102,7 +88,10 @@ def test_five_worker_processes_share_one_upstream_limit(
     del answers
     assert not standin.state.call_times
 
-    with _steady_stamps():
+    # No collection in this process while the stand-in stamps calls: it runs here, and a
+    # full collection of the test's heap held its loop 150 ms, so calls that arrived on
+    # their slots were stamped together (23 in a second seen, from a limiter at 20).
+    with no_collection():
         started = time.monotonic()
         procs = workers(d.env, WORKERS)
         up_s = time.monotonic() - started
