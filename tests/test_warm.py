@@ -27,6 +27,7 @@ from producer.warm import CONNECTIONS, WarmPool
 from tests import factories
 from tests.support.env import ROOT
 from tests.support.servers import RedisServer
+from worker import priority
 from worker.runtime import async_redis_client
 from worker.settings import Settings
 
@@ -126,14 +127,16 @@ def test_a_web_starts_and_stops_promptly_with_redis_away() -> None:
     assert start_s < 3 and stop_s < 3
 
 
-AUTOGROUP = Path("/proc/self/autogroup")
 PROBE = (
-    "from worker.priority import nice_session_group; print(nice_session_group()); "
-    "print(open('/proc/self/autogroup').read().split()[-1])"
+    "from worker.priority import autogroup_niceness, nice_session_group; "
+    "print(nice_session_group()); print(autogroup_niceness())"
 )
 
 
-@pytest.mark.skipif(not AUTOGROUP.exists(), reason="no Linux autogroup scheduling here")
+@pytest.mark.skipif(
+    priority.autogroup_niceness() is None,
+    reason="this process is not scheduled by a Linux autogroup here (none, or a cgroup's)",
+)
 @pytest.mark.parametrize(
     ("own_session", "niceness", "expected"),
     [(True, 10, ("True", "10")), (False, 10, ("False", None)), (True, 0, ("False", "0"))],
@@ -144,7 +147,7 @@ def test_a_niced_worker_nices_its_own_session_group_only(
     """With autogroup scheduling, `nice -n 10` alone ranks the worker's threads only among
     themselves; a worker leading its own session gives its group the niceness too. One that
     shares a session (with a web, perhaps) leaves the group alone."""
-    ours = AUTOGROUP.read_text().split()[-1]
+    ours = str(priority.autogroup_niceness())
     out = subprocess.run(
         ["nice", "-n", str(niceness), sys.executable, "-c", PROBE],
         cwd=ROOT,
@@ -156,4 +159,26 @@ def test_a_niced_worker_nices_its_own_session_group_only(
         check=True,
     ).stdout.split()
     assert (out[0], out[1]) == (expected[0], expected[1] or ours)
-    assert AUTOGROUP.read_text().split()[-1] == ours
+    assert str(priority.autogroup_niceness()) == ours
+
+
+@pytest.mark.parametrize(
+    ("content", "written"), [("/autogroup-85 nice 0\n", "10"), ("", None), (None, None)]
+)
+def test_the_group_is_niced_only_where_an_autogroup_schedules_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None, written: str | None
+) -> None:
+    """CI's runner puts its processes in a cgroup of their own: `/proc/self/autogroup` is
+    there but empty, and a missing file means no autogroup at all. Neither is written to."""
+    group = tmp_path / "autogroup"
+    if content is not None:
+        group.write_text(content)
+    monkeypatch.setattr(priority, "AUTOGROUP", group)
+    monkeypatch.setattr(priority.os, "nice", lambda _inc: 10)
+    monkeypatch.setattr(priority.os, "getsid", lambda _pid: os.getpid())
+
+    assert priority.nice_session_group() is (written is not None)
+    if written is not None:
+        assert group.read_text() == written
+    else:
+        assert not group.exists() or group.read_text() == content

@@ -11,7 +11,9 @@ second of an 800/s burst had a p99 of 31–55 ms, against 18–46 ms with the gr
 
 So a worker that leads its own session gives its group the same niceness. It only ever
 lowers its priority, which any process may do; where that is refused or there is no
-autogroup, nothing changes.
+autogroup, nothing changes. A process whose scheduling group is not an autogroup (one placed
+in a cgroup of its own, as CI's runner does) finds the file there but empty: the kernel then
+schedules it by that cgroup, and its autogroup's niceness would change nothing.
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ log = logging.getLogger(__name__)
 AUTOGROUP = Path("/proc/self/autogroup")
 
 
+def autogroup_niceness() -> int | None:
+    """This process's autogroup niceness, or None when it is not scheduled by an autogroup."""
+    try:
+        fields = AUTOGROUP.read_text().split()  # "/autogroup-85 nice 0", or nothing
+    except OSError:
+        return None
+    return int(fields[-1]) if fields else None
+
+
 def nice_session_group() -> bool:
     """Give this process's autogroup its niceness; True when that was done."""
     niceness = os.nice(0)
     # Another session's leader may be the web (a shell running both): never slow it down.
-    if niceness <= 0 or os.getsid(0) != os.getpid() or not AUTOGROUP.exists():
+    if niceness <= 0 or os.getsid(0) != os.getpid() or autogroup_niceness() is None:
         return False
     try:
         AUTOGROUP.write_text(str(niceness))
