@@ -12,11 +12,12 @@ tests/test_shedding.py). An accept that still meets Redis's OOM is shed all the 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import redis
 from redis.asyncio import Redis
+
+from producer.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,13 @@ MIN_HEADROOM_BYTES = 16 * 1024 * 1024
 INTERVAL_S = 0.25
 
 
-class MemoryWatch:
+class MemoryWatch(Periodic):
     """`full` is true while Redis's free memory is within its headroom."""
 
     def __init__(self, r: Redis, interval_s: float = INTERVAL_S):
+        super().__init__(interval_s)
         self.r = r
-        self.interval_s = interval_s
         self.full = False
-        self._stopped = False
-        self._task: asyncio.Task[None] | None = None
 
     async def read(self) -> None:
         """Take one reading (a Redis without maxmemory is never full)."""
@@ -53,22 +52,8 @@ class MemoryWatch:
             )
         self.full = full
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self._stopped:
-            try:
-                await self.read()
-            except redis.exceptions.RedisError:
-                pass  # Redis away: the accept call itself answers 503; keep the last reading
-            await asyncio.sleep(self.interval_s)
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._task:
-            self._task.cancel()
-            # Not `await self._task`: a cancel that lands while redis-py opens a connection
-            # comes back as a RedisError, which the loop takes for Redis being away (seen:
-            # the web's shutdown hung). The flag ends the loop after its sleep regardless.
-            await asyncio.wait({self._task}, timeout=2 * self.interval_s + 1)
+    async def round(self) -> None:
+        try:
+            await self.read()
+        except redis.exceptions.RedisError:
+            pass  # Redis away: the accept call itself answers 503; keep the last reading

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from starlette.routing import BaseRoute
 
+from producer.periodic import Periodic
 from worker.crypto import Cipher
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
             yield from _routes(included.routes)
 
 
-class WarmPool:
+class WarmPool(Periodic):
     """Open `connections` of `r`'s pool now and keep them open; `prepare` (loading scripts)
     runs with each round."""
 
@@ -84,12 +85,11 @@ class WarmPool:
         connections: int = CONNECTIONS,
         interval_s: float = INTERVAL_S,
     ):
+        # The first round is `start`'s own, before the web serves.
+        super().__init__(interval_s, first_delay_s=interval_s)
         self.r = r
         self.prepare = prepare
         self.connections = connections
-        self.interval_s = interval_s
-        self._stopped = False
-        self._task: asyncio.Task[None] | None = None
 
     async def touch(self) -> int:
         """Check out `connections` at once (so each is a different one), PING each, give them
@@ -111,30 +111,15 @@ class WarmPool:
                 pass  # the next round tries again; an accept loads it itself meanwhile
         return sum(1 for a in answers if a is True)
 
+    async def round(self) -> None:
+        await self.touch()
+
     async def start(self) -> None:
         """Open the connections (before the web serves), then keep them open."""
         opened = await self.touch()
         if opened < self.connections:
             log.warning("redis: %d of %d connections opened at start", opened, self.connections)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self._stopped:
-            await asyncio.sleep(self.interval_s)
-            if self._stopped:
-                break
-            try:
-                await self.touch()
-            except Exception:  # a keeper that dies would leave the next burst cold
-                log.exception("redis connection keeper: round failed, trying again later")
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._task:
-            self._task.cancel()
-            # As MemoryWatch.stop: a cancel can land inside redis-py's connect and come back
-            # as a RedisError; the flag ends the loop regardless, and the wait is bounded.
-            await asyncio.wait({self._task}, timeout=2)
+        await super().start()
 
 
 async def _ping(conn: AbstractConnection) -> bool:
