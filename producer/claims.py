@@ -11,6 +11,7 @@ the same call, so a fast worker's `running` is never overwritten by the producer
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -156,6 +157,9 @@ class Claims:
         self.memory = memory
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
+        #: When the last accept began (time.monotonic()): the connection keeper waits for a
+        #: quiet moment after it.
+        self.last_accept = 0.0
 
     async def preload(self) -> None:
         """Load the accept script into Redis, so no finish meets NOSCRIPT (a restarted Redis
@@ -177,6 +181,7 @@ class Claims:
         (its address) and `user` (a ticket's) are counted against their limits.
 
         Raises OverLimitError or BacklogFullError when it refused the finish."""
+        self.last_accept = time.monotonic()
         record = json.dumps(
             {
                 "requestId": request.request_id,

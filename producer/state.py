@@ -48,7 +48,7 @@ class Parts:
         waiters = Waiters(aredis)
         await waiters.start()
         # Last, so its connections are open when the server starts taking finishes.
-        warm = WarmPool(aredis, prepare=claims.preload)
+        warm = WarmPool(aredis, prepare=claims.preload, last_use=lambda: claims.last_accept)
         await warm.start()
         return cls(
             settings,

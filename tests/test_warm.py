@@ -107,6 +107,57 @@ def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(tmp_path: P
         server.stop()
 
 
+def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(tmp_path: Path) -> None:
+    """A round takes every connection it keeps at once: amid a burst it would hold the
+    finishes up, and the burst keeps its connections in use anyway. So rounds wait for a
+    quiet moment, and skip while there is none."""
+    server = RedisServer(tmp_path / "redis").start()
+    r = redis.Redis.from_url(server.url)
+    busy = True
+
+    async def run() -> None:
+        aredis = async_redis_client(server.url)
+        keeper = WarmPool(
+            aredis,
+            interval_s=0.2,
+            last_use=lambda: time.monotonic() if busy else 0.0,
+        )
+        nonlocal busy
+        try:
+            await keeper.start()
+            assert r.client_kill_filter(_type="normal", skipme=True) >= CONNECTIONS
+            await asyncio.sleep(1.0)  # several rounds, all of them skipped
+            assert _clients(r) == 0 and keeper.skipped >= 2
+            busy = False
+            deadline = time.monotonic() + 5
+            while _clients(r) < CONNECTIONS and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert _clients(r) >= CONNECTIONS
+        finally:
+            await keeper.stop()
+            await aredis.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def test_a_held_up_loop_is_not_taken_for_a_quiet_moment() -> None:
+    """While the loop is held up, finishes queue unread: the moment after is the busiest,
+    whatever the last accept's time says."""
+
+    async def run() -> tuple[bool, bool]:
+        keeper = WarmPool(async_redis_client("redis://127.0.0.1:1/0"), last_use=lambda: 0.0)
+        quiet = await keeper._quiet()
+        held = asyncio.create_task(keeper._quiet())
+        await asyncio.sleep(0)  # it sleeps now
+        time.sleep(0.2)  # the loop held up, as by a long request
+        return quiet, await held
+
+    assert asyncio.run(run()) == (True, False)
+
+
 def test_a_web_starts_and_stops_promptly_with_redis_away() -> None:
     """No Redis at start: the warm-up gives up within its connect timeouts (the web then
     answers 503 until Redis is back, and the keeper opens the connections then)."""
