@@ -15,7 +15,7 @@ from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from worker import events, logs, metrics, migrate, priority, redis_policy, status
+from worker import events, logs, metrics, migrate, priority, redis_policy, status, warm
 from worker.celery import (
     DELIVER_TASK,
     EXCHANGE_TASK,
@@ -247,6 +247,16 @@ def _on_worker_init(**_: Any) -> None:
     settings = get_settings()
     if settings.auto_migrate:
         migrate.upgrade(settings.database_url)
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    # Before there is anything to drain, not inside the first tasks of a burst; a
+    # connection for each of the pool's threads (`--concurrency` overrides the setting).
+    threads = getattr(getattr(sender, "controller", None), "concurrency", None)
+    exchanger()
+    limiter()
+    warm.prepare(runtime(), threads or runtime().settings.worker_concurrency)
 
 
 @signals.worker_shutdown.connect

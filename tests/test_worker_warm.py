@@ -1,0 +1,61 @@
+"""A worker warms up once ready, before there is anything to drain (worker/warm.py): a real
+worker process against its own Redis server."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.env import ROOT, deployment_env, free_port
+from tests.support.processes import start_worker
+from tests.support.servers import RedisServer
+from worker import warm
+from worker.runtime import Runtime
+from worker.settings import Settings
+from worker.warm import SCRIPTS
+
+THREADS = 8
+
+
+def test_a_ready_worker_holds_a_connection_per_thread_and_its_scripts(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    r = redis.Redis.from_url(server.url)
+    worker = None
+    try:
+        env = deployment_env(server.url, sqlite_url, f"http://127.0.0.1:{free_port()}")
+        worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=THREADS)
+        shas = [hashlib.sha1(s.encode()).hexdigest() for s in SCRIPTS]
+        assert r.script_exists(*shas) == [True] * len(SCRIPTS)
+        # Besides Celery's own few (5 here): one for each of its threads, before any task ran.
+        assert THREADS + 2 <= len(r.client_list()) - 1 < 2 * THREADS
+    finally:
+        if worker is not None:
+            worker.stop()
+        r.close()
+        server.stop()
+
+
+def test_the_warm_up_gives_way_when_redis_and_the_database_are_away(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker may start before its Redis or database: the tasks open what they need later."""
+    settings = make_settings(
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none",
+    )
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="worker.warm"):
+        warm.prepare(Runtime(settings), THREADS)
+    assert time.monotonic() - started < 10
+    assert [m.getMessage() for m in caplog.records] == [
+        "worker warm-up: redis not ready (ConnectionError)",
+        "worker warm-up: database not ready (OperationalError)",
+    ]
