@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +76,33 @@ def test_the_web_is_warm_before_it_serves(
         server.stop()
 
 
+def _with_own_redis(
+    tmp_path: Path, body: Callable[[redis.Redis, str], Coroutine[Any, Any, None]]
+) -> None:
+    """Run `body` (a client of a Redis server of the test's own, and its URL) on a new loop."""
+    server = RedisServer(tmp_path / "redis").start()
+    r = redis.Redis.from_url(server.url)
+    try:
+        asyncio.run(body(r, server.url))
+    finally:
+        r.close()
+        server.stop()
+
+
+async def _reopened(r: redis.Redis) -> None:
+    """Wait until the keeper holds CONNECTIONS again (at most 5 s)."""
+    deadline = time.monotonic() + 5
+    while _clients(r) < CONNECTIONS and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _clients(r) >= CONNECTIONS
+
+
 def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(tmp_path: Path) -> None:
     """A Redis that closes idle clients (its `timeout`), or restarts, costs the keeper a
     reconnect, not the next burst."""
-    server = RedisServer(tmp_path / "redis").start()
-    r = redis.Redis.from_url(server.url)
 
-    async def run() -> None:
-        aredis = async_redis_client(server.url)
+    async def run(r: redis.Redis, url: str) -> None:
+        aredis = async_redis_client(url)
         keeper = WarmPool(aredis, prepare=lambda: aredis.script_load(_ACCEPT), interval_s=0.2)
         try:
             await keeper.start()
@@ -92,55 +111,39 @@ def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(tmp_path: P
             assert r.client_kill_filter(_type="normal", skipme=True) >= CONNECTIONS
             await asyncio.sleep(0.1)
             assert _clients(r) == 0
-            deadline = time.monotonic() + 5
-            while _clients(r) < CONNECTIONS and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _clients(r) >= CONNECTIONS
+            await _reopened(r)
             assert r.script_exists(ACCEPT_SHA) == [True]
         finally:
             await keeper.stop()
             await aredis.aclose()
 
-    try:
-        asyncio.run(run())
-    finally:
-        server.stop()
+    _with_own_redis(tmp_path, run)
 
 
 def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(tmp_path: Path) -> None:
     """A round takes every connection it keeps at once: amid a burst it would hold the
     finishes up, and the burst keeps its connections in use anyway. So rounds wait for a
     quiet moment, and skip while there is none."""
-    server = RedisServer(tmp_path / "redis").start()
-    r = redis.Redis.from_url(server.url)
     busy = True
 
-    async def run() -> None:
-        aredis = async_redis_client(server.url)
-        keeper = WarmPool(
-            aredis,
-            interval_s=0.2,
-            last_use=lambda: time.monotonic() if busy else 0.0,
-        )
+    async def run(r: redis.Redis, url: str) -> None:
         nonlocal busy
+        aredis = async_redis_client(url)
+        keeper = WarmPool(
+            aredis, interval_s=0.2, last_use=lambda: time.monotonic() if busy else 0.0
+        )
         try:
             await keeper.start()
             assert r.client_kill_filter(_type="normal", skipme=True) >= CONNECTIONS
             await asyncio.sleep(1.0)  # several rounds, all of them skipped
             assert _clients(r) == 0 and keeper.skipped >= 2
             busy = False
-            deadline = time.monotonic() + 5
-            while _clients(r) < CONNECTIONS and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _clients(r) >= CONNECTIONS
+            await _reopened(r)
         finally:
             await keeper.stop()
             await aredis.aclose()
 
-    try:
-        asyncio.run(run())
-    finally:
-        server.stop()
+    _with_own_redis(tmp_path, run)
 
 
 def test_a_held_up_loop_is_not_taken_for_a_quiet_moment() -> None:
