@@ -15,13 +15,16 @@ STOP_WITHIN_S = 2.0
 class Periodic:
     """Runs `round` every `interval_s`, the first after `first_delay_s`, until `stop`. A round
     that raises is logged and the next one runs: a loop that died would leave the web acting
-    on a stale reading or a cold pool for good."""
+    on a stale reading or a cold pool for good. A failure that repeats is logged once (with
+    its traceback) until a round succeeds or another failure comes: the memory watch runs
+    four rounds a second."""
 
     def __init__(self, interval_s: float, *, first_delay_s: float = 0.0):
         self.interval_s = interval_s
         self.first_delay_s = first_delay_s
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
+        self._failing: type[BaseException] | None = None
 
     async def round(self) -> None:
         raise NotImplementedError
@@ -34,8 +37,11 @@ class Periodic:
         while not self._stopped:
             try:
                 await self.round()
-            except Exception:
-                log.exception("%s: round failed, trying again later", type(self).__name__)
+                self._failing = None
+            except Exception as exc:
+                if type(exc) is not self._failing:
+                    log.exception("%s: round failed, trying again later", type(self).__name__)
+                self._failing = type(exc)
             await asyncio.sleep(self.interval_s)
 
     async def stop(self) -> None:

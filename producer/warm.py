@@ -45,9 +45,13 @@ CONNECTIONS = 32
 #: How often they are touched; below the 300 s idle timeout some hosted Redis plans set.
 INTERVAL_S = 10.0
 #: A round waits for this long without an accept: it takes every connection it keeps at once,
-#: and a finish that arrived meanwhile would open a new one. A burst uses its connections
-#: anyway; 800 finishes/s leave no such gap, a few a second leave many.
+#: and a finish that arrived meanwhile would open a new one. 800 finishes/s leave no such gap,
+#: a few a second leave many.
 QUIET_S = 0.05
+#: ... but not past this since the last round: steady traffic uses only the few connections
+#: it needs at once (the pool hands out the one last returned), and the rest would outlive
+#: a Redis `timeout` of 300 s unused. A forced round costs such traffic a blip this often.
+FORCE_AFTER_S = 120.0
 
 
 def prime(api: FastAPI, cipher: Cipher) -> None:
@@ -90,6 +94,8 @@ class WarmPool(Periodic):
         connections: int = CONNECTIONS,
         interval_s: float = INTERVAL_S,
         last_use: Callable[[], float] = lambda: 0.0,
+        quiet_s: float = QUIET_S,
+        force_after_s: float = FORCE_AFTER_S,
     ):
         # The first round is `start`'s own, before the web serves.
         super().__init__(interval_s, first_delay_s=interval_s)
@@ -98,11 +104,15 @@ class WarmPool(Periodic):
         self.connections = connections
         #: When the web last used the pool (time.monotonic()): rounds wait for a quiet gap.
         self.last_use = last_use
+        self.quiet_s = quiet_s
+        self.force_after_s = force_after_s
         self.skipped = 0
+        self.touched = time.monotonic()
 
     async def touch(self) -> int:
         """Check out `connections` at once (so each is a different one), PING each, give them
         back; return how many answered. Redis being away is not an error here."""
+        self.touched = time.monotonic()
         pool = self.r.connection_pool
         taken = await asyncio.gather(
             *(pool.get_connection() for _ in range(self.connections)), return_exceptions=True
@@ -121,24 +131,25 @@ class WarmPool(Periodic):
         return sum(1 for a in answers if a is True)
 
     async def round(self) -> None:
-        """Touch the connections at the first quiet moment within half an interval; none
-        means the web is busy, its traffic keeping its connections in use. A round amid an
-        800/s burst took 7-21 ms, finishes piling up behind it (the second's p99 went from
-        4 to 24-91 ms)."""
+        """Touch the connections at the first quiet moment within half an interval, and skip
+        the round if the web is busy throughout (unless the last round is FORCE_AFTER_S
+        old). A round amid an 800/s burst took 7-21 ms, finishes piling up behind it (the
+        second's p99 went from 4 to 24-91 ms)."""
         give_up = time.monotonic() + self.interval_s / 2
-        while not await self._quiet():
+        while time.monotonic() - self.touched < self.force_after_s and not await self._quiet():
             if time.monotonic() >= give_up:
                 self.skipped += 1
+                log.debug("redis connection keeper: web busy, round skipped")
                 return
         await self.touch()
 
     async def _quiet(self) -> bool:
-        """Whether no finish began while this loop ran for QUIET_S. A sleep that overran
+        """Whether no finish began while this loop ran for `quiet_s`. A sleep that overran
         proves nothing: the loop was held up, and the finishes that came meanwhile have not
         begun yet."""
         started = time.monotonic()
-        await asyncio.sleep(QUIET_S)
-        overran = time.monotonic() - started > 2 * QUIET_S
+        await asyncio.sleep(self.quiet_s)
+        overran = time.monotonic() - started > 2 * self.quiet_s
         return not overran and self.last_use() < started
 
     async def start(self) -> None:

@@ -1,47 +1,62 @@
-"""The web's periodic loop (producer/periodic.py): rounds keep coming after one fails, the
-first waits its delay, and stop ends it."""
+"""The web's periodic loop (producer/periodic.py): rounds keep coming after one fails, a
+repeated failure is logged once, the first round waits its delay, and stop ends the loop
+whatever the round does with the cancel."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
-from producer.periodic import Periodic
+from producer.periodic import STOP_WITHIN_S, Periodic
 
 
 class Rounds(Periodic):
-    def __init__(self, interval_s: float, first_delay_s: float = 0.0, fail_first: int = 0):
+    """Rounds that record when they ran and raise what `outcomes` says, in turn."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        first_delay_s: float = 0.0,
+        outcomes: tuple[type[Exception] | None, ...] = (),
+    ):
         super().__init__(interval_s, first_delay_s=first_delay_s)
         self.times: list[float] = []
-        self.fail_first = fail_first
+        self.outcomes = outcomes
 
     async def round(self) -> None:
         self.times.append(asyncio.get_running_loop().time())
-        if len(self.times) <= self.fail_first:
-            raise ValueError("a bug in a round")
+        n = len(self.times) - 1
+        if n < len(self.outcomes) and (failure := self.outcomes[n]) is not None:
+            raise failure("a bug in a round")
 
 
-def test_a_round_that_raises_is_logged_and_the_next_one_runs(
+def test_a_failed_round_is_logged_once_until_it_changes_and_the_rounds_go_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The memory watch runs four rounds a second: a failure that repeats must not flood
+    the log, but a new one, or the old one back after a success, is logged again."""
+    outcomes = (ValueError, ValueError, None, ValueError, KeyError, KeyError)
+
     async def run() -> int:
-        rounds = Rounds(0.01, fail_first=2)
+        rounds = Rounds(0.01, outcomes=outcomes)
         await rounds.start()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         await rounds.stop()
         return len(rounds.times)
 
     with caplog.at_level(logging.ERROR, logger="producer.periodic"):
         ran = asyncio.run(run())
-    assert ran > 3
-    assert [r.getMessage() for r in caplog.records] == [
-        "Rounds: round failed, trying again later"
-    ] * 2
+    assert ran > len(outcomes)
+    logged = [r.exc_info[0] for r in caplog.records if r.exc_info]
+    assert logged == [ValueError, ValueError, KeyError]
 
 
 def test_the_first_round_waits_its_delay_and_stop_ends_the_loop() -> None:
+    """The connection keeper's first round is its start's own: the loop's waits a delay."""
+
     async def run() -> tuple[float, list[float], int]:
         rounds = Rounds(0.05, first_delay_s=0.3)
         started = asyncio.get_running_loop().time()
@@ -56,3 +71,38 @@ def test_the_first_round_waits_its_delay_and_stop_ends_the_loop() -> None:
     started, times, ran = asyncio.run(run())
     assert times[0] - started >= 0.3
     assert ran >= 2
+
+
+class Swallowing(Periodic):
+    """A round that takes its cancel for an error and carries on (as redis-py may turn a
+    cancel that lands inside its connect into a RedisError)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.5)
+        self.rounds = 0
+
+    async def round(self) -> None:
+        self.rounds += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass
+
+
+def test_stop_is_bounded_when_a_round_swallows_its_cancel() -> None:
+    """The web's shutdown once hung on such a round: the stop waits a bounded time and the
+    loop ends on its flag, running no further round."""
+
+    async def run() -> tuple[float, int]:
+        loop = Swallowing()
+        await loop.start()
+        await asyncio.sleep(0.05)  # inside its first round
+        started = time.monotonic()
+        await loop.stop()
+        took = time.monotonic() - started
+        await asyncio.sleep(1.2)  # past the loop's sleep: it ends instead of another round
+        return took, loop.rounds
+
+    took, rounds = asyncio.run(run())
+    assert took <= STOP_WITHIN_S + 0.5
+    assert rounds == 1

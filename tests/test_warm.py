@@ -146,16 +146,37 @@ def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(tmp_path: 
     _with_own_redis(tmp_path, run)
 
 
+def test_a_keeper_kept_busy_still_touches_its_connections_now_and_then(tmp_path: Path) -> None:
+    """Steady traffic uses only the few connections it needs at once: the rest would outlive
+    a Redis `timeout` unused, so a round too long skipped is forced."""
+
+    async def run(r: redis.Redis, url: str) -> None:
+        aredis = async_redis_client(url)
+        keeper = WarmPool(aredis, interval_s=0.2, last_use=time.monotonic, force_after_s=1.0)
+        try:
+            await keeper.start()
+            assert r.client_kill_filter(_type="normal", skipme=True) >= CONNECTIONS
+            await _reopened(r)
+            assert keeper.skipped >= 2
+        finally:
+            await keeper.stop()
+            await aredis.aclose()
+
+    _with_own_redis(tmp_path, run)
+
+
 def test_a_held_up_loop_is_not_taken_for_a_quiet_moment() -> None:
     """While the loop is held up, finishes queue unread: the moment after is the busiest,
     whatever the last accept's time says."""
 
     async def run() -> tuple[bool, bool]:
-        keeper = WarmPool(async_redis_client("redis://127.0.0.1:1/0"), last_use=lambda: 0.0)
+        keeper = WarmPool(
+            async_redis_client("redis://127.0.0.1:1/0"), last_use=lambda: 0.0, quiet_s=0.2
+        )
         quiet = await keeper._quiet()
         held = asyncio.create_task(keeper._quiet())
         await asyncio.sleep(0)  # it sleeps now
-        time.sleep(0.2)  # the loop held up, as by a long request
+        time.sleep(1.0)  # the loop held up, as by a long request
         return quiet, await held
 
     assert asyncio.run(run()) == (True, False)

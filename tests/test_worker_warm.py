@@ -8,14 +8,16 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
+from kombu.utils.imports import symbol_by_name
 
 from tests.support.env import ROOT, deployment_env, free_port
 from tests.support.processes import start_worker
 from tests.support.servers import RedisServer
-from worker import warm
+from worker import tasks, warm
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.warm import SCRIPTS
@@ -26,6 +28,8 @@ THREADS = 8
 def test_a_ready_worker_holds_a_connection_per_thread_and_its_scripts(
     tmp_path: Path, sqlite_url: str
 ) -> None:
+    """Before any task ran, a ready worker has its scripts loaded and a connection open for
+    each of its threads (its `--concurrency`, not the setting's 32)."""
     server = RedisServer(tmp_path / "redis").start()
     r = redis.Redis.from_url(server.url)
     worker = None
@@ -59,3 +63,22 @@ def test_the_warm_up_gives_way_when_redis_and_the_database_are_away(
         "worker warm-up: redis not ready (ConnectionError)",
         "worker warm-up: database not ready (OperationalError)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("pool", "warmed"),
+    [("celery.concurrency.thread:TaskPool", True), ("celery.concurrency.prefork:TaskPool", False)],
+)
+def test_only_a_thread_pool_worker_warms_up(
+    monkeypatch: pytest.MonkeyPatch, pool: str, warmed: bool
+) -> None:
+    """Under prefork the ready signal comes to the parent, which runs no task: connections
+    opened there would only be held, and inherited by every child forked later."""
+    calls: list[int] = []
+    monkeypatch.setattr(warm, "prepare", lambda _rt, n: calls.append(n))
+    monkeypatch.setattr(tasks, "runtime", lambda: None)
+    monkeypatch.setattr(tasks, "exchanger", lambda: None)
+    monkeypatch.setattr(tasks, "limiter", lambda: None)
+    controller = SimpleNamespace(pool_cls=symbol_by_name(pool), concurrency=THREADS)
+    tasks._on_worker_ready(sender=SimpleNamespace(controller=controller))
+    assert calls == ([THREADS] if warmed else [])

@@ -46,7 +46,7 @@ CHECK_S = 0.5
 # KEYS: fails, open, level, this second's successes, the last second's.
 # ARGV: fail window, threshold, first cool-off ms, max cool-off ms, ratio.
 # Returns the cool-off in ms when this failure opened the breaker, else 0.
-_FAILURE = """
+FAILURE_SCRIPT = """
 local fails = redis.call('INCR', KEYS[1])
 if fails == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 local oks = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -69,7 +69,7 @@ class Breaker:
 
     def __init__(self, r: redis.Redis):
         self.r = r
-        self._failure = r.register_script(_FAILURE)
+        self._failure = r.register_script(FAILURE_SCRIPT)
         # (A float swap is atomic under the GIL: the worker's threads share it without a lock.)
         # Until when this process may call without asking Redis (the breaker was closed).
         self._closed_until = 0.0

@@ -50,7 +50,7 @@ LATE_S = 0.025
 # horizon µs. Returns {µs from now to the first slot granted, slots granted}: the first at
 # max(now, next free), the rest `interval` apart, as many as wanted within the horizon (at
 # least one).
-_RESERVE = """
+RESERVE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -84,7 +84,7 @@ class GlobalRateLimiter:
 
     def __init__(self, redis_url: str, max_rps: float):
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
-        self._reserve = self._redis.register_script(_RESERVE)
+        self._reserve = self._redis.register_script(RESERVE_SCRIPT)
         self.interval = slot_interval(max_rps)
         self._cond = threading.Condition()
         self._waiters: list[_Waiter] = []

@@ -66,7 +66,7 @@ def queue_state(pipe: Any, request_id: str, state: RequestState, ttl_s: int, **f
 # KEYS: the session lock, the request's record, the pending set. The state names are
 # RequestState's values (a script can't import them).
 # ARGV: lock token, lock term (ms), requestId, updatedAt, humanId, record TTL, pending score.
-_BEGIN = """
+BEGIN_SCRIPT = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'succeeded' and state ~= 'failed' then
@@ -94,7 +94,7 @@ def lock_and_begin(
     global _begin
     if _begin is None:
         # A Script runs on whichever client it is given (EVALSHA, loading it if needed).
-        _begin = r.register_script(_BEGIN)
+        _begin = r.register_script(BEGIN_SCRIPT)
     return bool(
         _begin(
             keys=[lock_key, request_status(request_id), PENDING],

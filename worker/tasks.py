@@ -251,12 +251,20 @@ def _on_worker_init(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    # Before there is anything to drain, not inside the first tasks of a burst; a
-    # connection for each of the pool's threads (`--concurrency` overrides the setting).
-    threads = getattr(getattr(sender, "controller", None), "concurrency", None)
-    exchanger()
-    limiter()
-    warm.prepare(runtime(), threads or runtime().settings.worker_concurrency)
+    """Warm up before there is anything to drain, not inside the first tasks of a burst."""
+    controller = getattr(sender, "controller", None)
+    pool = getattr(controller, "pool_cls", None)
+    if getattr(pool, "__module__", "") != "celery.concurrency.thread":
+        # Under prefork this runs in the parent, which runs no task: its connections would
+        # only be held there, and inherited by every child forked later.
+        return
+    try:
+        # A connection for each of the pool's threads (`--concurrency` overrides the setting).
+        warm.prepare(runtime(), getattr(controller, "concurrency", None) or 1)
+        exchanger()
+        limiter()
+    except Exception:  # a warm-up never fails the worker: its tasks do what it could not
+        log.warning("worker warm-up skipped", exc_info=True)
 
 
 @signals.worker_shutdown.connect

@@ -3,8 +3,12 @@
 A worker that starts idle opened its Redis connections, its database connections, its Lua
 scripts and OpenSSL's first cipher context inside its first tasks: 32 threads at once, the
 moment a burst arrived, on the CPUs the web needs to accept it (measured: the worker's first
-half second of an 800/s burst took 0.14 s of CPU against 0.08 s after). `prepare` does it
-once the worker is ready, before there is anything to drain.
+half second of an 800/s burst took 0.13-0.14 s of CPU against 0.09-0.13 s with this).
+`prepare` does it once the worker is ready, before there is anything to drain.
+
+Only at start: the worker keeps no connections open afterwards as the web's keeper does
+(producer/warm.py), so after an idle spell longer than a Redis `timeout` its first tasks
+reconnect again.
 """
 
 from __future__ import annotations
@@ -12,40 +16,53 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.lock import Lock
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import QueuePool
 
-from worker import breaker, ratelimit, status
+from worker.breaker import FAILURE_SCRIPT
 from worker.db import engine_for
+from worker.ratelimit import RESERVE_SCRIPT
 from worker.runtime import Runtime
+from worker.status import BEGIN_SCRIPT
 
 log = logging.getLogger(__name__)
 
-#: The scripts an exchange runs, loaded so that none meets NOSCRIPT (and loads) in a task.
-SCRIPTS = (status._BEGIN, breaker._FAILURE, ratelimit._RESERVE)
+#: The scripts an exchange runs (its session lock's too), loaded so that none meets NOSCRIPT
+#: (and loads) in a task.
+SCRIPTS = (
+    BEGIN_SCRIPT,
+    FAILURE_SCRIPT,
+    RESERVE_SCRIPT,
+    Lock.LUA_REACQUIRE_SCRIPT,
+    Lock.LUA_RELEASE_SCRIPT,
+)
 
 
 def prepare(rt: Runtime, connections: int) -> None:
     """Open `connections` Redis connections and the database pool's, load the scripts and
-    use the cipher once. Redis or the database being away is not an error here: the tasks
-    open what they need when they run."""
+    use the cipher once. Nothing here fails the worker: Redis or the database being away,
+    or a database it cannot open, leave the tasks to open what they need when they run."""
     try:
         _redis(rt.redis, connections)
     except redis.exceptions.RedisError as exc:
         log.warning("worker warm-up: redis not ready (%s)", type(exc).__name__)
     try:
         _database(rt.settings.database_url)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError, ImportError) as exc:
         log.warning("worker warm-up: database not ready (%s)", type(exc).__name__)
     rt.cipher.open(rt.cipher.seal("warm"))
 
 
 def _redis(r: redis.Redis, connections: int) -> None:
+    for script in SCRIPTS:
+        r.script_load(script)
     pool = r.connection_pool
-    # Held together, so that each is a different connection.
+    # Held together, so that each is a different connection; never past the pool's cap.
     held = []
     try:
-        for _ in range(connections):
+        for _ in range(min(connections, pool.max_connections)):
             conn = pool.get_connection()
             held.append(conn)
             conn.send_command("PING")
@@ -53,13 +70,12 @@ def _redis(r: redis.Redis, connections: int) -> None:
     finally:
         for conn in held:
             pool.release(conn)
-    for script in SCRIPTS:
-        r.script_load(script)
 
 
 def _database(url: str) -> None:
     engine = engine_for(url)
-    size = getattr(engine.pool, "size", lambda: 1)()
+    # A QueuePool keeps `size()` open; another pool (SQLite in memory) one at most.
+    size = engine.pool.size() if isinstance(engine.pool, QueuePool) else 1
     held = []
     try:
         for _ in range(size):
