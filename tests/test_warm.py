@@ -76,17 +76,15 @@ def test_the_web_is_warm_before_it_serves(
         server.stop()
 
 
-def _with_own_redis(
-    tmp_path: Path, body: Callable[[redis.Redis, str], Coroutine[Any, Any, None]]
+def _run_against(
+    server: RedisServer, body: Callable[[redis.Redis, str], Coroutine[Any, Any, None]]
 ) -> None:
-    """Run `body` (a client of a Redis server of the test's own, and its URL) on a new loop."""
-    server = RedisServer(tmp_path / "redis").start()
+    """Run `body` on a new loop, given a client of `server` and its URL."""
     r = redis.Redis.from_url(server.url)
     try:
         asyncio.run(body(r, server.url))
     finally:
         r.close()
-        server.stop()
 
 
 async def _reopened(r: redis.Redis) -> None:
@@ -97,7 +95,9 @@ async def _reopened(r: redis.Redis) -> None:
     assert _clients(r) >= CONNECTIONS
 
 
-def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(tmp_path: Path) -> None:
+def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(
+    own_redis: RedisServer,
+) -> None:
     """A Redis that closes idle clients (its `timeout`), or restarts, costs the keeper a
     reconnect, not the next burst."""
 
@@ -117,10 +117,12 @@ def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(tmp_path: P
             await keeper.stop()
             await aredis.aclose()
 
-    _with_own_redis(tmp_path, run)
+    _run_against(own_redis, run)
 
 
-def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(tmp_path: Path) -> None:
+def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(
+    own_redis: RedisServer,
+) -> None:
     """A round takes every connection it keeps at once: amid a burst it would hold the
     finishes up, and the burst keeps its connections in use anyway. So rounds wait for a
     quiet moment, and skip while there is none."""
@@ -143,10 +145,12 @@ def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(tmp_path: 
             await keeper.stop()
             await aredis.aclose()
 
-    _with_own_redis(tmp_path, run)
+    _run_against(own_redis, run)
 
 
-def test_a_keeper_kept_busy_still_touches_its_connections_now_and_then(tmp_path: Path) -> None:
+def test_a_keeper_kept_busy_still_touches_its_connections_now_and_then(
+    own_redis: RedisServer,
+) -> None:
     """Steady traffic uses only the few connections it needs at once: the rest would outlive
     a Redis `timeout` unused, so a round too long skipped is forced."""
 
@@ -162,7 +166,7 @@ def test_a_keeper_kept_busy_still_touches_its_connections_now_and_then(tmp_path:
             await keeper.stop()
             await aredis.aclose()
 
-    _with_own_redis(tmp_path, run)
+    _run_against(own_redis, run)
 
 
 def test_a_held_up_loop_is_not_taken_for_a_quiet_moment() -> None:

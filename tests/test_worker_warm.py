@@ -26,15 +26,14 @@ THREADS = 8
 
 
 def test_a_ready_worker_holds_a_connection_per_thread_and_its_scripts(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, sqlite_url: str, own_redis: RedisServer
 ) -> None:
     """Before any task ran, a ready worker has its scripts loaded and a connection open for
     each of its threads (its `--concurrency`, not the setting's 32)."""
-    server = RedisServer(tmp_path / "redis").start()
-    r = redis.Redis.from_url(server.url)
+    r = redis.Redis.from_url(own_redis.url)
     worker = None
     try:
-        env = deployment_env(server.url, sqlite_url, f"http://127.0.0.1:{free_port()}")
+        env = deployment_env(own_redis.url, sqlite_url, f"http://127.0.0.1:{free_port()}")
         worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=THREADS)
         shas = [hashlib.sha1(s.encode()).hexdigest() for s in SCRIPTS]
         assert r.script_exists(*shas) == [True] * len(SCRIPTS)
@@ -44,7 +43,6 @@ def test_a_ready_worker_holds_a_connection_per_thread_and_its_scripts(
         if worker is not None:
             worker.stop()
         r.close()
-        server.stop()
 
 
 def test_the_warm_up_gives_way_when_redis_and_the_database_are_away(
