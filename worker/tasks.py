@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 from celery import Task, signals
+from celery.concurrency.thread import TaskPool as ThreadPool
 from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -254,7 +255,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     """Warm up before there is anything to drain, not inside the first tasks of a burst."""
     controller = getattr(sender, "controller", None)
     pool = getattr(controller, "pool_cls", None)
-    if getattr(pool, "__module__", "") != "celery.concurrency.thread":
+    if not (isinstance(pool, type) and issubclass(pool, ThreadPool)):
         # Under prefork this runs in the parent, which runs no task: its connections would
         # only be held there, and inherited by every child forked later.
         return
