@@ -24,7 +24,7 @@ from bench.step import SECONDS as STEP_SECONDS
 from bench.step import step_scenario
 from bench.throughput import DEFAULT_MAX_RPS, drain, saturation
 from bench.webhooks import webhooks_scenario
-from humanconnect.standin import Faults
+from humanconnect.sandbox.standin import Faults
 
 CHOSEN = "uvicorn httptools+uvloop"
 STACKS = {

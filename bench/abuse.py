@@ -17,8 +17,8 @@ import aiohttp
 from sqlalchemy import create_engine, text
 
 from bench.harness import Stack, body, percentile, stack
-from humanconnect.standin import Faults
-from worker.clock import timestamp
+from humanconnect.clock import timestamp
+from humanconnect.sandbox.standin import Faults
 
 REAL = 100
 JUNK = 5000

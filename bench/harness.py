@@ -20,11 +20,11 @@ import aiohttp
 import redis
 from sqlalchemy import create_engine, text
 
-from humanconnect.embedded import free_port, redis_binary
-from humanconnect.procs import commands
-from humanconnect.standin import Faults, client_user_id_for
-from worker import migrate
-from worker.tickets import mint
+from humanconnect.cli.embedded import free_port, redis_binary
+from humanconnect.cli.procs import commands
+from humanconnect.sandbox.standin import Faults, client_user_id_for
+from humanconnect.storage import migrate
+from humanconnect.tickets import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -79,7 +79,7 @@ class StandInProcess:
         argv = [
             sys.executable,
             "-m",
-            "humanconnect.standin",
+            "humanconnect.sandbox.standin",
             "--port",
             str(self.port),
             "--client-id",

@@ -4,8 +4,8 @@ from typing import Any
 
 from celery import Celery
 
+from humanconnect.settings import settings_or_exit
 from worker.celery import configure
-from worker.settings import settings_or_exit
 
 app = Celery("bench-noop")
 

@@ -9,9 +9,9 @@ import httpx
 from sqlalchemy import create_engine, text
 
 from bench.harness import FERNET_KEY, stack
-from humanconnect.standin import Faults
-from worker.celery import REPAIR_TASK
-from worker.crypto import Cipher
+from humanconnect.crypto import Cipher
+from humanconnect.queue import REPAIR_TASK
+from humanconnect.sandbox.standin import Faults
 
 
 def _seed(db_url: str, n: int) -> list[str]:
@@ -52,13 +52,11 @@ def _run(users: int, max_rps: float, timeout_s: float) -> dict[str, Any]:
             )
             resp.raise_for_status()
         s.start_worker()
-        from celery import Celery
 
-        from worker.celery import celery_config
-        from worker.settings import Settings
+        from humanconnect.queue import sender as queue_sender
+        from humanconnect.settings import Settings
 
-        sender = Celery("bench-sender")
-        sender.conf.update(celery_config(Settings.model_validate({"REDIS_URL": s.redis_url})))
+        sender = queue_sender(Settings.model_validate({"REDIS_URL": s.redis_url}), "bench-sender")
         time.sleep(2)  # the worker's start-up
         started = time.monotonic()
         sender.send_task(REPAIR_TASK)

@@ -13,11 +13,11 @@ from typing import Any
 from celery import Celery
 
 from bench.harness import BIN, Stack, body, closed_loop, count, stack
-from humanconnect.standin import Faults
-from worker.celery import EXCHANGE_TASK, celery_config
-from worker.crypto import Cipher
-from worker.redis_keys import QUEUE, UNACKED
-from worker.settings import Settings
+from humanconnect.crypto import Cipher
+from humanconnect.queue import EXCHANGE_TASK, sender
+from humanconnect.redis_keys import QUEUE, UNACKED
+from humanconnect.sandbox.standin import Faults
+from humanconnect.settings import Settings
 
 KWARGS = {
     "request_id": "benchbenchbenchbench00",
@@ -33,8 +33,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def _sender(s: Stack) -> Celery:
-    app = Celery("bench-sender")
-    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": s.redis_url})))
+    app = sender(Settings.model_validate({"REDIS_URL": s.redis_url}), "bench-sender")
     return app
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from bench.harness import Stack, count, stack, wait_http
 from bench.throughput import drain_one
-from humanconnect.embedded import free_port
-from humanconnect.standin import Faults
-from worker.webhooks.signing import new_secret
+from humanconnect.cli.embedded import free_port
+from humanconnect.sandbox.standin import Faults
+from humanconnect.webhooks.signing import new_secret
 
 
 def _receiver(s: Stack, mode: str) -> str:
@@ -59,9 +59,9 @@ def _drain(latency_ms: float, sessions: int, receiver: str | None) -> dict[str, 
 def _delivery_rate(events: int) -> dict[str, Any]:
     """`events` committed with their deliveries, then one worker and beat deliver them to a
     0 ms receiver: deliveries per second, from the first tick to the last 2xx."""
-    from worker import events as outbox
-    from worker.db import session_factory
-    from worker.webhooks.deliveries import Targets
+    from humanconnect import events as outbox
+    from humanconnect.storage.db import session_factory
+    from humanconnect.webhooks.deliveries import Targets
 
     s = stack(Faults())
     try:

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 import redis
 
+from humanconnect import logs
+from humanconnect.crypto import Cipher, session_hash
+from humanconnect.errors import HumanConnectError, QueueUnavailableError, RedisFullError
+from humanconnect.redis_keys import WAITING_QUEUE
+from humanconnect.request import ExchangeRequest
+from humanconnect.states import RequestState
+from humanconnect.status_records import new_request_id
 from producer.body import FinishBody
 from producer.claims import Claims
 from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
-from worker import logs
-from worker.crypto import Cipher, session_hash
-from worker.errors import HumanConnectError, QueueUnavailableError, RedisFullError
-from worker.redis_keys import WAITING_QUEUE
-from worker.request import ExchangeRequest
-from worker.states import RequestState
-from worker.status import new_request_id
 
 # Longest wait for Redis to answer the accept call. With Redis gone, calls queue behind
 # each other's connect timeouts; the contract wants the 503 within 2 s, so stop waiting.

@@ -7,20 +7,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from celery import Celery
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from humanconnect import logs
+from humanconnect.errors import ConfigError
+from humanconnect.queue import sender
+from humanconnect.runtime import Runtime
+from humanconnect.settings import Settings, get_settings
+from humanconnect.storage import migrate
 from producer import browser, finish, ops, users, warm
 from producer.body import FinishBody
 from producer.cors import BrowserCORS
 from producer.state import Parts
-from worker import logs, migrate
-from worker.celery import celery_config
-from worker.errors import ConfigError
-from worker.runtime import Runtime
-from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     rt = Runtime(settings)
     # Its own Celery app, configured from `settings`: it only builds exchange messages for the
     # accept script (producer/message.py), by task name.
-    celery_app = Celery("humanconnect-web")
-    celery_app.conf.update(celery_config(settings))
+    celery_app = sender(settings, "humanconnect-web")
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:

@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from humanconnect.settings import Settings
+from humanconnect.tickets import mint
 from producer.errors import error
 from producer.state import Parts
-from worker.settings import Settings
-from worker.tickets import mint
 
 JAVASCRIPT = "text/javascript; charset=utf-8"
 #: How long the sandbox page's tickets live.

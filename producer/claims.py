@@ -16,13 +16,10 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from producer.lanes import WaitingLane
-from producer.memory import MemoryWatch
-from producer.message import RECEIVED_MARKER
-from worker.clock import now
-from worker.errors import BacklogFullError, OverLimitError, RedisFullError
-from worker.rates import Rate
-from worker.redis_keys import (
+from humanconnect.clock import now
+from humanconnect.errors import BacklogFullError, OverLimitError, RedisFullError
+from humanconnect.rate import Rate
+from humanconnect.redis_keys import (
     PENDING,
     QUEUE,
     WAITING_LANE,
@@ -31,8 +28,11 @@ from worker.redis_keys import (
     request_status,
     session_claim,
 )
-from worker.request import ExchangeRequest
-from worker.states import RequestState
+from humanconnect.request import ExchangeRequest
+from humanconnect.states import RequestState
+from producer.lanes import WaitingLane
+from producer.memory import MemoryWatch
+from producer.message import RECEIVED_MARKER
 
 # KEYS: session claim, request status, pending set, queue, waiting queue, waiting lane, the
 #       client address's limit, the ticket user's limit.

@@ -17,6 +17,17 @@ from prometheus_client import Counter
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from humanconnect.crypto import Cipher
+from humanconnect.errors import (
+    BacklogFullError,
+    OverLimitError,
+    QueueUnavailableError,
+    RedisFullError,
+)
+from humanconnect.runtime import Runtime
+from humanconnect.states import FINAL, RequestState
+from humanconnect.storage import sessions, tokens
+from humanconnect.tickets import TicketError
 from producer import schemas
 from producer.accept import Accepted, SessionConflict
 from producer.body import (
@@ -31,17 +42,6 @@ from producer.errors import error, unavailable
 from producer.schemas import header
 from producer.state import Parts
 from producer.waiters import requested_wait
-from worker import sessions, store
-from worker.crypto import Cipher
-from worker.errors import (
-    BacklogFullError,
-    OverLimitError,
-    QueueUnavailableError,
-    RedisFullError,
-)
-from worker.runtime import Runtime
-from worker.states import FINAL, RequestState
-from worker.tickets import TicketError
 
 log = logging.getLogger(__name__)
 # How a refusal names the source that is over its limit.
@@ -81,7 +81,7 @@ def status_from_db(rt: Runtime, request_id: str) -> dict[str, str] | None:
         record = {"state": row.state, "humanId": row.human_id}
         if row.client_user_id:
             record["clientUserId"] = row.client_user_id
-            sealed = store.sealed_public_token(db, row.human_id)
+            sealed = tokens.sealed_public_token(db, row.human_id)
             if sealed:
                 record["publicToken"] = sealed
         if row.error:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.ratelimit import slot_interval
+from humanconnect.upstream.limiter import slot_interval
 
 #: The most of the upstream's pace the waiting queue takes over time.
 SHARE = 0.5
@@ -37,7 +37,7 @@ class WaitingLane:
 
     @classmethod
     def for_rate(cls, max_rps: float) -> WaitingLane:
-        # Shares of the pace the workers keep, a little under max_rps (worker/ratelimit.py).
+        # Shares of the pace the workers keep, a little under max_rps (upstream/limiter.py).
         pace = 1 / slot_interval(max_rps)
         interval_s = 1 / (SHARE * pace)
         burst = max(1, round(BURST_S * pace))

@@ -6,11 +6,11 @@ variable stops the process with one line) when uvicorn calls `app()` at start.
 
 from fastapi import FastAPI
 
+from humanconnect import redis_policy
+from humanconnect.errors import ConfigError
+from humanconnect.settings import exit_on_config_error, settings_or_exit
 from producer.app import create_app
 from producer.warm import freeze_heap
-from worker import redis_policy
-from worker.errors import ConfigError
-from worker.settings import exit_on_config_error, settings_or_exit
 
 
 def app() -> FastAPI:

@@ -20,9 +20,9 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery import EXCHANGE_TASK
-from worker.redis_keys import QUEUE
-from worker.request import ExchangeRequest
+from humanconnect.queue import EXCHANGE_TASK
+from humanconnect.redis_keys import QUEUE
+from humanconnect.request import ExchangeRequest
 
 _TEMPLATE_ID = "template"
 #: The receive time a web writes into a request; the accept script replaces it.

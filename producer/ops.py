@@ -13,15 +13,15 @@ from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from humanconnect import events
+from humanconnect.metrics import RedisCollector
+from humanconnect.redis_keys import QUEUES, UNACKED, WAITING_QUEUE
+from humanconnect.runtime import Runtime
+from humanconnect.webhooks import deliveries
+from humanconnect.webhooks.sender import safe_url
 from producer import schemas
 from producer.finish import FINISHES
 from producer.state import Parts
-from worker import events
-from worker.metrics import RedisCollector
-from worker.redis_keys import QUEUES, UNACKED, WAITING_QUEUE
-from worker.runtime import Runtime
-from worker.webhooks import deliveries
-from worker.webhooks.sender import safe_url
 
 
 def registry_for(rt: Runtime) -> CollectorRegistry:

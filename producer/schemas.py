@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.states import RequestState
+from humanconnect.states import RequestState
 
 
 class _Body(BaseModel):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from celery import Celery
 from redis.asyncio import Redis as AsyncRedis
 
+from humanconnect.runtime import Runtime, async_redis_client
+from humanconnect.settings import Settings
 from producer.accept import Acceptor
 from producer.claims import Claims
 from producer.lanes import WaitingLane
@@ -15,8 +17,6 @@ from producer.message import MessageBuilder
 from producer.tickets import TicketCheck
 from producer.waiters import Waiters
 from producer.warm import WarmPool
-from worker.runtime import Runtime, async_redis_client
-from worker.settings import Settings
 
 
 @dataclass

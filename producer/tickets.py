@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from worker.settings import Settings
-from worker.tickets import verify
+from humanconnect.settings import Settings
+from humanconnect.tickets import verify
 
 
 class TicketCheck:

@@ -10,10 +10,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from humanconnect.users import read_user
 from producer import schemas
 from producer.errors import error, unavailable
 from producer.state import Parts
-from worker.users import read_user
 
 NO_STORE = {"Cache-Control": "no-store"}
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from worker.redis_keys import DONE_PATTERN as PATTERN
+from humanconnect.redis_keys import DONE_PATTERN as PATTERN
 
 log = logging.getLogger(__name__)
 

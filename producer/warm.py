@@ -34,8 +34,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from starlette.routing import BaseRoute
 
+from humanconnect.crypto import Cipher
 from producer.periodic import Periodic
-from worker.crypto import Cipher
 
 log = logging.getLogger(__name__)
 

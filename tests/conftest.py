@@ -14,7 +14,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from humanconnect.standin import Running
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Running
+from humanconnect.settings import Settings
+from humanconnect.storage import migrate
+from humanconnect.storage.db import dispose_all
 from tests import factories
 from tests.support.env import (
     CLIENT_ID,
@@ -26,10 +30,6 @@ from tests.support.env import (
 )
 from tests.support.processes import Deployment, Process, start_web, start_worker
 from tests.support.servers import RedisServer, flushed, fresh_database, pg_or_skip
-from worker import migrate
-from worker.db import dispose_all
-from worker.runtime import Runtime
-from worker.settings import Settings
 
 
 @pytest.fixture

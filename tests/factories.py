@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session as DbSession
 
-from humanconnect.standin import Faults, StandIn, client_user_id_for
+from humanconnect.clock import now_us
+from humanconnect.crypto import Cipher, session_hash
+from humanconnect.request import Job
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Faults, StandIn, client_user_id_for
+from humanconnect.storage import sessions, tokens
+from humanconnect.storage.models import Session
+from humanconnect.tickets import mint
 from tests.support.env import CLIENT_ID, CLIENT_SECRET, TICKET_KEY
-from worker import sessions, store
-from worker.clock import now_us
-from worker.crypto import Cipher, session_hash
-from worker.models import Session
-from worker.request import Job
-from worker.runtime import Runtime
-from worker.tickets import mint
 
 
 def standin() -> StandIn:
@@ -76,7 +76,7 @@ def session_row(db: DbSession, job: Job, cipher: Cipher, key: str | None = None)
 def stored_user(rt: Runtime, *, public_token: str | None = None) -> str:
     """One user with tokens in the store (access token "access-secret-1"); its clientUserId."""
     with rt.db() as db:
-        store.save_tokens(
+        tokens.save_tokens(
             db,
             rt.cipher,
             human_id="a" * 24,

@@ -11,13 +11,13 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from humanconnect import redis_keys
+from humanconnect.redis_keys import QUEUE
+from humanconnect.settings import Settings
 from tests import factories
 from tests.support.env import CLIENT_ID, CLIENT_SECRET
 from tests.support.scan import assert_no_secrets, redis_text, task_kwargs
 from tests.support.servers import RedisServer
-from worker import redis_keys
-from worker.redis_keys import QUEUE
-from worker.settings import Settings
 
 JSON = {"Content-Type": "application/json"}
 

@@ -18,16 +18,17 @@ import redis
 from celery import Celery
 from redbeat.decoder import RedBeatJSONEncoder
 
-from humanconnect.procs import commands
+from humanconnect.cli.procs import commands
+from humanconnect.queue import BEAT_KEY_PREFIX, BEAT_LOCK_TIMEOUT_S, BEAT_MAX_LOOP_S
+from humanconnect.redis_keys import WEBHOOK_QUEUE
+from humanconnect.settings import Settings
+from humanconnect.webhooks import signing
+from humanconnect.webhooks.deliveries import endpoint_digest
 from tests.support.env import CLIENT_ID, FERNET_KEY, ROOT, service_env, wait_for
 from tests.support.processes import Process
 from tests.support.servers import RedisServer
 from worker.beat import Scheduler
-from worker.celery import BEAT_KEY_PREFIX, BEAT_LOCK_TIMEOUT_S, BEAT_MAX_LOOP_S, configure
-from worker.redis_keys import WEBHOOK_QUEUE
-from worker.settings import Settings
-from worker.webhooks import signing
-from worker.webhooks.deliveries import endpoint_digest
+from worker.celery import configure
 
 log = logging.getLogger(__name__)
 SECRET = signing.new_secret()

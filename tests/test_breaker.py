@@ -7,12 +7,12 @@ from unittest import mock
 
 import redis
 
-from humanconnect.standin import Faults, Running
+from humanconnect.exchange import Exchanger
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.upstream import breaker
+from humanconnect.upstream.breaker import Breaker
 from tests import factories
-from worker import breaker
-from worker.breaker import Breaker
-from worker.exchange import Exchanger
-from worker.runtime import Runtime
 
 
 def _fail(b: Breaker, n: int) -> None:
@@ -120,7 +120,7 @@ def test_the_last_seconds_successes_still_count_when_a_new_second_begins(
     a success and it trips as before."""
     second = 1_800_000_000
     clock = [second * 1_000_000]
-    with mock.patch("worker.breaker.now_us", lambda: clock[0]):
+    with mock.patch("humanconnect.upstream.breaker.now_us", lambda: clock[0]):
         b = Breaker(redis_client)
         b.success()
         _fail(b, breaker.THRESHOLD - 1)

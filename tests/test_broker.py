@@ -48,9 +48,9 @@ def test_redis_urls_use_it_and_rediss_keeps_tls() -> None:
     still follows `rediss://` (Kombu decides TLS by that name)."""
     from celery import Celery
 
+    from humanconnect.settings import Settings
     from worker.broker import Transport
     from worker.celery import configure
-    from worker.settings import Settings
 
     configure(Celery("probe"), Settings.model_validate({}))
 

@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 import redis
 
-from humanconnect.standin import Faults, Running
-from humanconnect.standin_connect import human_id_for
+from humanconnect import redis_keys
+from humanconnect.crypto import session_hash
+from humanconnect.sandbox.connect import human_id_for
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.tickets import mint
 from tests.support.env import CI, CLIENT_ID, ROOT, TICKET_KEY
 from tests.support.processes import Deployment
 from tests.support.scan import stored_users
 from tests.support.servers import StaticSite
-from worker import redis_keys
-from worker.crypto import session_hash
-from worker.tickets import mint
 
 pytest.importorskip("playwright")
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright  # noqa: E402

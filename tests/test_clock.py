@@ -15,12 +15,12 @@ import httpx
 import pytest
 import redis
 
-from humanconnect.standin import Running
+from humanconnect import redis_keys
+from humanconnect.sandbox.standin import Running
 from tests import factories
 from tests.support.env import CI, ROOT, wait_for
 from tests.support.processes import Deployment, start_web
 from tests.support.scan import stored_users
-from worker import redis_keys
 
 # CI installs libfaketime (.ci/run); a developer's machine without it skips.
 pytestmark = pytest.mark.skipif(

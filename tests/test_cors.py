@@ -91,7 +91,7 @@ def test_the_sandbox_page_and_tickets_exist_only_in_sandbox_mode(
 ) -> None:
     """Outside sandbox mode `/` and the ticket endpoint are 404; in sandbox mode the page
     is served and tickets are minted (and checked when a finish sends one)."""
-    from worker.tickets import verify
+    from humanconnect.tickets import verify
 
     real = make_client()
     assert real.get("/").status_code == 404

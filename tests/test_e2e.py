@@ -10,14 +10,14 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from humanconnect.standin import Faults, Running
+from humanconnect.crypto import Cipher
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.storage.db import session_factory
+from humanconnect.storage.models import Session
 from tests import factories
 from tests.support.env import BIN, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env, wait_for
 from tests.support.scan import assert_no_secrets, state_counts, stored_users, stream_entries
 from tests.support.traffic import burst
-from worker.crypto import Cipher
-from worker.db import session_factory
-from worker.models import Session
 
 
 @pytest.mark.slow
@@ -202,16 +202,14 @@ def test_message_sealed_with_an_unknown_key_fails_visibly(
     deploy, redis_client: redis.Redis
 ) -> None:
     """A session token sealed with a key no longer configured ends `failed`, not stuck queued."""
-    from celery import Celery
 
+    from humanconnect.queue import EXCHANGE_TASK, sender
+    from humanconnect.settings import Settings
+    from humanconnect.status_records import get_state
     from tests.support.env import FERNET_KEY_2
-    from worker.celery import EXCHANGE_TASK, celery_config
-    from worker.settings import Settings
-    from worker.status import get_state
 
     d = deploy()
-    app = Celery("test-sender")
-    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]})))
+    app = sender(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]}), "test-sender")
     request_id = "unknownkeyrequest00001"
     app.send_task(
         EXCHANGE_TASK,

@@ -9,15 +9,15 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from humanconnect.standin import Faults, Running
+from humanconnect import events
+from humanconnect.exchange import Exchanger
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.storage.models import OutboxEvent
 from tests import factories
 from tests.support.env import wait_for
 from tests.support.scan import assert_no_secrets, stream_entries
 from tests.support.servers import RedisServer
-from worker import events
-from worker.exchange import Exchanger
-from worker.models import OutboxEvent
-from worker.runtime import Runtime
 
 STREAM = "humanconnect:events"
 

@@ -7,16 +7,17 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from humanconnect.standin import Faults, Running
+from humanconnect import redis_keys, status_records
+from humanconnect.crypto import session_hash
+from humanconnect.exchange import Exchanger
+from humanconnect.request import Job
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.states import RequestState
+from humanconnect.storage import tokens
+from humanconnect.storage.models import Session, User
 from tests import factories
 from tests.support.scan import stream_entries
-from worker import redis_keys, status, store
-from worker.crypto import session_hash
-from worker.exchange import Exchanger
-from worker.models import Session, User
-from worker.request import Job
-from worker.runtime import Runtime
-from worker.states import RequestState
 
 
 def exchanger(rt: Runtime) -> Exchanger:
@@ -43,11 +44,11 @@ def test_success_stores_encrypted_tokens_and_status(
         assert raw is not None
         assert issued.access_token not in raw.access_token
         assert issued.public_token not in (raw.public_token or "")
-        user = store.get_user(db, runtime.cipher, issued.client_user_id)
+        user = tokens.get_user(db, runtime.cipher, issued.client_user_id)
     assert user is not None
     assert user.access_token == issued.access_token
     assert user.public_token == issued.public_token
-    record = status.get_state(runtime.redis, job.request_id)
+    record = status_records.get_state(runtime.redis, job.request_id)
     assert record is not None and record["state"] == "succeeded"
     assert record["clientUserId"] == issued.client_user_id
     assert runtime.cipher.open(record["publicToken"]) == issued.public_token
@@ -75,7 +76,7 @@ def test_duplicate_under_another_request_id_mirrors_the_outcome(
     second = factories.job(session_token=first.session_token, human_id=first.human_id)
     assert exchanger(runtime).run(first).state == "succeeded"
     assert exchanger(runtime).run(second).state == "succeeded"
-    record = status.get_state(runtime.redis, second.request_id)
+    record = status_records.get_state(runtime.redis, second.request_id)
     assert record is not None and record["state"] == "succeeded"
     assert (
         runtime.cipher.open(record["publicToken"])
@@ -97,7 +98,7 @@ def test_permanent_refusal_fails_without_retry(
     row = session_row(runtime, job)
     assert row.state == "failed" and row.error_kind == "permanent"
     assert str(code) in (row.error or "")
-    record = status.get_state(runtime.redis, job.request_id)
+    record = status_records.get_state(runtime.redis, job.request_id)
     assert record is not None and record["state"] == "failed" and str(code) in record["error"]
 
 
@@ -178,7 +179,7 @@ def test_older_session_never_overwrites_newer(
     newer_tokens = standin.state.by_session[newer.session_token]
     assert ex.run(older).state == "succeeded"
     with runtime.db() as db:
-        user = store.get_user(db, runtime.cipher, newer_tokens.client_user_id)
+        user = tokens.get_user(db, runtime.cipher, newer_tokens.client_user_id)
     assert user is not None
     assert user.access_token == newer_tokens.access_token
     assert user.public_token == newer_tokens.public_token
@@ -212,7 +213,7 @@ def test_refusal_after_a_crashed_run_is_answer_lost(
         row = factories.session_row(db, job, runtime.cipher)
         row.state, row.attempts = "running", 1
         db.commit()
-    from worker.upstream import exchange_tokens
+    from humanconnect.upstream.client import exchange_tokens
 
     with pytest.raises(Exception):  # noqa: B017 - the dropped answer
         exchange_tokens(
@@ -240,7 +241,7 @@ def test_tokens_and_success_commit_together(
 
     job = factories.job()
     # Given a store step that dies after the upsert (inside its transaction)
-    with mock.patch("worker.exchange.events.record", side_effect=SystemExit("killed")):
+    with mock.patch("humanconnect.exchange.events.record", side_effect=SystemExit("killed")):
         with pytest.raises(SystemExit):
             exchanger(runtime).run(job)
     # Then no tokens were committed without the session's success
@@ -261,8 +262,8 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     from sqlalchemy.exc import OperationalError
     from sqlalchemy.orm import Session as DbSession
 
-    from worker import events
-    from worker.models import OutboxEvent
+    from humanconnect import events
+    from humanconnect.storage.models import OutboxEvent
 
     real_commit, real_record = DbSession.commit, events.record
     armed: list[bool] = []
@@ -280,7 +281,7 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
 
     job = factories.job()
     with (
-        mock.patch("worker.exchange.events.record", side_effect=record),
+        mock.patch("humanconnect.exchange.events.record", side_effect=record),
         mock.patch.object(DbSession, "commit", commit),
     ):
         outcome = exchanger(runtime).run(job)
@@ -288,7 +289,9 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     with runtime.db() as db:
         recorded = db.scalars(select(OutboxEvent.fields)).all()
     assert len(recorded) == 1 and job.human_id in recorded[0]
-    assert (status.get_state(redis_client, job.request_id) or {}).get("state") == "succeeded"
+    assert (status_records.get_state(redis_client, job.request_id) or {}).get(
+        "state"
+    ) == "succeeded"
     assert standin.state.exchanges[job.session_token] == 1
 
 
@@ -303,20 +306,22 @@ def test_taking_the_lock_marks_running_but_never_reopens_an_ended_request(
     job = factories.job()
 
     def take(token: str) -> bool:
-        return status.lock_and_begin(
+        return status_records.lock_and_begin(
             runtime.redis, lock_key(job), token, 30_000, job.request_id, job.human_id, 60
         )
 
     def state() -> str | None:
-        return (status.get_state(runtime.redis, job.request_id) or {}).get("state")
+        return (status_records.get_state(runtime.redis, job.request_id) or {}).get("state")
 
     # Given a queued request, taking its lock marks it running and records progress
-    status.set_state(runtime.redis, job.request_id, RequestState.QUEUED, 60, humanId=job.human_id)
+    status_records.set_state(
+        runtime.redis, job.request_id, RequestState.QUEUED, 60, humanId=job.human_id
+    )
     assert take("t1")
     assert state() == "running"
     assert runtime.redis.zscore(redis_keys.PENDING, job.request_id) is not None
     # While held, another delivery neither gets the lock nor touches the record
-    status.set_state(
+    status_records.set_state(
         runtime.redis, job.request_id, RequestState.SUCCEEDED, 60, humanId=job.human_id
     )
     assert not take("t2")

@@ -18,10 +18,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from humanconnect import redis_keys
+from humanconnect.redis_keys import QUEUE
+from humanconnect.storage import migrate
 from tests.support.env import BIN, CLIENT_ID, FERNET_KEY, ROOT, service_env
 from tests.support.processes import Deployment, Process, start_web
-from worker import migrate, redis_keys
-from worker.redis_keys import QUEUE
 
 READ_BACK_TOKEN = "fuzz-read-back-token-0123456789"
 FIELDS = ("humanId", "clientId", "sessionToken", "human_id", "client_id", "session_token")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
+
+import pytest
 
 from tests.support.env import BIN, ROOT, service_env
 
@@ -26,7 +30,7 @@ for package in ("worker", "producer", "humanconnect"):
     mod = importlib.import_module(package)
     for info in pkgutil.walk_packages(mod.__path__, package + "."):
         # Alembic's env.py and revisions are scripts Alembic runs, not modules to import.
-        if info.name.startswith("worker.migrations"):
+        if info.name.startswith("humanconnect.storage.migrations"):
             continue
         try:
             importlib.import_module(info.name)
@@ -68,7 +72,7 @@ def test_every_module_imports_without_side_effects(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
     # Then all of them imported, and nothing else happened
-    assert {"worker.celery", "worker.tasks", "producer.main", "humanconnect.cli"} <= set(
+    assert {"worker.celery", "worker.tasks", "producer.main", "humanconnect.cli.main"} <= set(
         result["imported"]
     )
     assert result["exited"] == {}
@@ -97,7 +101,7 @@ def test_the_probe_sees_a_module_that_reads_dotenv(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("HUMANAPI_CLIENT_ID=x\n")
     probe = PROBE.replace(
         'result["env_opened"] = opened',
-        "from worker.settings import get_settings\n"
+        "from humanconnect.settings import get_settings\n"
         "try:\n    get_settings()\nexcept Exception:\n    pass\n"
         'result["env_opened"] = opened',
     )
@@ -110,3 +114,41 @@ def test_the_probe_sees_a_module_that_reads_dotenv(tmp_path: Path) -> None:
         timeout=120,
     )
     assert json.loads(proc.stdout.splitlines()[-1])["env_opened"] == [".env"]
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The top-level packages of ours that a module imports, at any depth in the file."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & {"humanconnect", "producer", "worker"}
+
+
+def test_dependencies_point_one_way() -> None:
+    """The core (humanconnect) imports neither process; the web (producer) and the Celery
+    process (worker) import the core and never each other."""
+    allowed = {"humanconnect": {"humanconnect"}, "producer": {"humanconnect", "producer"}}
+    allowed["worker"] = {"humanconnect", "worker"}
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(_imported_packages(path) - allowed[package])
+        for package in allowed
+        for path in (ROOT / package).rglob("*.py")
+        if _imported_packages(path) - allowed[package]
+    }
+    assert wrong == {}
+
+
+def test_the_old_embedding_import_still_works_with_a_warning() -> None:
+    """`worker.users.get_user_tokens` (the import embedding apps used) warns and answers
+    what `humanconnect.users.get_user_tokens` answers."""
+    from humanconnect import users
+    from worker.users import get_user_tokens
+
+    with mock.patch.object(users, "get_user_tokens", return_value=None) as new:
+        with pytest.warns(DeprecationWarning, match="humanconnect.users.get_user_tokens"):
+            assert get_user_tokens("someone") is None
+    new.assert_called_once_with("someone")

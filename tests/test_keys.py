@@ -7,13 +7,13 @@ import subprocess
 import pytest
 from sqlalchemy import select
 
+from humanconnect.crypto import Cipher, DecryptError
+from humanconnect.jobs.rotation import rotate_all
+from humanconnect.runtime import Runtime
+from humanconnect.storage.models import Session, User
+from humanconnect.storage.tokens import get_user, save_tokens
 from tests import factories
 from tests.support.env import BIN, CLIENT_ID, FERNET_KEY, FERNET_KEY_2, service_env
-from worker import store
-from worker.crypto import Cipher, DecryptError
-from worker.models import Session, User
-from worker.rotation import rotate_all
-from worker.runtime import Runtime
 
 
 def _save(rt: Runtime, n: int) -> list[str]:
@@ -21,7 +21,7 @@ def _save(rt: Runtime, n: int) -> list[str]:
     with rt.db() as db:
         for i in range(n):
             human = factories.human_id()
-            store.save_tokens(
+            save_tokens(
                 db,
                 rt.cipher,
                 human_id=human,
@@ -46,7 +46,7 @@ def test_rotation_keeps_old_rows_readable_and_rewrites_them(make_settings, db_ur
         )
     )
     with both.db() as db:
-        assert all(store.get_user(db, both.cipher, u) for u in users)
+        assert all(get_user(db, both.cipher, u) for u in users)
     # batch of 3 over 7 rows: the loop must page, not stop after one batch
     assert rotate_all(both, batch=3).users == 7
     new_only = Cipher([FERNET_KEY_2])
@@ -108,7 +108,7 @@ def test_rotate_is_resumable_and_covers_kept_session_tokens(
         # ... the committed batches are under the new key, the rest under the old, and
         # every row still opens with both keys listed.
         assert [_opens(new_only, r.access_token) for r in rows] == [True] * 4 + [False] * 5
-        assert all(store.get_user(db, both.cipher, u) for u in users)
+        assert all(get_user(db, both.cipher, u) for u in users)
     # Then the command, run again, finishes: users and kept session tokens.
     env = service_env(
         DATABASE_URL=db_url,

@@ -8,20 +8,19 @@ import json
 import secrets
 
 import redis
-from celery import Celery
 from redis.asyncio import Redis as AsyncRedis
 
+from humanconnect.crypto import Cipher
+from humanconnect.queue import sender
+from humanconnect.redis_keys import PENDING, QUEUE, WAITING_QUEUE
+from humanconnect.settings import Settings
+from humanconnect.upstream.limiter import slot_interval
 from producer.accept import Acceptor
 from producer.body import FinishBody
 from producer.claims import Claims
 from producer.lanes import BURST_S, SHARE, WaitingLane
 from producer.message import MessageBuilder
 from tests.support.env import CLIENT_ID, FERNET_KEY
-from worker.celery import celery_config
-from worker.crypto import Cipher
-from worker.ratelimit import slot_interval
-from worker.redis_keys import PENDING, QUEUE, WAITING_QUEUE
-from worker.settings import Settings
 
 
 def _body() -> FinishBody:
@@ -32,8 +31,7 @@ def _body() -> FinishBody:
 
 def _accept_all(redis_url: str, max_rps: float, waiting: list[bool]) -> None:
     async def run() -> None:
-        app = Celery("test-lanes")
-        app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": redis_url})))
+        app = sender(Settings.model_validate({"REDIS_URL": redis_url}), "test-lanes")
         r = AsyncRedis.from_url(redis_url)
         claims = Claims(r, 60, WaitingLane.for_rate(max_rps))
         acceptor = Acceptor(claims, MessageBuilder(app), Cipher([FERNET_KEY]))

@@ -10,8 +10,8 @@ import time
 import redis
 from fastapi.testclient import TestClient
 
+from humanconnect.redis_keys import PENDING, QUEUES, request_status
 from tests import factories
-from worker.redis_keys import PENDING, QUEUES, request_status
 
 # Keeps Redis busy for ARGV[1] µs by its own clock.
 SPIN = """

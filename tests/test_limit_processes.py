@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from bench.harness import no_collection
-from humanconnect.standin import Running
+from humanconnect.sandbox.standin import Running
+from humanconnect.upstream.limiter import slot_interval
 from tests import factories
 from tests.support import figures
 from tests.support.env import ROOT
 from tests.support.processes import Deployment, Process, start_worker
 from tests.support.scan import state_counts
 from tests.support.traffic import burst
-from worker.ratelimit import slot_interval
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 
@@ -37,7 +37,7 @@ BACKLOG = 700
 #: 21 stamped within a second seen there. Past it, 20 at most. With the CPUs busy elsewhere
 #: the workers (nice 10) send up to ~30 ms after their slots: with 3 % spacing and the lock
 #: renewed between slot and send, 21 were seen; the limiter now counts the renewal against
-#: the slot and spaces slots 5 % apart (worker/ratelimit.py).
+#: the slot and spaces slots 5 % apart (humanconnect/upstream/limiter.py).
 SETTLE_S = 2.0
 WATCH_S = 15.0
 #: The share of PACE · WATCH_S the span must hold. A correct limiter loses only the slots

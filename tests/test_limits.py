@@ -15,16 +15,16 @@ import redis
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
+from humanconnect import redis_keys
+from humanconnect.errors import ConfigError
+from humanconnect.rate import Rate
+from humanconnect.redis_keys import PENDING, QUEUE
+from humanconnect.settings import load
+from humanconnect.tickets import mint
 from producer.finish import client_address
 from tests import factories
 from tests.support.env import CLIENT_ID, FERNET_KEY, ROOT, TICKET_KEY, service_env
 from tests.support.processes import start_web
-from worker import redis_keys
-from worker.errors import ConfigError
-from worker.rates import Rate
-from worker.redis_keys import PENDING, QUEUE
-from worker.settings import load
-from worker.tickets import mint
 
 
 def _post(

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from worker.logs import REDACTED, JsonFormatter, RedactingFilter
+from humanconnect.logs import REDACTED, JsonFormatter, RedactingFilter
 
 SECRET = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e70001"
 
@@ -64,7 +64,7 @@ def test_celerys_routine_lines_stay_out_of_info() -> None:
     dropped; Celery's errors and retries, and our own lines, still pass."""
     from celery.app import trace
 
-    from worker.logs import BEAT_SENDING, quiet_celery
+    from humanconnect.logs import BEAT_SENDING, quiet_celery
 
     quiet_celery()
     quiet_celery()  # idempotent: one filter per logger
@@ -78,13 +78,13 @@ def test_celerys_routine_lines_stay_out_of_info() -> None:
     assert not passes("celery.app.trace", logging.INFO, trace.LOG_SUCCESS)
     assert passes("celery.app.trace", logging.ERROR, trace.LOG_FAILURE)
     assert passes("celery.beat", logging.INFO, "beat: Starting...")
-    assert passes("worker.exchange", logging.INFO, "exchange succeeded request=%s")
+    assert passes("humanconnect.exchange", logging.INFO, "exchange succeeded request=%s")
     assert len(logging.getLogger("celery.beat").filters) == 1
 
 
 def test_connect_tickets_never_reach_a_log_line() -> None:
     """A ticket in a URL's query, a JSON field or anywhere as a bare JWT is redacted."""
-    from worker.tickets import mint
+    from humanconnect.tickets import mint
 
     ticket = mint("log-test-key-0123456789abcdef0123", "alice@example.com")
     f = RedactingFilter()

@@ -11,11 +11,11 @@ from dataclasses import replace
 import redis
 from celery import Celery
 
+from humanconnect.queue import EXCHANGE_TASK, sender
+from humanconnect.redis_keys import QUEUE, WAITING_QUEUE
+from humanconnect.request import ExchangeRequest
+from humanconnect.settings import Settings
 from producer.message import RECEIVED_MARKER, RECEIVED_PLACEHOLDER, MessageBuilder
-from worker.celery import EXCHANGE_TASK, celery_config
-from worker.redis_keys import QUEUE, WAITING_QUEUE
-from worker.request import ExchangeRequest
-from worker.settings import Settings
 
 REQUESTS = [
     ExchangeRequest(
@@ -60,8 +60,7 @@ def _celerys_own(app: Celery, r: redis.Redis, request: ExchangeRequest, queue: s
 def test_the_message_matches_celerys_own(redis_url: str, redis_client: redis.Redis) -> None:
     """For each request (one builder, several ids): every field is what Celery writes, but
     Kombu's per-message delivery tag; the body carries the task's kwargs."""
-    app = Celery("test-sender")
-    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": redis_url})))
+    app = sender(Settings.model_validate({"REDIS_URL": redis_url}), "test-sender")
     builder = MessageBuilder(app)
     tags = []
     for request in REQUESTS:
@@ -95,8 +94,7 @@ def test_the_waiting_queues_message_matches_celerys_own(
 ) -> None:
     """A message for the waiting queue is Celery's own publish to that queue: it names the
     queue, so a worker knows a person waits and Kombu puts it back there if unacknowledged."""
-    app = Celery("test-sender")
-    app.conf.update(celery_config(Settings.model_validate({"REDIS_URL": redis_url})))
+    app = sender(Settings.model_validate({"REDIS_URL": redis_url}), "test-sender")
     request = REQUESTS[0]
     theirs = _celerys_own(app, redis_client, request, WAITING_QUEUE)
     ours = json.loads(MessageBuilder(app).exchange(request, WAITING_QUEUE))

@@ -6,9 +6,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from worker import migrate
-from worker.db import engine_for
-from worker.models import Base
+from humanconnect.storage import migrate
+from humanconnect.storage.db import engine_for
+from humanconnect.storage.models import Base
 
 
 def test_migrations_match_the_models(db_url: str) -> None:

@@ -11,14 +11,14 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from humanconnect.procs import commands
-from humanconnect.standin import Faults, Running
+from humanconnect.cli.procs import commands
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.states import ErrorKind
+from humanconnect.storage.db import session_factory
+from humanconnect.tickets import mint
 from tests.support.env import CLIENT_ID, CLIENT_SECRET, ROOT, TICKET_KEY, wait_for
 from tests.support.processes import Deployment, Process, start_worker
 from tests.support.scan import assert_no_secrets, stored_users, stream_entries
-from worker.db import session_factory
-from worker.states import ErrorKind
-from worker.tickets import mint
 
 VICTIM = "victim@example.com"
 ATTACKER = "mallory@example.com"

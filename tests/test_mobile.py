@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from humanconnect.standin import Faults, Running
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.tickets import mint
 from tests import factories
 from tests.support.env import TICKET_KEY
 from tests.support.processes import Deployment
 from tests.support.traffic import sdk_post
-from worker.tickets import mint
 
 
 def test_ios_shape_gets_201_with_the_public_token(

@@ -19,15 +19,15 @@ from hypothesis import strategies as st
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 
+from humanconnect import status_records
+from humanconnect.runtime import Runtime
+from humanconnect.settings import Settings
+from humanconnect.states import RequestState
 from producer.app import create_app
 from producer.body import MAX_BODY_BYTES, FinishBody
 from tests import factories
 from tests.support.env import CLIENT_ID, TICKET_KEY
 from tests.support.servers import RedisServer
-from worker import status
-from worker.runtime import Runtime
-from worker.settings import Settings
-from worker.states import RequestState
 
 API_TOKEN = "openapi-read-back-token-0123456789"
 BEARER = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -217,7 +217,7 @@ def _finish(answers: Answers, settings: Settings) -> None:
     answers.get(template, accepted["statusUrl"])
     answers.get(template, "/connect/finish/unknown")  # 404
 
-    # With `Prefer: wait`, a session whose exchange ended: 201 or 422 with its status.
+    # With `Prefer: wait`, a session whose exchange ended: 201 or 422 with its status_records.
     r = redis.Redis.from_url(settings.redis_url or "")
     cipher = Runtime(settings).cipher
     ends = {
@@ -227,7 +227,7 @@ def _finish(answers: Answers, settings: Settings) -> None:
     for state, fields in ends.items():
         body = factories.finish_body()
         request_id = answers.post(json=body).json()["requestId"]
-        status.set_state(r, request_id, state, settings.status_ttl_s, **fields)
+        status_records.set_state(r, request_id, state, settings.status_ttl_s, **fields)
         resp = answers.post(json=body, headers={"Prefer": "wait=1"})
         assert resp.json()["status"] == state
         answers.get(template, f"/connect/finish/{request_id}")

@@ -10,13 +10,13 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
+from humanconnect.runtime import Runtime
+from humanconnect.settings import Settings
+from humanconnect.users import get_user_tokens
 from producer.app import create_app
 from tests import factories
 from tests.support.env import wait_for
 from tests.support.servers import RedisServer, TcpProxy
-from worker.runtime import Runtime
-from worker.settings import Settings
-from worker.users import get_user_tokens
 
 API_TOKEN = "op-token-0123456789abcdef"
 
@@ -187,7 +187,7 @@ def test_read_back_compares_every_token_in_constant_time(
 
 def test_upstream_histogram_is_cumulative_at_scrape(redis_client) -> None:
     """Each observation lands in one bucket; the scrape adds them up as Prometheus expects."""
-    from worker import metrics
+    from humanconnect import metrics
 
     metrics.observe_many(redis_client, "upstream_seconds", [0.01, 0.2, 0.3], endpoint="tokens")
     metrics.observe_many(redis_client, "upstream_seconds", [20.0], endpoint="tokens")

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
+from humanconnect.upstream.limiter import LATE_S, GlobalRateLimiter, slot_interval
 from tests.support import figures
-from worker.ratelimit import LATE_S, GlobalRateLimiter, slot_interval
 
 
 def _script_calls(r: redis.Redis) -> int:

@@ -7,12 +7,12 @@ import time
 
 import redis
 
-from worker import status
-from worker.reconcile import requeue_stale
-from worker.redis_keys import PENDING
-from worker.redis_keys import request_status as request_key
-from worker.request import ExchangeRequest
-from worker.states import RequestState
+from humanconnect import status_records
+from humanconnect.jobs.reconcile import requeue_stale
+from humanconnect.redis_keys import PENDING
+from humanconnect.redis_keys import request_status as request_key
+from humanconnect.request import ExchangeRequest
+from humanconnect.states import RequestState
 
 TTL = 3600
 
@@ -38,7 +38,7 @@ def test_only_stalled_requests_are_sent_again(redis_client: redis.Redis) -> None
     _accepted(redis_client, "lost", age_s=600)
     _accepted(redis_client, "fresh", age_s=1)
     _accepted(redis_client, "done", age_s=600)
-    status.set_state(redis_client, "done", RequestState.SUCCEEDED, TTL, humanId="h" * 24)
+    status_records.set_state(redis_client, "done", RequestState.SUCCEEDED, TTL, humanId="h" * 24)
     assert requeue_stale(redis_client, sent.append, stale_s=150) == 1
     assert sent == [
         ExchangeRequest(
@@ -59,10 +59,10 @@ def test_worker_progress_and_end_move_the_pending_set(redis_client: redis.Redis)
     """Running/retrying refresh a request's score; succeeded or failed removes it and the
     sealed token with it."""
     _accepted(redis_client, "r1", age_s=600)
-    status.set_state(redis_client, "r1", RequestState.RUNNING, TTL)
+    status_records.set_state(redis_client, "r1", RequestState.RUNNING, TTL)
     score = redis_client.zscore(PENDING, "r1")
     assert score is not None and score > time.time() - 5
-    status.set_state(redis_client, "r1", RequestState.FAILED, TTL, error="x")
+    status_records.set_state(redis_client, "r1", RequestState.FAILED, TTL, error="x")
     assert redis_client.zscore(PENDING, "r1") is None
     assert redis_client.hget(request_key("r1"), "sealedSessionToken") is None
 

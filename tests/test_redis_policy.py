@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from humanconnect.procs import commands
+from humanconnect import redis_policy
+from humanconnect.cli.procs import commands
+from humanconnect.errors import ConfigError
 from tests.support.env import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -22,8 +24,6 @@ from tests.support.env import (
     service_env,
 )
 from tests.support.servers import RedisServer
-from worker import redis_policy
-from worker.errors import ConfigError
 
 REFUSAL = (
     "humanconnect: Redis maxmemory-policy is allkeys-lru, which can evict queued sessions: "
@@ -46,7 +46,7 @@ def test_check_refuses_warns_or_passes(
     with pytest.raises(ConfigError) as refused:
         redis_policy.check(lru_redis.url, allow=False)
     assert "humanconnect: " + str(refused.value) == REFUSAL
-    with caplog.at_level(logging.WARNING, logger="worker.redis_policy"):
+    with caplog.at_level(logging.WARNING, logger="humanconnect.redis_policy"):
         redis_policy.check(lru_redis.url, allow=True)
     assert "maxmemory-policy is allkeys-lru" in caplog.text
     redis.Redis.from_url(lru_redis.url).config_set("maxmemory-policy", "noeviction")

@@ -10,17 +10,18 @@ import pytest
 from redis.lock import Lock
 from sqlalchemy import func, select
 
-from humanconnect.standin import Faults, Running
+from humanconnect.clock import now_us
+from humanconnect.jobs import repair
+from humanconnect.jobs.repair import LOCK_KEY, Repairer
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.settings import Settings
+from humanconnect.storage import tokens
+from humanconnect.storage.models import User
 from tests import factories
 from tests.support.env import BIN, ROOT, wait_for
 from tests.support.processes import Deployment, start_worker
 from tests.support.scan import stream_entries
-from worker import repair, store
-from worker.clock import now_us
-from worker.models import User
-from worker.repair import LOCK_KEY, Repairer
-from worker.runtime import Runtime
-from worker.settings import Settings
 
 
 def seed(rt: Runtime, standin: Running, n: int, *, known: bool = True) -> list[str]:
@@ -28,7 +29,7 @@ def seed(rt: Runtime, standin: Running, n: int, *, known: bool = True) -> list[s
     humans = [factories.human_id() for _ in range(n)]
     with rt.db() as db:
         for h in humans:
-            store.save_tokens(
+            tokens.save_tokens(
                 db,
                 rt.cipher,
                 human_id=h,
@@ -63,7 +64,7 @@ def test_faulty_upstream_all_repaired_in_a_few_runs_one_event_each(
     runs = 0
     clock = [now_us()]
     # Each later run happens after the backoff has passed (time moves through now()).
-    with mock.patch("worker.repair.now_us", lambda: clock[0]):
+    with mock.patch("humanconnect.jobs.repair.now_us", lambda: clock[0]):
         while missing(runtime) and runs < 5:
             repairer(runtime).run()
             runs += 1
@@ -74,7 +75,7 @@ def test_faulty_upstream_all_repaired_in_a_few_runs_one_event_each(
     assert len({e["eventId"] for e in events}) == 1000
     with runtime.db() as db:
         for h in humans:
-            user = store.get_user(db, runtime.cipher, f"{h}@app")
+            user = tokens.get_user(db, runtime.cipher, f"{h}@app")
             assert user is not None and user.public_token == standin.state.public_tokens[h]
 
 
@@ -92,7 +93,7 @@ def test_transient_failures_back_off_and_wait(
         first = db.scalar(select(User.repair_after_us))
         assert first is not None and first > now_us() + 50_000_000
     # A later run, after the backoff, tries again and doubles it.
-    with mock.patch("worker.repair.now_us", lambda: first + 1):
+    with mock.patch("humanconnect.jobs.repair.now_us", lambda: first + 1):
         repairer(runtime).run()
     with runtime.db() as db:
         row = db.scalars(select(User)).one()
@@ -149,7 +150,7 @@ def test_newer_finish_during_repair_keeps_its_token(
         token = original(*args, **kwargs)  # type: ignore[arg-type]
         # Meanwhile a newer session of the same user is stored.
         with runtime.db() as db:
-            store.save_tokens(
+            tokens.save_tokens(
                 db,
                 runtime.cipher,
                 human_id=human,
@@ -162,11 +163,11 @@ def test_newer_finish_during_repair_keeps_its_token(
             db.commit()
         return token
 
-    with mock.patch("worker.repair.fetch_public_token", slow_fetch):
+    with mock.patch("humanconnect.jobs.repair.fetch_public_token", slow_fetch):
         report = repairer(runtime).run()
     assert report.superseded == 1 and report.repaired == 0
     with runtime.db() as db:
-        user = store.get_user(db, runtime.cipher, f"{human}@app")
+        user = tokens.get_user(db, runtime.cipher, f"{human}@app")
     assert user is not None and user.public_token == "newer-public-token-0000000000000"
     assert not [e for e in stream_entries(redis_client) if e["type"] == "publictoken.repaired"]
 
@@ -210,17 +211,15 @@ def test_killed_worker_mid_repair_next_run_finishes(deploy, standin: Running, re
     """SIGKILL the worker mid-repair: its lock expires, a new worker's run repairs the rest."""
     import signal
 
-    from celery import Celery
-
-    from worker import events
-    from worker.celery import RELAY_TASK, REPAIR_TASK, celery_config
+    from humanconnect import events
+    from humanconnect.queue import RELAY_TASK, REPAIR_TASK
+    from humanconnect.queue import sender as queue_sender
 
     # Given 2,000 users and a worker repairing them slowly
     standin.state.faults = Faults(latency_ms=20)
     d = deploy()
     humans = _seed_env(d, standin, 2000)
-    sender = Celery("test-sender")
-    sender.conf.update(celery_config(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]})))
+    sender = queue_sender(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]}), "test-sender")
     sender.send_task(REPAIR_TASK)
     wait_for(lambda: len(standin.state.public_tokens) >= 300, 60, what="the repair under way")
     # When the worker is killed outright

@@ -8,9 +8,9 @@ import time
 import redis
 from redis.lock import Lock
 
-from worker import redis_keys, status
-from worker.session_lock import SessionLock
-from worker.states import RequestState
+from humanconnect import redis_keys, status_records
+from humanconnect.locks import SessionLock
+from humanconnect.states import RequestState
 
 NAME = redis_keys.session_lock("canary")
 
@@ -26,11 +26,11 @@ def test_redis_py_still_has_what_the_lock_uses() -> None:
 def test_take_marks_running_and_release_in_a_pipeline_frees_it(redis_client: redis.Redis) -> None:
     """Taken in the begin script, the lock is held (token set); released inside a pipeline,
     the key is gone and the lock knows it no longer holds it."""
-    status.set_state(redis_client, "rid", RequestState.QUEUED, 60, humanId="h")
+    status_records.set_state(redis_client, "rid", RequestState.QUEUED, 60, humanId="h")
     lock = SessionLock(redis_client, NAME, timeout=30)
     assert lock.take("rid", "h", 60) and lock.held
     assert redis_client.get(NAME) == lock.local.token
-    assert status.get_state(redis_client, "rid")["state"] == RequestState.RUNNING  # type: ignore[index]
+    assert status_records.get_state(redis_client, "rid")["state"] == RequestState.RUNNING  # type: ignore[index]
     # Another delivery cannot take it meanwhile
     assert not SessionLock(redis_client, NAME, timeout=30).take("rid", "h", 60)
     pipe = redis_client.pipeline(transaction=False)

@@ -15,7 +15,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from humanconnect.standin import Running
+from humanconnect.crypto import session_hash
+from humanconnect.redis_keys import PENDING, QUEUES, session_claim
+from humanconnect.runtime import async_redis_client
+from humanconnect.sandbox.standin import Running
+from humanconnect.settings import Settings
+from humanconnect.storage import migrate
 from producer.app import create_app
 from producer.memory import INTERVAL_S, MIN_HEADROOM_BYTES, MemoryWatch
 from tests import factories
@@ -23,11 +28,6 @@ from tests.support.env import ROOT, deployment_env, wait_for
 from tests.support.processes import Deployment, start_web, start_worker
 from tests.support.scan import state_counts, stored_users
 from tests.support.servers import RedisServer
-from worker import migrate
-from worker.crypto import session_hash
-from worker.redis_keys import PENDING, QUEUES, session_claim
-from worker.runtime import async_redis_client
-from worker.settings import Settings
 
 CAP = 10
 

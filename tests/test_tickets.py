@@ -14,12 +14,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from humanconnect import redis_keys
+from humanconnect.redis_keys import QUEUE
+from humanconnect.tickets import TicketError, mint, verify
 from tests import factories
 from tests.support.env import BIN, TICKET_KEY, service_env
 from tests.support.scan import assert_no_secrets, task_kwargs
-from worker import redis_keys
-from worker.redis_keys import QUEUE
-from worker.tickets import TicketError, mint, verify
 
 JSON = {"Content-Type": "application/json"}
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from humanconnect.procs import commands
-from humanconnect.up import EXAMPLE_HUMAN_ID, EXAMPLE_SESSION_TOKEN
+from humanconnect.cli.procs import commands
+from humanconnect.cli.up import EXAMPLE_HUMAN_ID, EXAMPLE_SESSION_TOKEN
+from humanconnect.settings import SANDBOX_CLIENT_ID
 from tests.support.env import BIN, ROOT, free_port, service_env, wait_for
-from worker.settings import SANDBOX_CLIENT_ID
 
 GUIDE_EXAMPLE = {
     "humanId": EXAMPLE_HUMAN_ID,

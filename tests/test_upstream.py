@@ -11,11 +11,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from humanconnect.standin import Faults, Running
+from humanconnect.clock import now
+from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError
+from humanconnect.sandbox.standin import Faults, Running
+from humanconnect.upstream.client import (
+    Tokens,
+    _proxies,
+    _verify,
+    exchange_tokens,
+    parse_retry_after,
+)
 from tests.support.env import CLIENT_ID, CLIENT_SECRET, free_port
-from worker.clock import now
-from worker.errors import PermanentUpstreamError, TransientUpstreamError
-from worker.upstream import Tokens, _proxies, _verify, exchange_tokens, parse_retry_after
 
 
 def call(base_url: str, read_timeout: float = 5.0) -> Tokens:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from aiohttp import web as aioweb
 
-from humanconnect.standin import Faults, Running, StandIn
+from humanconnect.sandbox.standin import Faults, Running, StandIn
 from tests import factories
 from tests.support.env import CLIENT_ID, CLIENT_SECRET, ROOT, deployment_env
 from tests.support.processes import Deployment, start_web, start_worker

@@ -13,7 +13,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from humanconnect.standin import Running
+from humanconnect.sandbox.standin import Running
+from humanconnect.storage.db import session_factory
+from humanconnect.upstream.limiter import slot_interval
 from producer.lanes import WaitingLane
 from tests import factories
 from tests.support import figures
@@ -21,8 +23,6 @@ from tests.support.env import wait_for
 from tests.support.processes import Deployment
 from tests.support.scan import state_counts
 from tests.support.traffic import burst, sdk_post
-from worker.db import session_factory
-from worker.ratelimit import slot_interval
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 

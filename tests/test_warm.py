@@ -20,7 +20,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from humanconnect.embedded import free_port
+from humanconnect.cli.embedded import free_port
+from humanconnect.runtime import async_redis_client
+from humanconnect.settings import Settings
 from producer.app import create_app
 from producer.claims import _ACCEPT
 from producer.warm import CONNECTIONS, WarmPool
@@ -28,8 +30,6 @@ from tests import factories
 from tests.support.env import ROOT
 from tests.support.servers import RedisServer
 from worker import priority
-from worker.runtime import async_redis_client
-from worker.settings import Settings
 
 
 def _clients(r: redis.Redis) -> int:

@@ -15,18 +15,18 @@ import pytest
 from sqlalchemy import select
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from humanconnect import events
+from humanconnect.clock import now
+from humanconnect.errors import ConfigError
+from humanconnect.runtime import Runtime
+from humanconnect.settings import Settings, load
+from humanconnect.storage.models import WebhookDelivery
+from humanconnect.webhooks import deliveries, signing
+from humanconnect.webhooks.deliveries import Result, Targets
+from humanconnect.webhooks.dispatch import Dispatcher
+from humanconnect.webhooks.sender import Sender, safe_url
 from tests import factories
 from tests.support.receiver import Receiver
-from worker import events
-from worker.clock import now
-from worker.errors import ConfigError
-from worker.models import WebhookDelivery
-from worker.runtime import Runtime
-from worker.settings import Settings, load
-from worker.webhooks import deliveries, signing
-from worker.webhooks.deliveries import Result, Targets
-from worker.webhooks.dispatch import Dispatcher
-from worker.webhooks.sender import Sender, safe_url
 
 SECRET = signing.new_secret()
 SCHEDULE = "0,0,0"
@@ -348,7 +348,7 @@ def test_no_endpoints_no_deliveries(runtime: Runtime) -> None:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    from humanconnect.cli import main
+    from humanconnect.cli.main import main
 
     with pytest.raises(SystemExit) as ended:
         main(list(argv))

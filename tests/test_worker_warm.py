@@ -14,12 +14,12 @@ import pytest
 import redis
 from kombu.utils.imports import symbol_by_name
 
+from humanconnect.runtime import Runtime
+from humanconnect.settings import Settings
 from tests.support.env import ROOT, deployment_env, free_port
 from tests.support.processes import start_worker
 from tests.support.servers import RedisServer
 from worker import tasks, warm
-from worker.runtime import Runtime
-from worker.settings import Settings
 from worker.warm import SCRIPTS
 
 THREADS = 8

@@ -1,4 +1,4 @@
-"""Celery tasks: thin verbs that load what they need and call worker.exchange."""
+"""Celery tasks: thin verbs that load what they need and call humanconnect.exchange."""
 
 from __future__ import annotations
 
@@ -16,32 +16,33 @@ from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from worker import events, logs, metrics, migrate, priority, redis_policy, status, warm
-from worker.celery import (
+from humanconnect import events, logs, metrics, redis_policy, status_records
+from humanconnect.crypto import DecryptError
+from humanconnect.errors import ConfigError
+from humanconnect.exchange import Exchanger
+from humanconnect.jobs.reconcile import requeue_stale
+from humanconnect.jobs.repair import Repairer
+from humanconnect.queue import (
     DELIVER_TASK,
     EXCHANGE_TASK,
     RECONCILE_TASK,
     RELAY_TASK,
     REPAIR_TASK,
-    app,
-    send_exchange,
 )
-from worker.crypto import DecryptError
-from worker.errors import ConfigError
-from worker.exchange import Exchanger
-from worker.ratelimit import GlobalRateLimiter
-from worker.reconcile import requeue_stale
-from worker.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
-from worker.repair import Repairer
-from worker.request import ExchangeRequest, Job
-from worker.retry import backoff
-from worker.runtime import Runtime
-from worker.settings import get_settings
-from worker.states import RequestState
-from worker.webhooks.deliveries import endpoint_digest
-from worker.webhooks.dispatch import Dispatcher
-from worker.webhooks.sender import Sender
-from worker.webhooks.signing import Signer
+from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
+from humanconnect.request import ExchangeRequest, Job
+from humanconnect.runtime import Runtime
+from humanconnect.settings import get_settings
+from humanconnect.states import RequestState
+from humanconnect.storage import migrate
+from humanconnect.upstream.limiter import GlobalRateLimiter
+from humanconnect.upstream.retry import backoff
+from humanconnect.webhooks.deliveries import endpoint_digest
+from humanconnect.webhooks.dispatch import Dispatcher
+from humanconnect.webhooks.sender import Sender
+from humanconnect.webhooks.signing import Signer
+from worker import priority, warm
+from worker.celery import app, send_exchange
 
 log = logging.getLogger(__name__)
 # How often an unforeseen exception (a bug) is retried before the session is failed.
@@ -78,7 +79,7 @@ def exchange_session(
 ) -> None:
     """Exchange one accepted session for tokens, store them, or schedule the next try.
 
-    The arguments are `ExchangeRequest.task_kwargs()` (worker/request.py)."""
+    The arguments are `ExchangeRequest.task_kwargs()` (humanconnect/request.py)."""
     request = ExchangeRequest(
         request_id=request_id,
         human_id=human_id,
@@ -96,7 +97,7 @@ def exchange_session(
             # Retrying cannot help: the key that sealed it is gone from the configured keys.
             reason = "session token sealed with an encryption key that is no longer configured"
             log.error("cannot open session token request=%s", request_id)
-            status.set_state(
+            status_records.set_state(
                 rt.redis,
                 request_id,
                 RequestState.FAILED,

@@ -1,23 +1,23 @@
-"""Reading a user's tokens back: for the web's `GET /users/...` and for apps embedding the store."""
+"""Deprecated: an app that embeds the store imports `humanconnect.users.get_user_tokens`.
+
+Kept for one release so that embedding apps keep working; it goes in the next.
+"""
 
 from __future__ import annotations
 
-from worker import store
-from worker.runtime import Runtime
-from worker.settings import Settings, get_settings
-from worker.store import StoredUser
+import warnings
+from typing import Any
+
+from humanconnect import users
+from humanconnect.storage.tokens import StoredUser
 
 
-def get_user_tokens(client_user_id: str, settings: Settings | None = None) -> StoredUser | None:
-    """A user's decrypted tokens by clientUserId, or None.
-
-    For apps that run in the same deployment and want the tokens without an HTTP call:
-    `from worker.users import get_user_tokens`. Uses the environment's settings by default.
-    """
-    return read_user(Runtime(settings or get_settings()), client_user_id)
-
-
-def read_user(rt: Runtime, client_user_id: str) -> StoredUser | None:
-    """The same, on an existing runtime."""
-    with rt.db() as db:
-        return store.get_user(db, rt.cipher, client_user_id)
+def get_user_tokens(*args: Any, **kwargs: Any) -> StoredUser | None:
+    """`humanconnect.users.get_user_tokens`, with a DeprecationWarning."""
+    warnings.warn(
+        "worker.users.get_user_tokens moved to humanconnect.users.get_user_tokens; "
+        "the old import goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return users.get_user_tokens(*args, **kwargs)

@@ -21,11 +21,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from worker.breaker import FAILURE_SCRIPT
-from worker.db import engine_for
-from worker.ratelimit import RESERVE_SCRIPT
-from worker.runtime import Runtime
-from worker.status import BEGIN_SCRIPT
+from humanconnect.runtime import Runtime
+from humanconnect.status_records import BEGIN_SCRIPT
+from humanconnect.storage.db import engine_for
+from humanconnect.upstream.breaker import FAILURE_SCRIPT
+from humanconnect.upstream.limiter import RESERVE_SCRIPT
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from humanconnect.standin import Running
+from humanconnect.sandbox.standin import Running
 from tests.support.chaos import Chaos
 
 

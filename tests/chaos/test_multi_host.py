@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from humanconnect.procs import commands
+from humanconnect.cli.procs import commands
+from humanconnect.crypto import session_hash
+from humanconnect.queue import BEAT_KEY_PREFIX
+from humanconnect.states import FINAL, ErrorKind, RequestState
+from humanconnect.storage.db import session_factory
 from tests.support.chaos import Chaos, Tally, bodies
 from tests.support.env import CI, ROOT, wait_for
 from tests.support.processes import Process, start_web
 from tests.support.scan import stored_users
-from worker.celery import BEAT_KEY_PREFIX
-from worker.crypto import session_hash
-from worker.db import session_factory
-from worker.states import FINAL, ErrorKind, RequestState
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from humanconnect.webhooks.signing import new_secret
 from tests.support.chaos import Chaos, bodies
 from tests.support.env import CLIENT_SECRET, wait_for
 from tests.support.figures import record
 from tests.support.receiver import Receiver
 from tests.support.scan import assert_no_secrets, stream_entries
-from worker.webhooks.signing import new_secret
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def _retried(chaos: Chaos) -> int:
     """Deliveries that took more than one attempt."""
     from sqlalchemy import text
 
-    from worker.db import session_factory
+    from humanconnect.storage.db import session_factory
 
     with session_factory(chaos.db_url)() as db:
         return int(

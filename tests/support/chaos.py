@@ -21,8 +21,10 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from humanconnect.procs import commands
-from humanconnect.standin import Running
+from humanconnect.cli.procs import commands
+from humanconnect.sandbox.standin import Running
+from humanconnect.states import FINAL, ErrorKind, RequestState
+from humanconnect.storage.db import session_factory
 from tests import factories
 from tests.support.env import (
     CLIENT_ID,
@@ -35,8 +37,6 @@ from tests.support.env import (
 from tests.support.processes import Process, start_web, start_worker
 from tests.support.scan import assert_no_secrets, stored_users, stream_entries
 from tests.support.servers import RedisServer
-from worker.db import session_factory
-from worker.states import FINAL, ErrorKind, RequestState
 
 REPORT = ROOT / "var" / "chaos-report.jsonl"
 #: Sessions per scenario (the issue's floor).

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from humanconnect.procs import commands
+from humanconnect.cli.procs import commands
 from tests.support.env import free_port, wait_for
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import redis
 from sqlalchemy import select, text
 
+from humanconnect.crypto import Cipher
+from humanconnect.storage import tokens
+from humanconnect.storage.db import session_factory
+from humanconnect.storage.models import User
 from tests.support.env import FERNET_KEY
-from worker import store
-from worker.crypto import Cipher
-from worker.db import session_factory
-from worker.models import User
 
 
 def task_body(message: dict[str, Any]) -> str:
@@ -77,12 +77,12 @@ def stream_entries(r: Any, name: str = "humanconnect:events") -> list[dict[str, 
     ]
 
 
-def stored_users(db_url: str) -> dict[str, store.StoredUser]:
+def stored_users(db_url: str) -> dict[str, tokens.StoredUser]:
     """Every stored user, decrypted, by humanId."""
     cipher = Cipher([FERNET_KEY])
     with session_factory(db_url)() as db:
         ids = db.scalars(select(User.client_user_id)).all()
-        return {u.human_id: u for u in (store.get_user(db, cipher, c) for c in ids) if u}
+        return {u.human_id: u for u in (tokens.get_user(db, cipher, c) for c in ids) if u}
 
 
 def state_counts(db_url: str) -> dict[str, int]:

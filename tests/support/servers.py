@@ -98,7 +98,7 @@ def create_pg_database(base_url: str) -> str:
 def drop_pg_database(base_url: str, url: str) -> None:
     import psycopg
 
-    from worker.db import dispose_all
+    from humanconnect.storage.db import dispose_all
 
     dispose_all()
     name = url.rpartition("/")[2]
@@ -237,8 +237,8 @@ def flushed(url: str) -> Iterator[str]:
 def fresh_database(kind: str, directory: Path, pg_base: str = "") -> Iterator[str]:
     """An empty, migrated database: a SQLite file in `directory`, or a new PostgreSQL
     database beside `pg_base` (dropped after)."""
-    from worker import migrate
-    from worker.db import dispose_all
+    from humanconnect.storage import migrate
+    from humanconnect.storage.db import dispose_all
 
     if kind == "sqlite":
         url = f"sqlite:///{directory / 'hc.db'}"

@@ -1,0 +1,5 @@
+"""The `humanconnect` command line."""
+
+from humanconnect.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,180 @@
+"""Completion events through an outbox: written in the transaction of the change they report,
+relayed to the Redis Stream afterwards, marked sent only once Redis took them.
+
+A relay that dies between XADD and the mark sends the same entry again, with the same
+`eventId`: consumers dedupe on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import redis
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session as DbSession
+
+from humanconnect.clock import now, timestamp
+from humanconnect.storage.models import OutboxEvent, outbox_table
+from humanconnect.webhooks import deliveries
+
+log = logging.getLogger(__name__)
+
+TYPES = ("connect.completed", "connect.failed", "publictoken.repaired")
+# Never in an event, whatever a caller passes.
+FORBIDDEN = frozenset({"accessToken", "publicToken", "sessionToken", "clientSecret"})
+# The stream keeps about this many entries (approximate trimming, cheap for Redis).
+STREAM_MAXLEN = 100_000
+# The sweep leaves younger events to the worker that wrote them (no double relay).
+SWEEP_GRACE_S = 5.0
+
+
+_INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
+
+
+def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, object]:
+    if type_ not in TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    leaked = FORBIDDEN & fields.keys()
+    if leaked:
+        raise ValueError(f"events never carry {sorted(leaked)}")
+    event_id = str(uuid.uuid4())
+    body = {"type": type_, "eventId": event_id, "occurredAt": stamp.isoformat(), **fields}
+    return {"event_id": event_id, "fields": json.dumps(body), "created_at": stamp}
+
+
+def record(
+    db: DbSession, type_: str, *, targets: deliveries.Targets = deliveries.NOWHERE, **fields: str
+) -> OutboxEvent:
+    """Add an event, and its webhook deliveries to `targets`, to the current transaction; it
+    is relayed and delivered only if that commits.
+
+    One Core INSERT … RETURNING, not the ORM's unit of work (flushing this one row through
+    the ORM is a large share of an exchange's CPU); the returned object is detached, for the
+    relay."""
+    row = _row(type_, fields, now())
+    outbox_id = db.connection().execute(_INSERT_ONE, row).scalar_one()
+    deliveries.add(db, [outbox_id], targets)
+    return OutboxEvent(id=outbox_id, **row)
+
+
+def record_many(
+    db: DbSession,
+    type_: str,
+    many: Sequence[dict[str, str]],
+    targets: deliveries.Targets = deliveries.NOWHERE,
+) -> list[int]:
+    """Add one event per item in one statement, and their deliveries; returns outbox ids."""
+    if not many:
+        return []
+    stamp = now()
+    rows = [_row(type_, fields, stamp) for fields in many]
+    ids = list(db.scalars(insert(OutboxEvent).returning(OutboxEvent.id), rows).all())
+    deliveries.add(db, ids, targets)
+    return ids
+
+
+def _send(db: DbSession, r: redis.Redis, stream: str, events: Sequence[OutboxEvent]) -> int:
+    if not events:
+        return 0
+    pipe = r.pipeline(transaction=False)
+    queue_xadd(pipe, stream, events)
+    pipe.execute()
+    mark_sent(db, [e.id for e in events])
+    return len(events)
+
+
+def queue_xadd(pipe: Any, stream: str, events: Sequence[OutboxEvent]) -> None:
+    """The stream entries for `events`, added to a pipeline the caller executes; call
+    `mark_sent` once it has."""
+    for event in events:
+        pipe.xadd(stream, json.loads(event.fields), maxlen=STREAM_MAXLEN, approximate=True)
+
+
+def mark_sent(db: DbSession, ids: Sequence[int]) -> None:
+    """Only now, with Redis holding them, are they sent."""
+    db.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=now()))
+    db.commit()
+
+
+class SentMarks:
+    """Marks relayed events sent a batch at a time: one UPDATE every `delay_s` instead of a
+    transaction per exchange (a commit per exchange is a noticeable share of its CPU).
+
+    Marks not yet written when the process dies, or when the database refuses them, leave
+    their events to the sweep, which sends them again with the same eventIds (the contract
+    allows a resend). `delay_s` stays well under SWEEP_GRACE_S so that only happens then.
+    """
+
+    def __init__(self, db: Callable[[], Any], delay_s: float = 0.5):
+        self.db = db
+        self.delay_s = delay_s
+        self._lock = threading.Lock()
+        self._ids: list[int] = []
+        self._timer: threading.Timer | None = None
+
+    def add(self, ids: Sequence[int]) -> None:
+        """Mark `ids` sent within `delay_s`."""
+        with self._lock:
+            self._ids.extend(ids)
+            if self._timer is None:
+                self._timer = threading.Timer(self.delay_s, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Write the marks now (the timer's call, and at shutdown)."""
+        with self._lock:
+            ids, self._ids = self._ids, []
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if not ids:
+            return
+        try:
+            with self.db() as db:
+                mark_sent(db, ids)
+        except SQLAlchemyError as exc:
+            log.warning("%d relayed events left for the sweep: %s", len(ids), type(exc).__name__)
+
+
+def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) -> int:
+    """Relay the given events (the ones this process just committed)."""
+    events = db.scalars(
+        select(OutboxEvent).where(OutboxEvent.id.in_(ids), OutboxEvent.sent_at.is_(None))
+    ).all()
+    return _send(db, r, stream, events)
+
+
+def relay_committed(db: DbSession, r: redis.Redis, stream: str, event: OutboxEvent) -> int:
+    """Relay an event this process just committed, from the row it holds (no read back)."""
+    return _send(db, r, stream, [event])
+
+
+def relay_pending(
+    db: DbSession, r: redis.Redis, stream: str, limit: int = 500, grace_s: float = SWEEP_GRACE_S
+) -> int:
+    """Relay up to `limit` unsent events older than `grace_s`, oldest first."""
+    cutoff = now().timestamp() - grace_s
+    query = (
+        select(OutboxEvent)
+        .where(OutboxEvent.sent_at.is_(None))
+        .order_by(OutboxEvent.id)
+        .limit(limit)
+    )
+    if db.get_bind().dialect.name == "postgresql":
+        # Two sweepers never take the same rows.
+        query = query.with_for_update(skip_locked=True)
+    events = [e for e in db.scalars(query).all() if timestamp(e.created_at) <= cutoff]
+    return _send(db, r, stream, events)
+
+
+def backlog(db: DbSession) -> int:
+    """How many events wait for the relay."""
+    return int(db.scalar(select(func.count()).where(OutboxEvent.sent_at.is_(None))) or 0)

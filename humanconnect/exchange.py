@@ -1,0 +1,370 @@
+"""Exchanging one session for tokens: the logic behind the `exchange_session` task.
+
+Plain functions and one class, testable without Celery. The task only maps an `Outcome` to
+"done" or "retry later". The `sessions` record (humanconnect/storage/sessions.py) makes a delivery
+idempotent, the session lock (humanconnect/locks.py) keeps two deliveries apart, and every
+upstream call goes through the guard (humanconnect/upstream/guard.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import redis
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay
+from tenacity import wait_random_exponential as wait_exponential
+
+from humanconnect import events, metrics, redis_keys, status_records
+from humanconnect.clock import now_us, to_us
+from humanconnect.crypto import session_hash
+from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from humanconnect.locks import SessionLock
+from humanconnect.request import Job
+from humanconnect.runtime import Runtime
+from humanconnect.states import ErrorKind, RequestState
+from humanconnect.storage import sessions
+from humanconnect.storage.models import OutboxEvent, Session
+from humanconnect.storage.tokens import save_tokens, sealed_public_token
+from humanconnect.upstream.breaker import Breaker
+from humanconnect.upstream.client import Tokens, exchange_tokens
+from humanconnect.upstream.guard import AcquireSlot, UpstreamGuard
+from humanconnect.upstream.retry import backoff, retry_cause
+
+log = logging.getLogger(__name__)
+
+#: How long the store step keeps trying through a database outage. The upstream has
+#: consumed the session token by then: giving up would lose the user.
+STORE_PATIENCE_S = 600.0
+# Pause before looking again at a session another delivery is working on.
+BUSY_COUNTDOWN_S = 5.0
+MISMATCH_REASON = (
+    "the upstream's answer is for another user than the connect ticket vouched for: "
+    "nothing was stored"
+)
+ANSWER_LOST_REASON = (
+    "the upstream refused the session after an earlier call got no answer: the token was "
+    "probably used and its answer lost ({reason}); ask the user to connect again"
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run ended with: a final state, or a pause before the next try."""
+
+    state: str
+    retry_in: float | None = None
+    error: str | None = None
+    upstream_calls: int = 0
+
+
+@dataclass
+class _Attempt:
+    """What one run learns as it goes."""
+
+    job: Job
+    key: str
+    lock: SessionLock
+    #: A call of this run may have reached the upstream without its answer reaching us.
+    ambiguous: bool = False
+    #: Upstream latencies, recorded with the run's last Redis round trip.
+    timings: list[float] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        """Upstream calls this run made (each one timed)."""
+        return len(self.timings)
+
+
+class Exchanger:
+    """Runs one delivery of a session to its end or to its next pause."""
+
+    def __init__(self, rt: Runtime, acquire_slot: AcquireSlot):
+        self.rt = rt
+        self.settings = rt.settings
+        self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)
+        self.sent = events.SentMarks(rt.db)
+
+    def run(self, job: Job, *, retries: int = 0) -> Outcome:
+        """Exchange `job` unless it is already done or being done by another delivery."""
+        key = session_hash(job.session_token)
+        lock = SessionLock(
+            self.rt.redis, redis_keys.session_lock(key), self.settings.session_lock_s
+        )
+        if not lock.take(job.request_id, job.human_id, self.settings.status_ttl_s):
+            return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
+        try:
+            return self._run_locked(_Attempt(job, key, lock), retries)
+        finally:
+            lock.release_quietly(job.request_id)  # else released with the success's round trip
+
+    def _run_locked(self, at: _Attempt, retries: int) -> Outcome:
+        job = at.job
+        start_us = job.window_start_us or job.received_us
+        deadline_us = start_us + to_us(self.settings.retry_window_s)
+        with self.rt.db() as db:
+            row, first = sessions.load_or_create(
+                db,
+                key=at.key,
+                request_id=job.request_id,
+                human_id=job.human_id,
+                received_us=job.received_us,
+                sealed_session_token=self.rt.cipher.seal(job.session_token),
+                expected_client_user_id=job.expected_client_user_id,
+            )
+            finished = RequestState(row.state).final
+            # A run that died while `running` may have reached the upstream unanswered.
+            ambiguous_before = not first and (
+                row.ambiguous or (row.state == RequestState.RUNNING and row.attempts > 0)
+            )
+            if not first and not finished:
+                sessions.begin_attempt(row)
+            db.commit()
+        if finished:
+            # Outside that session: SQLite runs on one pooled connection per process.
+            self._mirror_final(job, row)
+            return Outcome(row.state, error=row.error)
+
+        try:
+            tokens = self._exchange_inline(at)
+        except PermanentUpstreamError as exc:
+            self._observe(at)
+            lost = ambiguous_before or at.ambiguous
+            kind = ErrorKind.ANSWER_LOST if lost else ErrorKind.PERMANENT
+            return self._fail(at, exc.reason, kind)
+        except TransientUpstreamError as exc:
+            self._observe(at)
+            at.ambiguous = at.ambiguous or exc.ambiguous
+            pause = backoff(
+                retries,
+                initial=self.settings.retry_initial_s * 4,
+                cap=self.settings.retry_max_countdown_s,
+                retry_after=exc.retry_after,
+            )
+            if now_us() + to_us(pause) > deadline_us:
+                reason = f"upstream unavailable for the whole retry window: {exc.reason}"
+                return self._fail(at, reason, ErrorKind.TRANSIENT)
+            with self.rt.db() as db:
+                sessions.mark_retrying(db, at.key, exc.reason, at.ambiguous)
+            self._status(job, RequestState.RETRYING)
+            metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="queue")
+            return Outcome(
+                RequestState.RETRYING, retry_in=pause, error=exc.reason, upstream_calls=at.calls
+            )
+
+        expected = job.expected_client_user_id
+        if expected is not None and tokens.client_user_id != expected:
+            # Someone opened Connect as another user: none of this answer is kept.
+            self._observe(at)
+            return self._fail(at, MISMATCH_REASON, ErrorKind.CLIENT_USER_MISMATCH)
+
+        try:
+            applied, event = self._store(at, tokens)
+        except PermanentUpstreamError as exc:
+            self._observe(at)
+            return self._fail(at, exc.reason, ErrorKind.PERMANENT)
+        self._announce_success(at, tokens, event)
+        log.info(
+            "exchange succeeded request=%s calls=%d newest=%s", job.request_id, at.calls, applied
+        )
+        return Outcome(RequestState.SUCCEEDED, upstream_calls=at.calls)
+
+    # -- steps ---------------------------------------------------------------------------
+    def _exchange_inline(self, at: _Attempt) -> Tokens:
+        """A few quick tries inside this run; longer outages go back to the queue."""
+        s = self.settings
+        secret = s.client_secret.get_secret_value() if s.client_secret else ""
+        job = at.job
+
+        def before() -> None:
+            # A full lock term for this call: a slow run never lets a duplicate in.
+            at.lock.renew()
+
+        def note(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, UpstreamError) and exc.ambiguous:
+                at.ambiguous = True
+            metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="inline")
+            log.info(
+                "upstream transient, retrying inline request=%s attempt=%d reason=%s",
+                job.request_id,
+                state.attempt_number,
+                exc.reason if isinstance(exc, UpstreamError) else type(exc).__name__,
+            )
+
+        def call() -> Tokens:
+            return exchange_tokens(
+                s.base_url,
+                human_id=job.human_id,
+                client_id=job.client_id,
+                client_secret=secret,
+                session_token=job.session_token,
+                connect_timeout=s.connect_timeout_s,
+                read_timeout=s.read_timeout_s,
+            )
+
+        return self.guard.call_with_retries(
+            call, timings=at.timings, before=before, before_sleep=note, priority=job.waiting
+        )
+
+    def _store(self, at: _Attempt, tokens: Tokens) -> tuple[bool, OutboxEvent | None]:
+        """Commit tokens and the session's success together, riding out a database outage;
+        the event is None when an earlier attempt's commit turns out to have landed.
+
+        The upstream has consumed the session token by now: giving up here would lose the
+        user, so this step retries far longer than the others, renewing the lock each time.
+        """
+        job = at.job
+        for attempt in Retrying(
+            retry=retry_if_exception_type((OperationalError, PoolTimeout)),
+            stop=stop_after_delay(STORE_PATIENCE_S),
+            wait=wait_exponential(multiplier=0.2, max=5.0),
+            reraise=True,
+        ):
+            at.lock.renew_if_reachable()
+            with attempt, self.rt.db() as db:
+                # Only a session not yet succeeded: if a connection broke while an earlier
+                # attempt's COMMIT was in flight, that commit may have landed, and its
+                # event must stay the only one.
+                if not sessions.mark_succeeded(db, at.key, tokens.client_user_id):
+                    db.rollback()
+                    log.info(
+                        "store had landed before its connection broke request=%s", job.request_id
+                    )
+                    return False, None
+                applied = save_tokens(
+                    db,
+                    self.rt.cipher,
+                    human_id=tokens.human_id,
+                    client_user_id=tokens.client_user_id,
+                    access_token=tokens.access_token,
+                    public_token=tokens.public_token,
+                    received_us=job.received_us,
+                    session_hash=at.key,
+                )
+                event = events.record(
+                    db,
+                    "connect.completed",
+                    targets=self.rt.webhook_targets,
+                    humanId=tokens.human_id,
+                    clientUserId=tokens.client_user_id,
+                    requestId=job.request_id,
+                )
+                db.commit()
+                return applied, event
+        raise RuntimeError("the store's retries ended without an outcome")  # pragma: no cover
+
+    def _fail(self, at: _Attempt, reason: str, kind: ErrorKind) -> Outcome:
+        job = at.job
+        if kind is ErrorKind.ANSWER_LOST:
+            reason = ANSWER_LOST_REASON.format(reason=reason)
+        with self.rt.db() as db:
+            row = sessions.locked(db, at.key)
+            stored = row.state == RequestState.SUCCEEDED
+            if not stored:
+                sessions.mark_failed(row, reason, kind)
+                event = events.record(
+                    db,
+                    "connect.failed",
+                    targets=self.rt.webhook_targets,
+                    **_failed_fields(job, reason),
+                )
+            db.commit()
+        if stored:
+            # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
+            self._mirror_final(job, row)
+            return Outcome(RequestState.SUCCEEDED, upstream_calls=at.calls)
+        self._relay(event)
+        metrics.inc(self.rt.redis, "exchanges", outcome=kind)
+        self._status(job, RequestState.FAILED, error=reason)
+        log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
+        return Outcome(RequestState.FAILED, error=reason, upstream_calls=at.calls)
+
+    def fail_internal(self, job: Job, reason: str) -> None:
+        """Record a failure that is ours, not the upstream's (retries of a bug ran out)."""
+        key = session_hash(job.session_token)
+        with self.rt.db() as db:
+            row = db.get(Session, key)
+            if row is not None and RequestState(row.state).final:
+                return
+            if row is not None:
+                sessions.mark_failed(row, reason, ErrorKind.INTERNAL)
+            event = events.record(
+                db, "connect.failed", targets=self.rt.webhook_targets, **_failed_fields(job, reason)
+            )
+            db.commit()
+        self._relay(event)
+        metrics.inc(self.rt.redis, "exchanges", outcome=ErrorKind.INTERNAL)
+        self._status(job, RequestState.FAILED, error=reason)
+
+    def _observe(self, at: _Attempt) -> None:
+        metrics.observe_many(self.rt.redis, "upstream_seconds", at.timings, endpoint="tokens")
+
+    def _announce_success(self, at: _Attempt, tokens: Tokens, event: OutboxEvent | None) -> None:
+        """The event, the counters, the request's status and the lock's release in one
+        Redis round trip, then the event marked sent (in a batch, within half a second). If
+        Redis fails here the outbox sweep sends the event and the task's retry finds the
+        session done and writes the status_records."""
+        job = at.job
+        fields = {"clientUserId": tokens.client_user_id, "humanId": tokens.human_id}
+        if tokens.public_token:
+            fields["publicToken"] = self.rt.cipher.seal(tokens.public_token)
+        # No MULTI: each command stands alone, and a transaction costs two more replies.
+        pipe = self.rt.redis.pipeline(transaction=False)
+        metrics.queue_observe(pipe, "upstream_seconds", at.timings, endpoint="tokens")
+        if event is not None:  # else the landed attempt's event is in the outbox, for the sweep
+            events.queue_xadd(pipe, self.settings.events_stream, [event])
+            metrics.queue_inc(pipe, "events", 1)
+        metrics.queue_inc(pipe, "exchanges", outcome=RequestState.SUCCEEDED)
+        Breaker.queue_success(pipe)
+        status_records.queue_state(
+            pipe, job.request_id, RequestState.SUCCEEDED, self.settings.status_ttl_s, **fields
+        )
+        token = at.lock.queue_release(pipe)
+        try:
+            released = pipe.execute()[-1]
+        except redis.exceptions.RedisError:
+            at.lock.restore(token)
+            raise
+        if not released:
+            log.warning("session lock expired before release request=%s", job.request_id)
+        if event is not None:
+            self.sent.add([event.id])
+
+    def _relay(self, event: OutboxEvent) -> None:
+        """Send a just-committed event now; if Redis is away the sweep sends it later."""
+        try:
+            with self.rt.db() as db:
+                sent = events.relay_committed(db, self.rt.redis, self.settings.events_stream, event)
+            metrics.inc(self.rt.redis, "events", sent)
+        except (redis.exceptions.RedisError, OperationalError) as exc:
+            log.warning("event left for the sweep: %s", type(exc).__name__)
+
+    def _mirror_final(self, job: Job, row: Session) -> None:
+        """A duplicate delivery: copy the recorded outcome to this request's status_records."""
+        fields: dict[str, str] = {"humanId": row.human_id}
+        if row.state == RequestState.SUCCEEDED and row.client_user_id:
+            fields["clientUserId"] = row.client_user_id
+            with self.rt.db() as db:
+                sealed = sealed_public_token(db, row.human_id)
+            if sealed:
+                fields["publicToken"] = sealed
+        if row.state == RequestState.FAILED and row.error:
+            fields["error"] = row.error
+        self._status(job, RequestState(row.state), **fields)
+
+    def _status(self, job: Job, state: RequestState, **fields: str) -> None:
+        fields.setdefault("humanId", job.human_id)
+        status_records.set_state(
+            self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields
+        )
+
+
+def _failed_fields(job: Job, reason: str) -> dict[str, str]:
+    """A connect.failed event's fields; with a ticket, the user it vouched for."""
+    fields = {"humanId": job.human_id, "requestId": job.request_id, "error": reason}
+    if job.expected_client_user_id is not None:
+        fields["clientUserId"] = job.expected_client_user_id
+    return fields

@@ -1,0 +1,91 @@
+"""The per-session Redis lock one delivery holds while it works on a session.
+
+It is redis-py's `Lock`, used in two ways redis-py does not document: taken inside our own
+script (the round trip that also marks the request running), and released inside a pipeline
+(the success's round trip). Both lean on `Lock.local.token` and `Lock.LUA_RELEASE_SCRIPT`;
+tests/test_session_lock.py is the canary that fails when a redis-py upgrade changes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import redis
+from redis.lock import Lock
+
+from humanconnect import status_records
+
+log = logging.getLogger(__name__)
+
+
+class SessionLock(Lock):
+    """Taken in the same round trip that marks the request running, released in the
+    success's round trip, renewed only once a third of its term has passed (a fresh lock
+    needs no round trip before the first call or the store)."""
+
+    def __init__(self, r: redis.Redis, name: str, timeout: float):
+        # One lock object per run, used by one thread: no thread-local token needed.
+        super().__init__(r, name, timeout=timeout, thread_local=False)
+        self.term = timeout
+        self.renewed = time.monotonic()
+
+    @property
+    def held(self) -> bool:
+        return self.local.token is not None
+
+    def take(self, request_id: str, human_id: str, status_ttl_s: int) -> bool:
+        """Acquire without waiting, marking the request running if it has not ended."""
+        token = secrets.token_hex(16)
+        got = status_records.lock_and_begin(
+            self.redis,
+            self.name,
+            token,
+            int(self.term * 1000),
+            request_id,
+            human_id,
+            status_ttl_s,
+        )
+        if got:
+            self.local.token = token.encode()
+            self.renewed = time.monotonic()
+        return got
+
+    def queue_release(self, pipe: Any) -> bytes:
+        """Release in a pipeline the caller executes; returns the token, which the caller
+        gives back to `restore` if the pipeline fails. EVAL, not EVALSHA: a script object in
+        a pipeline costs a SCRIPT EXISTS round trip of its own."""
+        token: bytes = self.local.token
+        self.local.token = None
+        pipe.eval(self.LUA_RELEASE_SCRIPT, 1, self.name, token)
+        return token
+
+    def restore(self, token: bytes) -> None:
+        """Hold `token` again after a failed `queue_release` (the run's own release retries)."""
+        self.local.token = token
+
+    def renew(self) -> None:
+        """A full term from now, if a third of the current one has passed."""
+        if time.monotonic() - self.renewed > self.term / 3:
+            self.reacquire()
+            self.renewed = time.monotonic()
+
+    def renew_if_reachable(self) -> None:
+        """Renew if Redis answers; the caller goes ahead either way (the store step: the
+        tokens in hand are the user's only copy, and a duplicate delivery can't overwrite a
+        success)."""
+        try:
+            self.renew()
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not renew the session lock before storing: %s", type(exc).__name__)
+
+    def release_quietly(self, request_id: str) -> None:
+        """Release if still held; an expired lock may be another delivery's by now."""
+        if not self.held:
+            return
+        try:
+            self.release()
+        except redis.exceptions.LockError:
+            log.warning("session lock expired before release request=%s", request_id)

@@ -1,0 +1,1 @@
+"""Storage: the database (engine, tables, migrations), each session's record, the tokens."""

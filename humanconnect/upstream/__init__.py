@@ -1,0 +1,1 @@
+"""The Human API: its client, and the one guarded way to call it (rate limit, breaker, retries)."""

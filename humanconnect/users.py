@@ -1,0 +1,23 @@
+"""Reading a user's tokens back: for the web's `GET /users/...` and for apps embedding the store."""
+
+from __future__ import annotations
+
+from humanconnect.runtime import Runtime
+from humanconnect.settings import Settings, get_settings
+from humanconnect.storage import tokens
+from humanconnect.storage.tokens import StoredUser
+
+
+def get_user_tokens(client_user_id: str, settings: Settings | None = None) -> StoredUser | None:
+    """A user's decrypted tokens by clientUserId, or None.
+
+    For apps that run in the same deployment and want the tokens without an HTTP call:
+    `from humanconnect.users import get_user_tokens`. Uses the environment's settings by default.
+    """
+    return read_user(Runtime(settings or get_settings()), client_user_id)
+
+
+def read_user(rt: Runtime, client_user_id: str) -> StoredUser | None:
+    """The same, on an existing runtime."""
+    with rt.db() as db:
+        return tokens.get_user(db, rt.cipher, client_user_id)
