@@ -21,7 +21,7 @@ from humanconnect.webhooks.signing import new_secret
 
 VAR = Path("var")
 #: The example receiver `--webhook-echo` runs (part of a source checkout, as `up` is).
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLE_HUMAN_ID = "52867cbede3155565f000a0d"
 EXAMPLE_SESSION_TOKEN = "8836c122c0483eb193ac2dd121136931"
 
