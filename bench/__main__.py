@@ -151,7 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", default=None, help="write the record here instead of bench/results/<start>.json"
     )
-    parser.add_argument("--only", choices=[*SCENARIOS, "accept_burst"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=[*SCENARIOS, "accept_burst"],
+        action="append",
+        help="run only this scenario (repeat for several); every one but accept_burst without",
+    )
     parser.add_argument(
         "--repair-users",
         type=int,
@@ -168,10 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.monotonic()
     results: dict[str, Any] = {"machine": record.machine()}
     for name, run in SCENARIOS.items():
-        if args.only in (None, name):
+        if args.only is None or name in args.only:
             results[name] = run(args)
     # The closed-loop burst that chose the HTTP stack runs on request (it adds 3 minutes).
-    if args.only == "accept_burst":
+    if args.only and "accept_burst" in args.only:
         stacks = list(STACKS) if args.stacks else [CHOSEN]
         results["accept_burst"] = accept_burst(args.users, args.concurrency, stacks)
     wall_s = time.monotonic() - clock
