@@ -35,10 +35,10 @@ bench: $(STAMP)
 
 # The documentation site (docs/, mkdocs.yml): served with live reload, or built as CI does.
 docs: $(STAMP)
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 docs-build: $(STAMP)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) var site .pytest_cache .mypy_cache .ruff_cache
