@@ -23,11 +23,13 @@ def command(argv: list[str] | None) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on: they move with the cores and whatever else runs."""
+    """What the figures were measured on: they move with the cores and whatever else runs,
+    so the load average at the start is recorded too."""
     return {
         "cores": os.cpu_count() or 0,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -96,7 +98,7 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
     if dr:
         for variant, r in dr.items():
             if isinstance(r, dict):
-                _row(rows, "drain", f"{variant}: exchanges", r.get("rate"), "/s")
+                _row(rows, "drain", f"{variant}: drained", r.get("rate"), "/s")
                 cpu = r.get("cpu_s_per_exchange", r.get("cpu_s_per_task"))
                 _row(rows, "drain", f"{variant}: worker CPU each", _ms(cpu), "ms")
             else:
@@ -136,7 +138,11 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
     if knee:
         for design, r in knee.items():
             if isinstance(r, dict):
-                _row(rows, "knee", f"{design}: knee", r.get("knee_rps") or "none", "/s")
+                knee_rps = r.get("knee_rps")
+                if knee_rps is None:
+                    _row(rows, "knee", f"{design}: knee", "none (under 100/s)", "")
+                else:
+                    _row(rows, "knee", f"{design}: knee", knee_rps, "/s")
         bound = "≥ " if knee.get("ratio_is_lower_bound") else ""
         if knee.get("ratio") is not None:
             _row(rows, "knee", "ours / inline", f"{bound}{knee['ratio']:.1f}", "×")

@@ -19,12 +19,13 @@ def _value(value: Any, unit: str) -> str:
     if isinstance(value, dict):
         text = ", ".join(f"{count} × {code}" for code, count in value.items())
     elif isinstance(value, float):
-        text = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        text = f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}"
     elif isinstance(value, int):
         text = f"{value:,}"
     else:
         text = str(value)
-    return f"{text} {unit}".strip() if unit not in ("%", "×") else f"{text}{unit}"
+    # "5.1 ms", but "200/s", "83%" and "0.83×".
+    return f"{text}{unit}" if unit.startswith(("/", "%", "×")) else f"{text} {unit}".strip()
 
 
 def render(record: dict[str, Any], name: str) -> str:
@@ -33,7 +34,12 @@ def render(record: dict[str, Any], name: str) -> str:
     lines = [
         f"Newest run: `{name}`, started {record.get('started', '?')}, "
         f"{record.get('wall_s', '?')} s wall, on {machine.get('cores', '?')} cores "
-        f"(Python {machine.get('python', '?')}, {machine.get('platform', '?')}).",
+        f"(Python {machine.get('python', '?')}, {machine.get('platform', '?')})"
+        + (
+            f", load average {machine['load_average_1m']} at the start."
+            if "load_average_1m" in machine
+            else "."
+        ),
         "",
         "```sh",
         record.get("command", "python -m bench"),
