@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     wall_s = time.monotonic() - clock
     machine = results.pop("machine")
     out = Path(args.out) if args.out else None
-    path = record.write(results, argv=argv, started=started, wall_s=wall_s, path=out)
+    path = record.write(
+        results, argv=argv, started=started, wall_s=wall_s, machine_at_start=machine, path=out
+    )
     results["machine"] = machine
     _print_table(results)
     sys.stdout.write(f"written to {path}\n")

@@ -24,12 +24,12 @@ def command(argv: list[str] | None) -> str:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on: they move with the cores and whatever else runs,
-    so the load average at the start is recorded too."""
+    so the load average is recorded too (here at the start, and by `write` at the end)."""
     return {
         "cores": os.cpu_count() or 0,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1m_start": _load(),
     }
 
 
@@ -39,6 +39,7 @@ def write(
     argv: list[str] | None,
     started: datetime.datetime,
     wall_s: float,
+    machine_at_start: dict[str, Any] | None = None,
     path: Path | None = None,
 ) -> Path:
     """Write the run to `path`, by default bench/results/<UTC start>.json; return where."""
@@ -49,12 +50,16 @@ def write(
         "started": started.isoformat(timespec="seconds"),
         "command": command(argv),
         "wall_s": round(wall_s, 1),
-        "machine": machine(),
+        "machine": {**(machine_at_start or machine()), "load_average_1m_end": _load()},
         "figures": figures(results),
         "results": results,
     }
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def newest(directory: Path = RESULTS_DIR) -> Path | None:
@@ -78,7 +83,8 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
         _row(rows, "open_loop", f"{name}: p50", r.get("p50_ms"), "ms")
         _row(rows, "open_loop", f"{name}: p99", r.get("p99_ms"), "ms")
         _row(rows, "open_loop", f"{name}: answers", r.get("codes"), "")
-        _row(rows, "open_loop", f"{name}: stored", _pct(r.get("stored_share")), "%")
+        stored = _pct(r.get("stored_share"))
+        _row(rows, "open_loop", f"{name}: stored", stored, "%")
         for proc, mb in (r.get("peak_rss_mb") or {}).items():
             _row(rows, "open_loop", f"{name}: {proc} peak RSS", mb, "MB")
     sat = results.get("saturation")

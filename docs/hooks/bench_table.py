@@ -28,6 +28,16 @@ def _value(value: Any, unit: str) -> str:
     return f"{text}{unit}" if unit.startswith(("/", "%", "×")) else f"{text} {unit}".strip()
 
 
+def _load(machine: dict[str, Any]) -> str:
+    """The machine's 1-minute load average at the run's start and end, where recorded."""
+    parts = [
+        f"{machine[key]} at the {when}"
+        for key, when in (("load_average_1m_start", "start"), ("load_average_1m_end", "end"))
+        if key in machine
+    ]
+    return f"; load average {' and '.join(parts)}" if parts else ""
+
+
 def render(record: dict[str, Any], name: str) -> str:
     """The record as Markdown: when and how it was made, on what, then one row per figure."""
     machine = record.get("machine", {})
@@ -35,11 +45,8 @@ def render(record: dict[str, Any], name: str) -> str:
         f"Newest run: `{name}`, started {record.get('started', '?')}, "
         f"{record.get('wall_s', '?')} s wall, on {machine.get('cores', '?')} cores "
         f"(Python {machine.get('python', '?')}, {machine.get('platform', '?')})"
-        + (
-            f", load average {machine['load_average_1m']} at the start."
-            if "load_average_1m" in machine
-            else "."
-        ),
+        + _load(machine)
+        + ".",
         "",
         "```sh",
         record.get("command", "python -m bench"),
