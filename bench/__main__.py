@@ -1,12 +1,12 @@
-"""`make bench`: scenarios measured against their baselines in the same run (see the
-README's Benchmark section for what each measures and the latest figures)."""
+"""`make bench`: scenarios measured against their baselines in the same run. Each run is
+written to bench/results/<UTC start>.json (bench/record.py); the docs' benchmark page
+(docs/benchmarks.md) says what each scenario measures and shows the newest run."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
+import datetime
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
+from bench import record
 from bench.abuse import abuse_scenario
 from bench.harness import body, closed_loop, open_loop, stack
 from bench.knee import knee_scenario
@@ -147,8 +148,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--out", default="bench/results.json")
-    parser.add_argument("--only", choices=[*SCENARIOS, "accept_burst"], default=None)
+    parser.add_argument(
+        "--out", default=None, help="write the record here instead of bench/results/<start>.json"
+    )
+    parser.add_argument(
+        "--only",
+        choices=[*SCENARIOS, "accept_burst"],
+        action="append",
+        help="run only this scenario (repeat for several); every one but accept_burst without",
+    )
     parser.add_argument(
         "--repair-users",
         type=int,
@@ -161,35 +169,32 @@ def main(argv: list[str] | None = None) -> None:
         help="also measure the HTTP stack we did not choose (h11+asyncio), as a baseline",
     )
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {
-        "machine": {
-            "cpus": _cpus(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-    }
+    started = datetime.datetime.now(datetime.UTC)
+    clock = time.monotonic()
+    results: dict[str, Any] = {"machine": record.machine()}
     for name, run in SCENARIOS.items():
-        if args.only in (None, name):
+        if args.only is None or name in args.only:
             results[name] = run(args)
     # The closed-loop burst that chose the HTTP stack runs on request (it adds 3 minutes).
-    if args.only == "accept_burst":
+    if args.only and "accept_burst" in args.only:
         stacks = list(STACKS) if args.stacks else [CHOSEN]
         results["accept_burst"] = accept_burst(args.users, args.concurrency, stacks)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    wall_s = time.monotonic() - clock
+    machine = results.pop("machine")
+    out = Path(args.out) if args.out else None
+    path = record.write(
+        results, argv=argv, started=started, wall_s=wall_s, machine_at_start=machine, path=out
+    )
+    results["machine"] = machine
     _print_table(results)
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
+    sys.stdout.write(f"written to {path}\n")
 
 
 def _print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"accept burst ({results['machine']['cpus']} CPUs)")
+    table = Table(title=f"accept burst ({results['machine']['cores']} CPUs)")
     for col in (
         "stack",
         "req/s",

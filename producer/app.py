@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.ticket_key is None:
             log.warning(
                 "HUMANCONNECT_TICKET_KEY is not set: any client can finish a session for any "
-                "user (set it and send connect tickets; see the README)"
+                "user (set it and send connect tickets; see docs/integrating/tickets.md)"
             )
         if settings.auto_migrate:
             await run_in_threadpool(migrate.upgrade, settings.database_url)

@@ -2,20 +2,19 @@
 
 A burst that meets an empty pool opens its connections while the finishes queue behind them:
 each new connection is a TCP handshake and redis-py's setup commands, and the finishes that
-arrive meanwhile each open another. Measured (issue 15, `python -m bench --only step`): the
-first second of 800 finishes/s on a fresh web had a p99 of 47–243 ms against 3–5 ms after,
-and a warm-up burst at concurrency 50 beforehand took it to 8 ms, one at concurrency 1 did
-not: the pool's size, not Python's first calls, was the cost.
+arrive meanwhile each open another. A warm-up burst at high concurrency beforehand took that
+cost away and one at concurrency 1 did not: the pool's size, not Python's first calls, was
+the cost (`python -m bench --only step`; the figures are on the docs' benchmark page).
 
 So the web opens `CONNECTIONS` before it starts serving, loads the accept script, and every
 `INTERVAL_S` touches them again (a PING each): a Redis whose `timeout` closes idle clients,
 a restart, or a NAT that forgets a quiet flow then costs the keeper a reconnect, not the
 next burst.
 
-With the pool warm, the first finish still took 7–10 ms against 2 (one finish after an idle
-start, timed from a client): a profile of it showed FastAPI reading each endpoint's source
-on its first call (`inspect.getsourcelines`, for error messages; about 6 ms for the finish
-route) and OpenSSL's first cipher context (2 ms). `prime` does both before serving.
+With the pool warm, the first finish after an idle start was still slower than the next: a
+profile of it showed FastAPI reading each endpoint's source on its first call
+(`inspect.getsourcelines`, for error messages) and OpenSSL's first cipher context. `prime`
+does both before serving.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def prime(api: FastAPI, cipher: Cipher) -> None:
 def freeze_heap() -> None:
     """Put what the process built so far out of the garbage collector's way: it lives as
     long as the process, and a full collection under load then walks only what requests
-    left behind (one over the whole heap, at start, took 45 ms)."""
+    left behind, not the whole start-up heap."""
     gc.collect()
     gc.freeze()
 
@@ -133,8 +132,8 @@ class WarmPool(Periodic):
     async def round(self) -> None:
         """Touch the connections at the first quiet moment within half an interval, and skip
         the round if the web is busy throughout (unless the last round is FORCE_AFTER_S
-        old). A round amid an 800/s burst took 7-21 ms, finishes piling up behind it (the
-        second's p99 went from 4 to 24-91 ms)."""
+        old): a round takes every kept connection at once, and amid a burst the finishes
+        piled up behind it."""
         give_up = time.monotonic() + self.interval_s / 2
         while time.monotonic() - self.touched < self.force_after_s and not await self._quiet():
             if time.monotonic() >= give_up:

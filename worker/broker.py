@@ -14,9 +14,9 @@ hands them out again.
 
 Kombu also builds a new `redis.Redis` around its pool for every note of a message in flight
 and every ack (`Channel.conn_or_acquire`), and a client's construction copies redis-py's
-table of reply parsers: 15 % of a draining worker's Python time (a py-spy profile of the
-drain benchmark, issue 15). A client holds no connection of its own (each command takes one
-from the pool), so one client per pool serves every thread.
+table of reply parsers: a share of a draining worker's Python time that a py-spy profile of
+the drain benchmark made plain (issue 15). A client holds no connection of its own (each
+command takes one from the pool), so one client per pool serves every thread.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ fast while the queue absorbs the drain. But with Linux's autogroup scheduling (o
 on desktop and many server kernels) niceness only ranks threads within one session: each
 session's group gets an equal share of the CPU, whatever its threads' nice values. A worker
 that runs in a session of its own (as `humanconnect up` and the benchmark start it) then
-took CPU from the web as if it were not niced at all: with a worker beside it, the first
-second of an 800/s burst had a p99 of 31–55 ms, against 18–46 ms with the group niced too
-(four runs each, on 2 CPUs, issue 15).
+took CPU from the web as if it were not niced at all, and a burst's first second was slower
+with a worker beside the web than with its group niced too (issue 15; the docs' benchmark
+page has the runs).
 
 So a worker that leads its own session gives its group the same niceness. It only ever
 lowers its priority, which any process may do; where that is refused or there is no

@@ -2,8 +2,7 @@
 
 A worker that starts idle opened its Redis connections, its database connections, its Lua
 scripts and OpenSSL's first cipher context inside its first tasks: 32 threads at once, the
-moment a burst arrived, on the CPUs the web needs to accept it (measured: the worker's first
-half second of an 800/s burst took 0.13-0.14 s of CPU against 0.09-0.13 s with this).
+moment a burst arrived, on the CPUs the web needs to accept it.
 `prepare` does it once the worker is ready, before there is anything to drain.
 
 Only at start: the worker keeps no connections open afterwards as the web's keeper does

@@ -35,7 +35,7 @@ def commands(port: int, var: Path) -> dict[str, list[str]]:
             "--no-proxy-headers",
         ],
         # Below the web in CPU priority: on a shared machine, accepting stays fast while the
-        # queue absorbs the drain (the README's benchmark section).
+        # queue absorbs the drain (worker/priority.py makes it hold under autogroup).
         "worker": [
             *("nice", "-n", "10", str(BIN / "celery"), "-A", "worker.celery:app"),
             *("worker", "-l", "INFO"),

@@ -21,9 +21,9 @@ as renewing a lock) goes back to the head of the line. Calls in any one-second w
 leave with slots from a span of at most 1 + LATE_S seconds, and reach the upstream within
 the rest of the slack: max_rps slots span PACING seconds, so what is left, PACING − 1 −
 LATE_S seconds (25 ms), is for the send itself. A process starved of CPU for a moment (a GC
-pause, a busy neighbour) slows down instead of sending its overdue calls at once. Seen with
-3 % spacing and the lock renewed between slot and send: five niced workers on two busy CPUs
-put 21 calls in one second at the stand-in (tests/test_limit_processes.py).
+pause, a busy neighbour) slows down instead of sending its overdue calls at once. With a
+narrower spacing, and the lock renewed between slot and send, niced workers on busy CPUs
+put more than max_rps calls in one second at the stand-in (tests/test_limit_processes.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Several hosts, as the README's "Running on several hosts" lays them out: two `web`s (one
+"""Several hosts, as docs/operations/deployment.md lays them out: two `web`s (one
 with its clock 5 s ahead, through libfaketime), three workers and two beats on one Redis and
 PostgreSQL. A burst of 1,000 finishes goes to both webs; 100 users finish twice, the first
 session through the clock-ahead web and the later one through the other. Mid-burst one web,

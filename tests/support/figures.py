@@ -1,5 +1,5 @@
-"""Figures a long test measured, kept for the issue note and the README (tests assert
-behaviour; the numbers they saw go here)."""
+"""Figures a long test measured, kept for the issue note and the docs' benchmark page
+(tests assert behaviour; the numbers they saw go here)."""
 
 from __future__ import annotations
 

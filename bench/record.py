@@ -1,0 +1,166 @@
+"""One benchmark run as a dated record under bench/results/: the command that made it, the
+machine, each headline figure beside its baseline, and the raw results. The docs' benchmark
+page renders the newest record (docs/hooks/bench_table.py), so no figure is copied by hand."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def command(argv: list[str] | None) -> str:
+    """The command line that reproduces this run."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", "bench", *args])
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: they move with the cores and whatever else runs,
+    so the load average is recorded too (here at the start, and by `write` at the end)."""
+    return {
+        "cores": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1m_start": _load(),
+    }
+
+
+def write(
+    results: dict[str, Any],
+    *,
+    argv: list[str] | None,
+    started: datetime.datetime,
+    wall_s: float,
+    machine_at_start: dict[str, Any] | None = None,
+    path: Path | None = None,
+) -> Path:
+    """Write the run to `path`, by default bench/results/<UTC start>.json; return where."""
+    if path is None:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        path = RESULTS_DIR / f"{started.strftime('%Y-%m-%dT%H-%M-%SZ')}.json"
+    record = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": command(argv),
+        "wall_s": round(wall_s, 1),
+        "machine": {**(machine_at_start or machine()), "load_average_1m_end": _load()},
+        "figures": figures(results),
+        "results": results,
+    }
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def newest(directory: Path = RESULTS_DIR) -> Path | None:
+    """The newest record (names sort by their start time), or None when there is none."""
+    records = sorted(directory.glob("*.json"))
+    return records[-1] if records else None
+
+
+def _row(rows: list[dict[str, Any]], scenario: str, figure: str, value: Any, unit: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, float):
+        value = round(value, 3 if abs(value) < 10 else 1)
+    rows.append({"scenario": scenario, "figure": figure, "value": value, "unit": unit})
+
+
+def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline figures of whichever scenarios ran, one row each."""
+    rows: list[dict[str, Any]] = []
+    for name, r in results.get("open_loop", {}).items():
+        _row(rows, "open_loop", f"{name}: p50", r.get("p50_ms"), "ms")
+        _row(rows, "open_loop", f"{name}: p99", r.get("p99_ms"), "ms")
+        _row(rows, "open_loop", f"{name}: answers", r.get("codes"), "")
+        stored = _pct(r.get("stored_share"))
+        _row(rows, "open_loop", f"{name}: stored", stored, "%")
+        for proc, mb in (r.get("peak_rss_mb") or {}).items():
+            _row(rows, "open_loop", f"{name}: {proc} peak RSS", mb, "MB")
+    sat = results.get("saturation")
+    if sat:
+        _row(rows, "saturation", "finishes", sat.get("accept_rate"), "/s")
+        _row(rows, "saturation", "p99", sat.get("p99_ms"), "ms")
+        _row(
+            rows,
+            "saturation",
+            "bare send_task loop (baseline)",
+            sat.get("bare_send_task_rate"),
+            "/s",
+        )
+        _row(rows, "saturation", "ratio to the baseline", sat.get("ratio"), "×")
+        _row(rows, "saturation", "web peak RSS", sat.get("web_peak_rss_mb"), "MB")
+    dr = results.get("drain")
+    if dr:
+        for variant, r in dr.items():
+            if isinstance(r, dict):
+                _row(rows, "drain", f"{variant}: drained", r.get("rate"), "/s")
+                cpu = r.get("cpu_s_per_exchange", r.get("cpu_s_per_task"))
+                _row(rows, "drain", f"{variant}: worker CPU each", _ms(cpu), "ms")
+            else:
+                _row(rows, "drain", variant, r, "×")
+    for mode, r in results.get("wait_mode", {}).items():
+        _row(rows, "wait_mode", f"{mode}: finishes", r.get("rate"), "/s")
+        _row(rows, "wait_mode", f"{mode}: p99", r.get("p99_ms"), "ms")
+        _row(rows, "wait_mode", f"{mode}: answers", r.get("codes"), "")
+    for run, r in results.get("repair", {}).items():
+        _row(rows, "repair", f"{run}: users", r.get("users_per_s"), "/s")
+        _row(rows, "repair", f"{run}: repaired", f"{r.get('repaired')}/{r.get('users')}", "")
+        _row(rows, "repair", f"{run}: share of the limit", _pct(r.get("share_of_limit")), "%")
+    wh = results.get("webhooks")
+    if wh:
+        rate = wh.get("delivery to a 0 ms receiver", {}).get("rate")
+        _row(rows, "webhooks", "deliveries to a 0 ms receiver", rate, "/s")
+        for latency, r in wh.items():
+            if latency.endswith(" ms") and isinstance(r, dict):
+                _row(
+                    rows,
+                    "webhooks",
+                    f"{latency} drain: receiver fine vs off",
+                    r.get("fine vs off"),
+                    "×",
+                )
+                hanging = r.get("hanging vs off")
+                _row(rows, "webhooks", f"{latency} drain: receiver hanging vs off", hanging, "×")
+    for run, r in results.get("abuse", {}).items():
+        _row(rows, "abuse", f"{run}: real users' p99 to stored", r.get("real_p99_ms"), "ms")
+        _row(rows, "abuse", f"{run}: vs no junk", r.get("p99_vs_no_junk"), "×")
+        _row(rows, "abuse", f"{run}: junk answers", r.get("junk_codes") or None, "")
+    for variant, r in results.get("step", {}).items():
+        per_second = ", ".join(f"{v:.0f}" for v in r.get("p99_ms_per_second", []))
+        _row(rows, "step", f"{variant}: p99 of each second", per_second or None, "ms")
+        _row(rows, "step", f"{variant}: answers", r.get("codes"), "")
+    knee = results.get("knee")
+    if knee:
+        for design, r in knee.items():
+            if isinstance(r, dict):
+                knee_rps = r.get("knee_rps")
+                if knee_rps is None:
+                    _row(rows, "knee", f"{design}: knee", "none (under 100/s)", "")
+                else:
+                    _row(rows, "knee", f"{design}: knee", knee_rps, "/s")
+        bound = "≥ " if knee.get("ratio_is_lower_bound") else ""
+        if knee.get("ratio") is not None:
+            _row(rows, "knee", "ours / inline", f"{bound}{knee['ratio']:.1f}", "×")
+    for stack_name, r in results.get("accept_burst", {}).items():
+        _row(rows, "accept_burst", f"{stack_name}: finishes", r.get("rate"), "/s")
+        _row(rows, "accept_burst", f"{stack_name}: p99", r.get("p99_ms"), "ms")
+    return rows
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else share * 100
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
