@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import redis
 from sqlalchemy import create_engine, text
 
-from humanconnect.cli.embedded import free_port, redis_binary
-from humanconnect.cli.procs import commands
-from humanconnect.sandbox.standin import Faults, client_user_id_for
+from humanconnect.cli.procs import (
+    ALONE,
+    Process,
+    commands,
+    free_port,
+    http_ok,
+    stop_all,
+    wait_ready,
+)
+from humanconnect.cli.redis_server import RedisServer
+from humanconnect.sandbox.standin import Faults, client_user_id_for, no_collection
 from humanconnect.storage import migrate
 from humanconnect.tickets import mint
 
@@ -60,7 +62,6 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-@dataclass
 class StandInProcess:
     """The upstream stand-in in a process of its own (the load generator holds this one's GIL)."""
 
@@ -68,7 +69,7 @@ class StandInProcess:
         self.port = free_port()
         self.workdir = workdir
         self.faults = faults
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
 
     @property
     def url(self) -> str:
@@ -77,31 +78,13 @@ class StandInProcess:
     def start(self) -> StandInProcess:
         f = self.faults
         argv = [
-            sys.executable,
-            "-m",
-            "humanconnect.sandbox.standin",
-            "--port",
-            str(self.port),
-            "--client-id",
-            CLIENT_ID,
-            "--client-secret",
-            CLIENT_SECRET,
-            "--latency-ms",
-            str(f.latency_ms),
-            "--p503",
-            str(f.p503),
-            "--p429",
-            str(f.p429),
-            "--pdrop",
-            str(f.pdrop),
-            "--retry-after-s",
-            str(f.retry_after_s),
-            "--seed",
-            "1",
+            *(sys.executable, "-m", "humanconnect.sandbox.standin", "--port", str(self.port)),
+            *("--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET),
+            *("--latency-ms", str(f.latency_ms), "--p503", str(f.p503), "--p429", str(f.p429)),
+            *("--pdrop", str(f.pdrop), "--retry-after-s", str(f.retry_after_s), "--seed", "1"),
         ]
-        log = open(self.workdir / "standin.log", "ab")  # lives with the process
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_http(self.url + "/_standin/stats")
+        self.process = Process("standin", argv, log=self.workdir / "standin.log")
+        wait_http(self.url + "/_standin/stats", self.process)
         return self
 
     def stats(self) -> dict[str, Any]:
@@ -110,9 +93,8 @@ class StandInProcess:
         return dict(httpx.get(self.url + "/_standin/stats", timeout=10).json())
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        if self.process is not None:
+            self.process.stop(10)
 
 
 @dataclass
@@ -120,16 +102,16 @@ class Stack:
     """One benchmark deployment; `close()` stops everything it started."""
 
     workdir: Path
-    redis_port: int
+    redis: RedisServer
     standin: StandInProcess
     env: dict[str, str]
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    procs: dict[str, Process] = field(default_factory=dict)
     peak_rss: dict[str, float] = field(default_factory=dict)
     web_url: str = ""
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.redis.url
 
     def sample_rss(self) -> None:
         for name, proc in self.procs.items():
@@ -144,75 +126,44 @@ class Stack:
             # Another module's ready-made app, not the service's factory.
             argv[argv.index("producer.main:app")] = app
             argv.remove("--factory")
-        self._spawn("web", [*argv, "--log-level", "warning", *extra])
+        web = self.spawn("web", [*argv, "--log-level", "warning", *extra])
         self.web_url = f"http://127.0.0.1:{port}"
         # The service answers /readyz once its start (the warm-up too) is done.
-        wait_http(self.web_url + ("/readyz" if app == "producer.main:app" else "/openapi.json"))
+        ready = "/readyz" if app == "producer.main:app" else "/openapi.json"
+        wait_http(self.web_url + ready, web)
         return self.web_url
 
     def start_worker(self, concurrency: int = 32) -> None:
-        argv = [
-            *commands(0, self.workdir)["worker"],
-            "-l",
-            "WARNING",
-            "--concurrency",
-            str(concurrency),
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-        self._spawn("worker", argv)
+        argv = [*commands(0, self.workdir)["worker"], "-l", "WARNING"]
+        self.spawn("worker", [*argv, "--concurrency", str(concurrency), *ALONE])
 
     def start_beat(self) -> None:
-        self._spawn("beat", [*commands(0, self.workdir)["beat"], "-l", "WARNING"])
+        self.spawn("beat", [*commands(0, self.workdir)["beat"], "-l", "WARNING"])
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
-        if proc and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        if proc is not None:
+            proc.stop(30)
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")  # lives with the process
-        self.procs[name] = subprocess.Popen(
-            argv,
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def spawn(self, name: str, argv: list[str]) -> Process:
+        """`argv` as process `name` of this stack (stopped by `close()`), in its environment,
+        logging to <workdir>/<name>.log."""
+        proc = Process(name, argv, self.env, cwd=ROOT, log=self.workdir / f"{name}.log")
+        self.procs[name] = proc
+        return proc
 
     def close(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        stop_all(list(self.procs.values()))
+        self.procs.clear()
         self.standin.stop()
-        _redis_proc(self).terminate()
+        self.redis.stop()
 
 
-def _redis_proc(stack: Stack) -> subprocess.Popen[bytes]:
-    return stack.procs.get("redis") or _REDIS[stack.redis_port]
-
-
-_REDIS: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+def wait_http(url: str, proc: Process | None = None, timeout: float = 30) -> None:
+    """Until `url` answers 200; fails at once if `proc` (what serves it) exits."""
+    if not wait_ready(http_ok(url), [proc] if proc else [], timeout, interval=0.1):
+        tail = proc.output()[-2000:] if proc else ""
+        raise RuntimeError(f"{url} did not come up\n{tail}")
 
 
 def count(db_url: str, sql: str) -> int:
@@ -227,37 +178,13 @@ def count(db_url: str, sql: str) -> int:
 def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
     """Redis + stand-in + migrated SQLite; the caller starts web/worker as it needs."""
     workdir = Path(tempfile.mkdtemp(prefix="hc-bench-"))
-    port = free_port()
-    _REDIS[port] = subprocess.Popen(
-        [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
+    redis_server = RedisServer(workdir).start()
     standin = StandInProcess(workdir, faults).start()
     db_url = f"sqlite:///{workdir / 'bench.db'}"
     migrate.upgrade(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HUMANAPI_", "HUMANCONNECT_"))}
     env.update(
-        REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        REDIS_URL=redis_server.url,
         DATABASE_URL=db_url,
         HUMANAPI_BASE_URL=standin.url,
         HUMANAPI_CLIENT_ID=CLIENT_ID,
@@ -273,7 +200,7 @@ def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
         HUMANCONNECT_FINISH_LIMIT_PER_USER="1000000/second",
         PYTHONUNBUFFERED="1",
     )
-    return Stack(workdir, port, standin, env)
+    return Stack(workdir, redis_server, standin, env)
 
 
 def idle_then_burst(
@@ -373,19 +300,6 @@ async def open_loop(
     # count that pause as the server's latency.
     with no_collection():
         return await _open_loop(url, bodies, rate, conn, timeout, tickets)
-
-
-@contextmanager
-def no_collection() -> Iterator[None]:
-    """This process's garbage collection done now and off until the block ends, for a
-    process whose own pauses would show up in what it times (the load generator; a test's
-    in-process stand-in stamping upstream calls)."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def _open_loop(

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from bench.harness import BIN, Stack, body, closed_loop, count, stack
+from humanconnect.cli.procs import ALONE
 from humanconnect.crypto import Cipher
 from humanconnect.queue import EXCHANGE_TASK, sender
 from humanconnect.redis_keys import QUEUE, UNACKED
@@ -126,8 +127,6 @@ def drain_one(
 
 def _drain_noop(sessions: int) -> dict[str, Any]:
     """The same number of no-op tasks through a worker with the same settings."""
-    import subprocess
-
     import redis
 
     s = stack(Faults())
@@ -136,25 +135,8 @@ def _drain_noop(sessions: int) -> dict[str, Any]:
         for _ in range(sessions):
             app.send_task("bench.noop", kwargs=KWARGS)
         r = redis.Redis.from_url(s.redis_url)
-        log = open(s.workdir / "noop.log", "ab")  # lives with the process
-        proc = subprocess.Popen(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "bench.noop_app",
-                "worker",
-                "-l",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            env=s.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        s.procs["worker"] = proc
+        argv = [str(BIN / "celery"), "-A", "bench.noop_app", "worker", "-l", "WARNING", *ALONE]
+        proc = s.spawn("noop", argv)
         # Timed from the first task taken, as the exchange drain is from its first stored.
         spawned = time.monotonic()
         while r.llen(QUEUE) == sessions and time.monotonic() - spawned < 60:

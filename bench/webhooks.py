@@ -3,28 +3,21 @@ on (receiver fine, receiver hanging) against the same drain with them off, same 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from typing import Any
 
 from bench.harness import Stack, count, stack, wait_http
 from bench.throughput import drain_one
-from humanconnect.cli.embedded import free_port
+from humanconnect.cli.procs import free_port
 from humanconnect.sandbox.standin import Faults
 from humanconnect.webhooks.signing import new_secret
 
 
 def _receiver(s: Stack, mode: str) -> str:
     port = free_port()
-    log = open(s.workdir / f"receiver-{mode}.log", "ab")  # lives with the process
-    s.procs[f"receiver-{mode}"] = subprocess.Popen(
-        [sys.executable, "-m", "bench.receiver", "--port", str(port), "--mode", mode],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    wait_http(f"http://127.0.0.1:{port}/")
+    argv = [sys.executable, "-m", "bench.receiver", "--port", str(port), "--mode", mode]
+    wait_http(f"http://127.0.0.1:{port}/", s.spawn(f"receiver-{mode}", argv))
     return f"http://127.0.0.1:{port}/hooks"
 
 

@@ -14,6 +14,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from humanconnect.cli.procs import stop_all
 from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Running
 from humanconnect.settings import Settings
@@ -52,8 +53,7 @@ def deploy(
         )
 
     yield make
-    for proc in started:
-        proc.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import no_collection
-from humanconnect.sandbox.standin import Running
+from humanconnect.sandbox.standin import Running, no_collection
 from humanconnect.upstream.limiter import slot_interval
 from tests import factories
 from tests.support import figures

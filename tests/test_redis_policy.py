@@ -13,14 +13,13 @@ import pytest
 import redis
 
 from humanconnect import redis_policy
-from humanconnect.cli.procs import commands
+from humanconnect.cli.procs import commands, free_port
 from humanconnect.errors import ConfigError
 from tests.support.env import (
     CLIENT_ID,
     CLIENT_SECRET,
     FERNET_KEY,
     ROOT,
-    free_port,
     service_env,
 )
 from tests.support.servers import RedisServer

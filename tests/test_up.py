@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from humanconnect.cli.procs import commands
+from humanconnect.cli.procs import commands, free_port
 from humanconnect.cli.up import EXAMPLE_HUMAN_ID, EXAMPLE_SESSION_TOKEN
 from humanconnect.settings import SANDBOX_CLIENT_ID
-from tests.support.env import BIN, ROOT, free_port, service_env, wait_for
+from tests.support.env import BIN, ROOT, service_env, wait_for
 
 GUIDE_EXAMPLE = {
     "humanId": EXAMPLE_HUMAN_ID,

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from humanconnect.cli.procs import free_port
 from humanconnect.clock import now
 from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError
 from humanconnect.sandbox.standin import Faults, Running
@@ -21,7 +22,7 @@ from humanconnect.upstream.client import (
     exchange_tokens,
     parse_retry_after,
 )
-from tests.support.env import CLIENT_ID, CLIENT_SECRET, free_port
+from tests.support.env import CLIENT_ID, CLIENT_SECRET
 
 
 def call(base_url: str, read_timeout: float = 5.0) -> Tokens:

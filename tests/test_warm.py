@@ -20,7 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from humanconnect.cli.embedded import free_port
+from humanconnect.cli.procs import free_port
 from humanconnect.runtime import async_redis_client
 from humanconnect.settings import Settings
 from producer.app import create_app

@@ -411,7 +411,8 @@ def test_the_example_receiver_verifies_refuses_stale_and_dedupes() -> None:
 
     import httpx
 
-    from tests.support.env import ROOT, free_port
+    from humanconnect.cli.procs import free_port
+    from tests.support.env import ROOT
 
     spec = importlib.util.spec_from_file_location(
         "webhook_receiver", ROOT / "examples" / "webhook_receiver.py"
@@ -491,7 +492,7 @@ def test_a_certificate_that_does_not_verify_is_a_failed_attempt(tmp_path: Path) 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from tests.support.env import free_port
+    from humanconnect.cli.procs import free_port
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

@@ -14,9 +14,10 @@ import pytest
 import redis
 from kombu.utils.imports import symbol_by_name
 
+from humanconnect.cli.procs import free_port
 from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings
-from tests.support.env import ROOT, deployment_env, free_port
+from tests.support.env import ROOT, deployment_env
 from tests.support.processes import start_worker
 from tests.support.servers import RedisServer
 from worker import tasks, warm

@@ -7,14 +7,12 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from cryptography.fernet import Fernet
 
-from humanconnect.cli.embedded import EmbeddedRedis, free_port
-from humanconnect.cli.procs import Child, commands, stop_all
+from humanconnect.cli.procs import Process, commands, free_port, http_ok, stop_all, wait_ready
+from humanconnect.cli.redis_server import RedisServer
 from humanconnect.settings import SANDBOX_CLIENT_ID, Settings
 from humanconnect.storage import migrate
 from humanconnect.webhooks.signing import new_secret
@@ -37,7 +35,7 @@ def _dev_key(var: Path) -> str:
     return key
 
 
-def _webhook_echo(settings: Settings, *envs: dict[str, str]) -> Child:
+def _webhook_echo(settings: Settings, *envs: dict[str, str]) -> Process:
     """examples/webhook_receiver.py on a free port, added to every process's webhook URLs
     (with a fresh secret unless one is set), printing each event it verifies."""
     receiver = EXAMPLES / "webhook_receiver.py"
@@ -48,11 +46,11 @@ def _webhook_echo(settings: Settings, *envs: dict[str, str]) -> Child:
         env["HUMANCONNECT_WEBHOOK_URLS"] = ",".join([*settings.webhook_urls, url])
         env["HUMANCONNECT_WEBHOOK_SECRET"] = secret
     _say(f"webhook echo: every event is delivered, signed, to {url} and printed as 'webhook |'")
-    return Child(
+    return Process(
         "webhook",
         [sys.executable, str(receiver), "--port", str(echo_port)],
         dict(envs[0]),
-        sys.stdout,
+        out=sys.stdout,
     )
 
 
@@ -67,8 +65,8 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
     port = port or int(os.environ.get("PORT", "8000"))
     base_env = {k: v for k, v in os.environ.items() if k != "HUMANAPI_CLIENT_SECRET"}
     base_env["PYTHONUNBUFFERED"] = "1"
-    children: list[Child] = []
-    redis_server: EmbeddedRedis | None = None
+    children: list[Process] = []
+    redis_server: RedisServer | None = None
     stop_requested = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -79,7 +77,7 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if settings.redis_url is None:
-            redis_server = EmbeddedRedis(VAR / "redis").start()
+            redis_server = RedisServer(VAR / "redis", aof=True).start()
             base_env["REDIS_URL"] = redis_server.url
             _say(f"embedded Redis on {redis_server.url} (data in {VAR / 'redis'}, AOF on)")
         if settings.encryption_keys is None:
@@ -97,7 +95,7 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
             base_env["HUMANAPI_BASE_URL"] = f"http://127.0.0.1:{standin_port}"
             worker_env = {**base_env, "HUMANAPI_CLIENT_SECRET": sandbox_secret}
             children.append(
-                Child(
+                Process(
                     "sandbox",
                     [
                         sys.executable,
@@ -117,7 +115,7 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
                         "0.03",
                     ],
                     base_env,
-                    sys.stdout,
+                    out=sys.stdout,
                 )
             )
             _say(
@@ -143,20 +141,15 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
         _say(f"database {base_env['DATABASE_URL']} migrated")
         cmds = commands(port, VAR)
         # The web process never sees the clientSecret; only the worker does.
+        migrated = {"HUMANCONNECT_AUTO_MIGRATE": "0"}
+        children.append(Process("web", cmds["web"], {**base_env, **migrated}, out=sys.stdout))
         children.append(
-            Child("web", cmds["web"], {**base_env, "HUMANCONNECT_AUTO_MIGRATE": "0"}, sys.stdout)
+            Process("worker", cmds["worker"], {**worker_env, **migrated}, out=sys.stdout)
         )
-        children.append(
-            Child(
-                "worker",
-                cmds["worker"],
-                {**worker_env, "HUMANCONNECT_AUTO_MIGRATE": "0"},
-                sys.stdout,
-            )
-        )
-        children.append(Child("beat", cmds["beat"], base_env, sys.stdout))
+        children.append(Process("beat", cmds["beat"], base_env, out=sys.stdout))
         url = f"http://127.0.0.1:{port}"
-        if not _wait_ready(url, children, lambda: stop_requested):
+        ready = http_ok(url + "/readyz")
+        if not wait_ready(ready, children, 60, stopping=lambda: stop_requested, interval=0.2):
             if stop_requested:
                 return 0  # Ctrl-C while starting: a stop, not a failure
             _say("humanconnect: the service did not come up; see the lines above")
@@ -175,9 +168,7 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
         while not stop_requested:
             dead = [c for c in children if not c.alive()]
             if dead:
-                _say(
-                    f"humanconnect: {dead[0].name} exited with {dead[0].proc.returncode}; stopping"
-                )
+                _say(f"humanconnect: {dead[0].name} exited with {dead[0].returncode}; stopping")
                 return 1
             time.sleep(0.2)
         return 0
@@ -187,19 +178,3 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
         if redis_server is not None:
             redis_server.stop()
         _say("stopped")
-
-
-def _wait_ready(
-    url: str, children: list[Child], stopping: Callable[[], bool], timeout: float = 60.0
-) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stopping():
-        if any(not c.alive() for c in children):
-            return False
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False

