@@ -125,9 +125,3 @@ def get_user(db: DbSession, cipher: Cipher, client_user_id: str) -> StoredUser |
 def sealed_public_token(db: DbSession, human_id: str) -> str | None:
     """A user's current publicToken by humanId, still sealed, or None."""
     return db.scalar(select(User.public_token).where(User.human_id == human_id))
-
-
-def get_public_token(db: DbSession, cipher: Cipher, human_id: str) -> str | None:
-    """A user's current publicToken by humanId, decrypted, or None."""
-    sealed = sealed_public_token(db, human_id)
-    return cipher.open(sealed) if sealed else None
