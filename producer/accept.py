@@ -87,10 +87,6 @@ class Acceptor:
                 return Accepted(claim.request_id, RequestState.QUEUED, duplicate=False)
             if claim.human_id != body.humanId:
                 raise SessionConflict("sessionToken already used with another humanId")
-            if claim.phase != RequestState.QUEUED:
-                # Only an older producer (a rolling upgrade) claims before it publishes;
-                # its publish may still fail, so promise nothing yet.
-                raise QueueUnavailableError("the first request of this session is enqueueing")
             current = await self.claims.state(claim.request_id) or {}
         except redis.exceptions.ResponseError as exc:
             if not _out_of_memory(exc):
