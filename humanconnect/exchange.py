@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay
-from tenacity import wait_random_exponential as wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from humanconnect import events, metrics, redis_keys, status_records
 from humanconnect.clock import now_us, to_us
@@ -220,7 +225,7 @@ class Exchanger:
         for attempt in Retrying(
             retry=retry_if_exception_type((OperationalError, PoolTimeout)),
             stop=stop_after_delay(STORE_PATIENCE_S),
-            wait=wait_exponential(multiplier=0.2, max=5.0),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
             reraise=True,
         ):
             at.lock.renew_if_reachable()
