@@ -31,7 +31,7 @@ from humanconnect.request import Job
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind, RequestState
 from humanconnect.storage import sessions
-from humanconnect.storage.models import OutboxEvent, Session
+from humanconnect.storage.models import OutboxEvent, SessionRecord
 from humanconnect.storage.tokens import save_tokens, sealed_public_token
 from humanconnect.upstream.breaker import Breaker
 from humanconnect.upstream.client import Tokens, exchange_tokens
@@ -291,7 +291,7 @@ class Exchanger:
         """Record a failure that is ours, not the upstream's (retries of a bug ran out)."""
         key = session_hash(job.session_token)
         with self.rt.db() as db:
-            row = db.get(Session, key)
+            row = db.get(SessionRecord, key)
             if row is not None and RequestState(row.state).final:
                 return
             if row is not None:
@@ -347,7 +347,7 @@ class Exchanger:
         except (redis.exceptions.RedisError, OperationalError) as exc:
             log.warning("event left for the sweep: %s", type(exc).__name__)
 
-    def _mirror_final(self, job: Job, row: Session) -> None:
+    def _mirror_final(self, job: Job, row: SessionRecord) -> None:
         """A duplicate delivery: copy the recorded outcome to this request's status_records."""
         fields: dict[str, str] = {"humanId": row.human_id}
         if row.state == RequestState.SUCCEEDED and row.client_user_id:

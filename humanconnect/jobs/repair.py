@@ -18,7 +18,7 @@ from typing import cast
 
 from redis.lock import Lock
 from sqlalchemy import ColumnElement, Table, bindparam, func, select, update
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 from tenacity import RetryCallState
 
 from humanconnect import events, metrics
@@ -81,12 +81,12 @@ def _due(now: int) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def count_due(db: DbSession) -> int:
+def count_due(db: Session) -> int:
     """Users a run would try now."""
     return int(db.scalar(select(func.count()).where(*_due(now_us()))) or 0)
 
 
-def candidates(db: DbSession, after_id: int, limit: int) -> list[Candidate]:
+def candidates(db: Session, after_id: int, limit: int) -> list[Candidate]:
     """The next batch after `after_id` (keyset pagination on the partial index)."""
     rows = db.execute(
         select(User.id, User.human_id, User.client_user_id, User.received_us, User.repair_attempts)
