@@ -12,7 +12,6 @@ from typing import Any
 import redis
 from celery import Task, signals
 from celery.concurrency.thread import TaskPool as ThreadPool
-from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -22,6 +21,7 @@ from humanconnect.errors import ConfigError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
+from humanconnect.locks import held_or_skip
 from humanconnect.queue import (
     DELIVER_TASK,
     EXCHANGE_TASK,
@@ -160,20 +160,14 @@ def _retry(self: Task, countdown: float, exc: BaseException | None = None) -> Ba
 def relay_events() -> int:
     """Sweep committed events that their worker could not relay (Redis was away, it died)."""
     rt = runtime()
-    lock = Lock(rt.redis, RELAY_LOCK, timeout=60)
-    if not lock.acquire(blocking=False):
-        return 0
     sent = 0
-    try:
+    with held_or_skip(rt.redis, RELAY_LOCK, timeout=60) as lock:
+        if lock is None:
+            return 0
         with rt.db() as db:
             while batch := events.relay_pending(db, rt.redis, rt.settings.events_stream):
                 sent += batch
                 metrics.inc(rt.redis, "events", batch)
-    finally:
-        try:
-            lock.release()
-        except redis.exceptions.LockError:
-            pass
     if sent:
         log.info("relayed %d pending events", sent)
     return sent

@@ -24,6 +24,7 @@ from tenacity import RetryCallState
 from humanconnect import events, metrics
 from humanconnect.clock import now, now_us, to_us
 from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError
+from humanconnect.locks import held_or_skip
 from humanconnect.redis_keys import REPAIR_LOCK as LOCK_KEY
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind
@@ -115,19 +116,13 @@ class Repairer:
     ) -> Report:
         """One repair run, or nothing if another holds the lock."""
         report = Report()
-        lock = Lock(self.rt.redis, LOCK_KEY, timeout=LOCK_TTL_S)
-        if not lock.acquire(blocking=False):
-            log.debug("repair skipped: another run holds the lock")
-            report.skipped = True
-            return report
-        try:
+        with held_or_skip(self.rt.redis, LOCK_KEY, timeout=LOCK_TTL_S) as lock:
+            if lock is None:
+                log.debug("repair skipped: another run holds the lock")
+                report.skipped = True
+                return report
             with ThreadPoolExecutor(self.threads, thread_name_prefix="repair") as pool:
                 self._batches(report, pool, lock, limit, dry_run, progress)
-        finally:
-            try:
-                lock.release()
-            except Exception:  # expired: not ours to release any more
-                log.warning("repair lock expired before release")
         # A run that found nobody to repair says so only at DEBUG: it runs every few minutes.
         log.log(
             logging.INFO if report.seen else logging.DEBUG,
