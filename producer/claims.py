@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from humanconnect.clock import now
-from humanconnect.errors import BacklogFullError, OverLimitError, RedisFullError
 from humanconnect.rate import Rate
 from humanconnect.redis_keys import (
     PENDING,
@@ -28,6 +27,7 @@ from humanconnect.redis_keys import (
     session_claim,
 )
 from humanconnect.request import ExchangeRequest
+from producer.errors import BacklogFullError, OverLimitError, RedisFullError
 from producer.lanes import WaitingLane
 from producer.memory import MemoryWatch
 from producer.message import RECEIVED_MARKER
