@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import sys
 from functools import lru_cache
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
@@ -381,18 +380,3 @@ def load() -> Settings:
 def get_settings() -> Settings:
     """The process's settings, built once."""
     return load()
-
-
-def exit_on_config_error(message: str) -> NoReturn:
-    """Stop the process with one clear line (no traceback, no value echoed)."""
-    sys.stderr.write(f"humanconnect: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(2)
-
-
-def settings_or_exit() -> Settings:
-    """`get_settings()`, or exit with one line naming the bad variable."""
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        exit_on_config_error(str(exc))

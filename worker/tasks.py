@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
 from typing import Any
@@ -15,9 +13,8 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from humanconnect import events, logs, metrics, redis_policy, status_records
+from humanconnect import events, logs, metrics, status_records
 from humanconnect.crypto import DecryptError
-from humanconnect.errors import ConfigError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
@@ -33,6 +30,7 @@ from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
 from humanconnect.request import ExchangeRequest, Job
 from humanconnect.runtime import Runtime
 from humanconnect.settings import get_settings
+from humanconnect.startup import ready_settings_or_exit
 from humanconnect.states import RequestState
 from humanconnect.storage import migrate
 from humanconnect.upstream.limiter import GlobalRateLimiter
@@ -224,23 +222,10 @@ def reconcile_pending() -> int:
     )
 
 
-def _require_or_exit(*, secret: bool) -> None:
-    try:
-        settings = get_settings()
-        settings.require(secret=secret)
-        redis_policy.check(settings.required_redis_url, allow=settings.allow_evicting_redis)
-    except ConfigError as exc:
-        sys.stderr.write(f"humanconnect: {exc}\n")
-        sys.stderr.flush()
-        # Celery's startup would turn SystemExit into a traceback: leave at once.
-        os._exit(2)
-
-
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    _require_or_exit(secret=True)
+    settings = ready_settings_or_exit(secret=True, at_once=True)
     priority.nice_session_group()
-    settings = get_settings()
     if settings.auto_migrate:
         migrate.upgrade(settings.database_url)
 
@@ -272,7 +257,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 @signals.beat_init.connect
 def _on_beat_init(**_: Any) -> None:
-    _require_or_exit(secret=False)
+    ready_settings_or_exit(secret=False, at_once=True)
 
 
 @signals.after_setup_logger.connect
