@@ -4,7 +4,7 @@ from typing import Any
 
 from celery import Celery
 
-from humanconnect.settings import settings_or_exit
+from humanconnect.startup import settings_or_exit
 from worker.celery import configure
 
 app = Celery("bench-noop")

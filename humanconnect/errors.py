@@ -38,25 +38,3 @@ class CircuitOpen(TransientUpstreamError):
 
 class PermanentUpstreamError(UpstreamError):
     """Raised when trying again cannot help (other 4xx, a malformed success body)."""
-
-
-class QueueUnavailableError(HumanConnectError):
-    """Raised when Redis cannot take the work right now."""
-
-
-class BacklogFullError(HumanConnectError):
-    """Raised when the queued backlog is at HUMANCONNECT_MAX_BACKLOG: new work is shed."""
-
-
-class RedisFullError(BacklogFullError):
-    """Raised when Redis, at its maxmemory with noeviction, refuses new work: shed too."""
-
-
-class OverLimitError(HumanConnectError):
-    """Raised when a finish's source (client address, ticket user) is over its limit."""
-
-    def __init__(self, source: str, retry_after_s: float):
-        super().__init__(f"over the per-{source} finish limit")
-        #: `ip` or `user`.
-        self.source = source
-        self.retry_after_s = retry_after_s

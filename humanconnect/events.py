@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 
 from humanconnect.clock import now, timestamp
 from humanconnect.storage.models import OutboxEvent, outbox_table
@@ -50,7 +50,7 @@ def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, objec
 
 
 def record(
-    db: DbSession, type_: str, *, targets: deliveries.Targets = deliveries.NOWHERE, **fields: str
+    db: Session, type_: str, *, targets: deliveries.Targets = deliveries.NOWHERE, **fields: str
 ) -> OutboxEvent:
     """Add an event, and its webhook deliveries to `targets`, to the current transaction; it
     is relayed and delivered only if that commits.
@@ -65,7 +65,7 @@ def record(
 
 
 def record_many(
-    db: DbSession,
+    db: Session,
     type_: str,
     many: Sequence[dict[str, str]],
     targets: deliveries.Targets = deliveries.NOWHERE,
@@ -80,7 +80,7 @@ def record_many(
     return ids
 
 
-def _send(db: DbSession, r: redis.Redis, stream: str, events: Sequence[OutboxEvent]) -> int:
+def _send(db: Session, r: redis.Redis, stream: str, events: Sequence[OutboxEvent]) -> int:
     if not events:
         return 0
     pipe = r.pipeline(transaction=False)
@@ -97,7 +97,7 @@ def queue_xadd(pipe: Any, stream: str, events: Sequence[OutboxEvent]) -> None:
         pipe.xadd(stream, json.loads(event.fields), maxlen=STREAM_MAXLEN, approximate=True)
 
 
-def mark_sent(db: DbSession, ids: Sequence[int]) -> None:
+def mark_sent(db: Session, ids: Sequence[int]) -> None:
     """Only now, with Redis holding them, are they sent."""
     db.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=now()))
     db.commit()
@@ -144,7 +144,7 @@ class SentMarks:
             log.warning("%d relayed events left for the sweep: %s", len(ids), type(exc).__name__)
 
 
-def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) -> int:
+def relay_ids(db: Session, r: redis.Redis, stream: str, ids: Sequence[int]) -> int:
     """Relay the given events (the ones this process just committed)."""
     events = db.scalars(
         select(OutboxEvent).where(OutboxEvent.id.in_(ids), OutboxEvent.sent_at.is_(None))
@@ -152,13 +152,13 @@ def relay_ids(db: DbSession, r: redis.Redis, stream: str, ids: Sequence[int]) ->
     return _send(db, r, stream, events)
 
 
-def relay_committed(db: DbSession, r: redis.Redis, stream: str, event: OutboxEvent) -> int:
+def relay_committed(db: Session, r: redis.Redis, stream: str, event: OutboxEvent) -> int:
     """Relay an event this process just committed, from the row it holds (no read back)."""
     return _send(db, r, stream, [event])
 
 
 def relay_pending(
-    db: DbSession, r: redis.Redis, stream: str, limit: int = 500, grace_s: float = SWEEP_GRACE_S
+    db: Session, r: redis.Redis, stream: str, limit: int = 500, grace_s: float = SWEEP_GRACE_S
 ) -> int:
     """Relay up to `limit` unsent events older than `grace_s`, oldest first."""
     cutoff = now().timestamp() - grace_s
@@ -175,6 +175,6 @@ def relay_pending(
     return _send(db, r, stream, events)
 
 
-def backlog(db: DbSession) -> int:
+def backlog(db: Session) -> int:
     """How many events wait for the relay."""
     return int(db.scalar(select(func.count()).where(OutboxEvent.sent_at.is_(None))) or 0)

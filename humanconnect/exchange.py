@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay
-from tenacity import wait_random_exponential as wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from humanconnect import events, metrics, redis_keys, status_records
 from humanconnect.clock import now_us, to_us
@@ -26,7 +31,7 @@ from humanconnect.request import Job
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind, RequestState
 from humanconnect.storage import sessions
-from humanconnect.storage.models import OutboxEvent, Session
+from humanconnect.storage.models import OutboxEvent, SessionRecord
 from humanconnect.storage.tokens import save_tokens, sealed_public_token
 from humanconnect.upstream.breaker import Breaker
 from humanconnect.upstream.client import Tokens, exchange_tokens
@@ -220,7 +225,7 @@ class Exchanger:
         for attempt in Retrying(
             retry=retry_if_exception_type((OperationalError, PoolTimeout)),
             stop=stop_after_delay(STORE_PATIENCE_S),
-            wait=wait_exponential(multiplier=0.2, max=5.0),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
             reraise=True,
         ):
             at.lock.renew_if_reachable()
@@ -286,7 +291,7 @@ class Exchanger:
         """Record a failure that is ours, not the upstream's (retries of a bug ran out)."""
         key = session_hash(job.session_token)
         with self.rt.db() as db:
-            row = db.get(Session, key)
+            row = db.get(SessionRecord, key)
             if row is not None and RequestState(row.state).final:
                 return
             if row is not None:
@@ -342,7 +347,7 @@ class Exchanger:
         except (redis.exceptions.RedisError, OperationalError) as exc:
             log.warning("event left for the sweep: %s", type(exc).__name__)
 
-    def _mirror_final(self, job: Job, row: Session) -> None:
+    def _mirror_final(self, job: Job, row: SessionRecord) -> None:
         """A duplicate delivery: copy the recorded outcome to this request's status_records."""
         fields: dict[str, str] = {"humanId": row.human_id}
         if row.state == RequestState.SUCCEEDED and row.client_user_id:

@@ -8,9 +8,11 @@ tests/test_session_lock.py is the canary that fails when a redis-py upgrade chan
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -19,6 +21,24 @@ from redis.lock import Lock
 from humanconnect import status_records
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def held_or_skip(r: redis.Redis, name: str, timeout: float) -> Iterator[Lock | None]:
+    """The lock `name` taken without waiting, or None when another holds it (the caller
+    skips its run); released on the way out. A release that fails (the lock expired, or went
+    with a Redis restart) is only logged: the lock ends by itself."""
+    lock = Lock(r, name, timeout=timeout)
+    if not lock.acquire(blocking=False):
+        yield None
+        return
+    try:
+        yield lock
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.RedisError as exc:
+            log.warning("lock %s lost before release: %s", name, type(exc).__name__)
 
 
 class SessionLock(Lock):

@@ -66,16 +66,14 @@ def queue_observe(pipe: Any, name: str, values: list[float], **labels: str) -> N
     if not values:
         return
     # One field per observation, in its own bucket (not cumulative): a fast call would
-    # otherwise touch every bucket. The scrape adds them up (see `_histograms`). All three
-    # fields are named apart from the cumulative ones an earlier version wrote, so a
-    # histogram never mixes the two.
+    # otherwise touch every bucket. The scrape adds them up (see `_histograms`).
     counts: dict[str, int] = defaultdict(int)
     for v in values:
         counts[next((str(b) for b in LATENCY_BUCKETS if v <= b), "+Inf")] += 1
     for bound, n in counts.items():
         pipe.hincrby(KEY, _field(name + ":bucket", {**labels, "le": bound}), n)
-    pipe.hincrbyfloat(KEY, _field(name + ":bucket_sum", labels), sum(values))
-    pipe.hincrby(KEY, _field(name + ":bucket_count", labels), len(values))
+    pipe.hincrbyfloat(KEY, _field(name + ":sum", labels), sum(values))
+    pipe.hincrby(KEY, _field(name + ":count", labels), len(values))
 
 
 def observe_many(r: redis.Redis, name: str, values: list[float], **labels: str) -> None:
@@ -147,8 +145,8 @@ class RedisCollector(Collector):
                 if name == key + ":bucket":
                     le = labels.pop("le")
                     groups[tuple(sorted(labels.items()))][le] = v
-                elif name in (key + ":bucket_sum", key + ":bucket_count"):
-                    groups[tuple(sorted(labels.items()))][name.rsplit("_", 1)[1]] = v
+                elif name in (key + ":sum", key + ":count"):
+                    groups[tuple(sorted(labels.items()))][name.rsplit(":", 1)[1]] = v
             names = sorted({k for g in groups for k, _ in g})
             family = HistogramMetricFamily(metric, help_, labels=names)
             for group, data in groups.items():

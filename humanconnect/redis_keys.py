@@ -57,7 +57,7 @@ def finish_limit(source: str, who: str) -> str:
 
 
 def session_claim(session_hash: str) -> str:
-    """The dedupe claim of one session token: `{requestId, humanId, phase}` as JSON."""
+    """The dedupe claim of one session token: `{requestId, humanId}` as JSON."""
     return f"{PREFIX}session:{session_hash}"
 
 

@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import sys
 from functools import lru_cache
-from typing import NoReturn
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import (
     AliasChoices,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from humanconnect.errors import ConfigError
 from humanconnect.rate import Rate
@@ -36,6 +36,28 @@ DEFAULT_BASE_URL = "https://user.humanapi.co"
 
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name)
+
+
+def _items(value: Any) -> Any:
+    """A comma-separated variable as its items, stripped, blanks dropped."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _seconds(value: Any) -> Any:
+    """A comma-separated variable as floats, every item required."""
+    if isinstance(value, str):
+        try:
+            return [float(w) for w in value.split(",")]
+        except ValueError:
+            raise ValueError("must be comma-separated seconds, like 0,5,300") from None
+    return value
+
+
+# NoDecode: pydantic-settings would read a list variable as JSON; these are comma-separated.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_items)]
+CommaSeconds = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_seconds)]
 
 
 class Settings(BaseSettings):
@@ -119,7 +141,7 @@ class Settings(BaseSettings):
     #: HS256 key for connect tickets (at least 32 bytes). Set: every finish needs a ticket.
     ticket_key: SecretStr | None = Field(None, validation_alias=_env("HUMANCONNECT_TICKET_KEY"))
     #: Comma-separated exact origins a browser may finish from (CORS). Unset: no CORS headers.
-    cors_origins_list: str = Field("", validation_alias=_env("HUMANCONNECT_CORS_ORIGINS"))
+    cors_origins: CommaList = Field([], validation_alias=_env("HUMANCONNECT_CORS_ORIGINS"))
     #: With this many sessions queued, new finishes get 503 and are not queued (0: no cap).
     max_backlog: int = Field(100_000, ge=0, validation_alias=_env("HUMANCONNECT_MAX_BACKLOG"))
     #: Finishes one client address may send (humanconnect/rate.py: `N/minute`, or `off`).
@@ -132,13 +154,14 @@ class Settings(BaseSettings):
     )
     #: Comma-separated CIDRs of proxies whose X-Forwarded-For names the client. Unset: the
     #: header is ignored and the socket's peer is the client.
-    trusted_proxies_list: str = Field("", validation_alias=_env("HUMANCONNECT_TRUSTED_PROXIES"))
+    trusted_proxies: CommaList = Field([], validation_alias=_env("HUMANCONNECT_TRUSTED_PROXIES"))
     #: Run against a Redis whose maxmemory-policy may evict keys (warned at every start).
     allow_evicting_redis: bool = Field(
         False, validation_alias=_env("HUMANCONNECT_ALLOW_EVICTING_REDIS")
     )
-    #: Comma-separated http(s) URLs every event is delivered to (webhooks/). Unset: none.
-    webhook_urls_list: str = Field("", validation_alias=_env("HUMANCONNECT_WEBHOOK_URLS"))
+    #: Comma-separated http(s) URLs every event is delivered to (webhooks/), in the order
+    #: given, without repeats. Unset: none.
+    webhook_urls: CommaList = Field([], validation_alias=_env("HUMANCONNECT_WEBHOOK_URLS"))
     #: `whsec_` + base64 of 24-64 random bytes; signs every delivery. Required with URLs.
     webhook_secret: SecretStr | None = Field(
         None, validation_alias=_env("HUMANCONNECT_WEBHOOK_SECRET")
@@ -147,9 +170,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(
         10.0, gt=0, le=60, validation_alias=_env("HUMANCONNECT_WEBHOOK_TIMEOUT_S")
     )
-    #: The waits before each attempt, in seconds (Standard Webhooks' suggested schedule).
-    webhook_retry_schedule_list: str = Field(
-        "0,5,300,1800,7200,18000,36000,36000",
+    #: The waits before each attempt, in seconds (Standard Webhooks' suggested schedule);
+    #: its length is how many attempts a delivery gets.
+    webhook_retry_schedule: CommaSeconds = Field(
+        (0, 5, 300, 1800, 7200, 18000, 36000, 36000),
         validation_alias=_env("HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE"),
     )
     #: Deliveries in flight at once to one endpoint (from one worker process).
@@ -224,21 +248,16 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {MIN_TICKET_KEY_BYTES} bytes")
         return value
 
-    @field_validator("cors_origins_list")
+    @field_validator("cors_origins")
     @classmethod
-    def _origins_shape(cls, value: str) -> str:
-        for origin in (o.strip() for o in value.split(",") if o.strip()):
+    def _origins_shape(cls, value: list[str]) -> list[str]:
+        for origin in value:
             parts = urlsplit(origin)
             if parts.scheme not in ("http", "https") or not parts.netloc or origin.endswith("/"):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
             if parts.path or parts.query or parts.fragment:
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
         return value
-
-    @property
-    def cors_origins(self) -> list[str]:
-        """The exact origins allowed to call the finish routes from a browser."""
-        return [o.strip() for o in self.cors_origins_list.split(",") if o.strip()]
 
     @field_validator("finish_limit_per_ip_text", "finish_limit_per_user_text")
     @classmethod
@@ -254,37 +273,25 @@ class Settings(BaseSettings):
     def finish_limit_per_user(self) -> Rate | None:
         return Rate.parse(self.finish_limit_per_user_text)
 
-    @field_validator("trusted_proxies_list")
+    @field_validator("trusted_proxies")
     @classmethod
-    def _proxies_shape(cls, value: str) -> str:
-        for cidr in (c.strip() for c in value.split(",") if c.strip()):
+    def _proxies_shape(cls, value: list[str]) -> list[str]:
+        for cidr in value:
             try:
                 ipaddress.ip_network(cidr)
             except ValueError:
                 raise ValueError(f"{cidr!r} is not an address or CIDR like 10.0.0.0/8") from None
         return value
 
-    @property
-    def trusted_proxies(self) -> list[str]:
-        """The proxies (addresses and networks) trusted to name the client."""
-        return [c.strip() for c in self.trusted_proxies_list.split(",") if c.strip()]
-
-    @field_validator("webhook_urls_list")
+    @field_validator("webhook_urls")
     @classmethod
-    def _webhook_urls_shape(cls, value: str) -> str:
-        urls = [u.strip() for u in value.split(",") if u.strip()]
-        for number, url in enumerate(urls, 1):
+    def _webhook_urls_shape(cls, value: list[str]) -> list[str]:
+        for number, url in enumerate(value, 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 # Its place, not the URL: a URL may carry a credential.
                 raise ValueError(f"URL number {number} is not an http(s) URL")
-        return value
-
-    @property
-    def webhook_urls(self) -> list[str]:
-        """The endpoints every event is delivered to, in the order given, without repeats."""
-        urls = (u.strip() for u in self.webhook_urls_list.split(",") if u.strip())
-        return list(dict.fromkeys(urls))
+        return list(dict.fromkeys(value))
 
     @field_validator("webhook_secret")
     @classmethod
@@ -296,21 +303,12 @@ class Settings(BaseSettings):
         check_secret(value.get_secret_value())
         return value
 
-    @field_validator("webhook_retry_schedule_list")
+    @field_validator("webhook_retry_schedule")
     @classmethod
-    def _schedule_shape(cls, value: str) -> str:
-        try:
-            waits = [float(w) for w in value.split(",")]
-        except ValueError:
-            raise ValueError("must be comma-separated seconds, like 0,5,300") from None
-        if not waits or not all(math.isfinite(w) and w >= 0 for w in waits):
+    def _schedule_shape(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or not all(math.isfinite(w) and w >= 0 for w in value):
             raise ValueError("must be comma-separated seconds, none negative or infinite")
         return value
-
-    @property
-    def webhook_retry_schedule(self) -> tuple[float, ...]:
-        """The wait before each attempt; its length is how many attempts a delivery gets."""
-        return tuple(float(w) for w in self.webhook_retry_schedule_list.split(","))
 
     @model_validator(mode="after")
     def _webhooks_signed(self) -> Settings:
@@ -382,18 +380,3 @@ def load() -> Settings:
 def get_settings() -> Settings:
     """The process's settings, built once."""
     return load()
-
-
-def exit_on_config_error(message: str) -> NoReturn:
-    """Stop the process with one clear line (no traceback, no value echoed)."""
-    sys.stderr.write(f"humanconnect: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(2)
-
-
-def settings_or_exit() -> Settings:
-    """`get_settings()`, or exit with one line naming the bad variable."""
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        exit_on_config_error(str(exc))

@@ -4,9 +4,8 @@ The producer writes the first record and the dedupe claim (producer/claims.py); 
 moves the state on from there.
 
 Two keys per session (names in humanconnect/redis_keys.py):
-- the session claim -> JSON `{requestId, humanId, phase}`: the dedupe claim, written with
-  the message in one atomic call (`phase` is `queued`; an older producer wrote `claimed`
-  while it published).
+- the session claim -> JSON `{requestId, humanId}`: the dedupe claim, written with the
+  message in one atomic call.
 - the request's status -> a hash with `state`, `humanId`, `clientUserId`, `error`,
   `publicToken` (Fernet ciphertext, never plaintext), `updatedAt`, and while it is
   unfinished the fields of its `ExchangeRequest` (humanconnect/request.py) for a re-send.

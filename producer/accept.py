@@ -9,13 +9,13 @@ import redis
 
 from humanconnect import logs
 from humanconnect.crypto import Cipher, session_hash
-from humanconnect.errors import HumanConnectError, QueueUnavailableError, RedisFullError
 from humanconnect.redis_keys import WAITING_QUEUE
 from humanconnect.request import ExchangeRequest
 from humanconnect.states import RequestState
 from humanconnect.status_records import new_request_id
 from producer.body import FinishBody
 from producer.claims import Claims
+from producer.errors import QueueUnavailableError, RedisFullError, SessionConflict
 from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 
 # Longest wait for Redis to answer the accept call. With Redis gone, calls queue behind
@@ -23,10 +23,6 @@ from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 # A call that lands after this is harmless: the client sends again and gets the request
 # it created as a duplicate (202, same requestId).
 ACCEPT_DEADLINE_S = 1.0
-
-
-class SessionConflict(HumanConnectError):
-    """Raised when a session token arrives again with a different humanId."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +83,6 @@ class Acceptor:
                 return Accepted(claim.request_id, RequestState.QUEUED, duplicate=False)
             if claim.human_id != body.humanId:
                 raise SessionConflict("sessionToken already used with another humanId")
-            if claim.phase != RequestState.QUEUED:
-                # Only an older producer (a rolling upgrade) claims before it publishes;
-                # its publish may still fail, so promise nothing yet.
-                raise QueueUnavailableError("the first request of this session is enqueueing")
             current = await self.claims.state(claim.request_id) or {}
         except redis.exceptions.ResponseError as exc:
             if not _out_of_memory(exc):

@@ -80,11 +80,6 @@ def check_content_type(request: Request) -> None:
         )
 
 
-def parse(raw: bytes) -> FinishBody:
-    """Decode and validate; 400 with one message per offending field."""
-    return validate(decode(raw))
-
-
 def decode(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object; 400 otherwise."""
     try:

@@ -1,11 +1,10 @@
 """Accepting a session in one atomic Redis call: the dedupe claim, the request's status
 record, its pending entry and the exchange task's message, all or nothing.
 
-The session's claim holds `{requestId, humanId, phase}` for the dedupe window. `phase` is
-always `queued` now: the claim and the enqueue are one script, so there is no moment where a
-session is claimed but not yet queued (an older producer, during a rolling upgrade, writes
-`claimed` while it publishes; see producer/accept.py). The first status record is written in
-the same call, so a fast worker's `running` is never overwritten by the producer's `queued`.
+The session's claim holds `{requestId, humanId}` for the dedupe window. The claim and the
+enqueue are one script, so there is no moment where a session is claimed but not yet queued.
+The first status record is written in the same call, so a fast worker's `running` is never
+overwritten by the producer's `queued`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from humanconnect.clock import now
-from humanconnect.errors import BacklogFullError, OverLimitError, RedisFullError
 from humanconnect.rate import Rate
 from humanconnect.redis_keys import (
     PENDING,
@@ -29,7 +27,7 @@ from humanconnect.redis_keys import (
     session_claim,
 )
 from humanconnect.request import ExchangeRequest
-from humanconnect.states import RequestState
+from producer.errors import BacklogFullError, OverLimitError, RedisFullError
 from producer.lanes import WaitingLane
 from producer.memory import MemoryWatch
 from producer.message import RECEIVED_MARKER
@@ -130,7 +128,6 @@ class Claim:
 
     request_id: str
     human_id: str
-    phase: str
     #: True when this call accepted the session (and queued its message).
     mine: bool
 
@@ -182,13 +179,7 @@ class Claims:
 
         Raises OverLimitError or BacklogFullError when it refused the finish."""
         self.last_accept = time.monotonic()
-        record = json.dumps(
-            {
-                "requestId": request.request_id,
-                "humanId": request.human_id,
-                "phase": RequestState.QUEUED,
-            }
-        )
+        record = json.dumps({"requestId": request.request_id, "humanId": request.human_id})
         fields = [v for pair in request.record_fields().items() for v in pair]
         existing = await self._accept(
             keys=[
@@ -225,11 +216,11 @@ class Claims:
         if existing == BACKLOG_FULL:
             raise BacklogFullError(f"{self.max_backlog} sessions queued")
         if not existing:
-            return Claim(request.request_id, request.human_id, RequestState.QUEUED, mine=True)
+            return Claim(request.request_id, request.human_id, mine=True)
         data = json.loads(existing)
         # Our own request id: a retry of this very call whose first reply was lost.
         mine = data["requestId"] == request.request_id
-        return Claim(data["requestId"], data["humanId"], data["phase"], mine=mine)
+        return Claim(data["requestId"], data["humanId"], mine=mine)
 
     async def state(self, request_id: str) -> dict[str, str] | None:
         """A request's status record, or None when unknown (or expired)."""

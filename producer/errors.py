@@ -1,10 +1,39 @@
-"""The one shape of every error body: `{"error": ..., "fields": {...}}`."""
+"""The web's errors: the ones only a finish raises, and the one shape of every error body,
+`{"error": ..., "fields": {...}}`."""
 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from humanconnect.errors import HumanConnectError
+
 RETRY_AFTER_S = "2"
+
+
+class QueueUnavailableError(HumanConnectError):
+    """Raised when Redis cannot take the work right now."""
+
+
+class BacklogFullError(HumanConnectError):
+    """Raised when the queued backlog is at HUMANCONNECT_MAX_BACKLOG: new work is shed."""
+
+
+class RedisFullError(BacklogFullError):
+    """Raised when Redis, at its maxmemory with noeviction, refuses new work: shed too."""
+
+
+class OverLimitError(HumanConnectError):
+    """Raised when a finish's source (client address, ticket user) is over its limit."""
+
+    def __init__(self, source: str, retry_after_s: float):
+        super().__init__(f"over the per-{source} finish limit")
+        #: `ip` or `user`.
+        self.source = source
+        self.retry_after_s = retry_after_s
+
+
+class SessionConflict(HumanConnectError):
+    """Raised when a session token arrives again with a different humanId."""
 
 
 def error(

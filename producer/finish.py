@@ -18,18 +18,12 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from humanconnect.crypto import Cipher
-from humanconnect.errors import (
-    BacklogFullError,
-    OverLimitError,
-    QueueUnavailableError,
-    RedisFullError,
-)
 from humanconnect.runtime import Runtime
 from humanconnect.states import FINAL, RequestState
 from humanconnect.storage import sessions, tokens
 from humanconnect.tickets import TicketError
 from producer import schemas
-from producer.accept import Accepted, SessionConflict
+from producer.accept import Accepted
 from producer.body import (
     MAX_BODY_BYTES,
     BadRequest,
@@ -38,7 +32,15 @@ from producer.body import (
     read_limited,
     validate,
 )
-from producer.errors import error, unavailable
+from producer.errors import (
+    BacklogFullError,
+    OverLimitError,
+    QueueUnavailableError,
+    RedisFullError,
+    SessionConflict,
+    error,
+    unavailable,
+)
 from producer.schemas import header
 from producer.state import Parts
 from producer.waiters import requested_wait

@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from humanconnect.settings import Settings
 from humanconnect.tickets import verify
+from producer.bearer import bearer_token
 
 
 class TicketCheck:
@@ -47,9 +48,8 @@ class TicketCheck:
 
 def find(request: Request, data: dict[str, Any] | None) -> str | None:
     """The ticket a finish carries, if any, from the header, the body or the query."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+    if (token := bearer_token(request)) is not None:
+        return token
     if data is not None:
         field = data.get("ticket")
         if isinstance(field, str) and field:

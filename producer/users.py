@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from humanconnect.users import read_user
 from producer import schemas
+from producer.bearer import bearer_token
 from producer.errors import error, unavailable
 from producer.state import Parts
 
@@ -21,10 +22,8 @@ NO_STORE = {"Cache-Control": "no-store"}
 def authorized(request: Request, expected: str) -> bool:
     """Only the Authorization header counts (a token in the URL is never accepted), compared
     in constant time."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    return hmac.compare_digest(token.strip().encode(), expected.encode())
+    token = bearer_token(request)
+    return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
 
 SECURITY_SCHEME = "bearerToken"

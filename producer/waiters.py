@@ -58,7 +58,6 @@ class Waiters:
         self.r = r
         self._waiting: dict[str, list[asyncio.Future[str]]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="prefer-wait-listener")
@@ -74,7 +73,6 @@ class Waiters:
             pubsub = self.r.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(PATTERN)
-                self._ready.set()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "pmessage":
@@ -86,7 +84,6 @@ class Waiters:
                 log.warning("wait listener reconnecting: %s", type(exc).__name__)
                 await asyncio.sleep(1.0)
             finally:
-                self._ready.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), 1.0)
 
@@ -108,11 +105,3 @@ class Waiters:
                 futures.remove(future)
                 if not futures:
                     del self._waiting[request_id]
-
-    async def ready(self, timeout: float) -> bool:
-        """True once the subscription is live (a wait without it could miss its wake-up)."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False

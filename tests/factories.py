@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 
 from humanconnect.clock import now_us
 from humanconnect.crypto import Cipher, session_hash
@@ -13,7 +13,7 @@ from humanconnect.request import Job
 from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults, StandIn, client_user_id_for
 from humanconnect.storage import sessions, tokens
-from humanconnect.storage.models import Session
+from humanconnect.storage.models import SessionRecord
 from humanconnect.tickets import mint
 from tests.support.env import CLIENT_ID, CLIENT_SECRET, TICKET_KEY
 
@@ -60,7 +60,7 @@ def job(**over: object) -> Job:
     return Job(**values)  # type: ignore[arg-type]
 
 
-def session_row(db: DbSession, job: Job, cipher: Cipher, key: str | None = None) -> Session:
+def session_row(db: Session, job: Job, cipher: Cipher, key: str | None = None) -> SessionRecord:
     """The `sessions` record a first delivery of `job` creates (in the caller's transaction)."""
     row, _ = sessions.load_or_create(
         db,

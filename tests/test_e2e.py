@@ -13,7 +13,7 @@ from sqlalchemy import select
 from humanconnect.crypto import Cipher
 from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.storage.db import session_factory
-from humanconnect.storage.models import Session
+from humanconnect.storage.models import SessionRecord
 from tests import factories
 from tests.support.env import BIN, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env, wait_for
 from tests.support.scan import assert_no_secrets, state_counts, stored_users, stream_entries
@@ -129,7 +129,7 @@ def test_permanent_refusal_is_failed_with_a_reason(deploy, standin: Running) -> 
     assert "401" in final["error"]
     assert standin.state.calls["tokens:401"] == 1
     with session_factory(d.db_url)() as db:
-        row = db.scalar(select(Session))
+        row = db.scalar(select(SessionRecord))
         assert row is not None and row.state == "failed" and row.attempts == 1
 
 

@@ -15,7 +15,7 @@ from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.states import RequestState
 from humanconnect.storage import tokens
-from humanconnect.storage.models import Session, User
+from humanconnect.storage.models import SessionRecord, User
 from tests import factories
 from tests.support.scan import stream_entries
 
@@ -24,9 +24,9 @@ def exchanger(rt: Runtime) -> Exchanger:
     return Exchanger(rt, factories.free_slot)
 
 
-def session_row(rt: Runtime, job: Job) -> Session:
+def session_row(rt: Runtime, job: Job) -> SessionRecord:
     with rt.db() as db:
-        row = db.get(Session, session_hash(job.session_token))
+        row = db.get(SessionRecord, session_hash(job.session_token))
         assert row is not None
         return row
 
@@ -247,7 +247,7 @@ def test_tokens_and_success_commit_together(
     # Then no tokens were committed without the session's success
     with runtime.db() as db:
         assert db.scalar(select(User).where(User.human_id == job.human_id)) is None
-        row = db.get(Session, session_hash(job.session_token))
+        row = db.get(SessionRecord, session_hash(job.session_token))
         assert row is not None and row.state == "running"
 
 
@@ -260,12 +260,12 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     from unittest import mock
 
     from sqlalchemy.exc import OperationalError
-    from sqlalchemy.orm import Session as DbSession
+    from sqlalchemy.orm import Session
 
     from humanconnect import events
     from humanconnect.storage.models import OutboxEvent
 
-    real_commit, real_record = DbSession.commit, events.record
+    real_commit, real_record = Session.commit, events.record
     armed: list[bool] = []
     fired: list[bool] = []
 
@@ -282,7 +282,7 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     job = factories.job()
     with (
         mock.patch("humanconnect.exchange.events.record", side_effect=record),
-        mock.patch.object(DbSession, "commit", commit),
+        mock.patch.object(Session, "commit", commit),
     ):
         outcome = exchanger(runtime).run(job)
     assert outcome.state == "succeeded"

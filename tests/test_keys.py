@@ -10,7 +10,7 @@ from sqlalchemy import select
 from humanconnect.crypto import Cipher, DecryptError
 from humanconnect.jobs.rotation import rotate_all
 from humanconnect.runtime import Runtime
-from humanconnect.storage.models import Session, User
+from humanconnect.storage.models import SessionRecord, User
 from humanconnect.storage.tokens import get_user, save_tokens
 from tests import factories
 from tests.support.env import BIN, CLIENT_ID, FERNET_KEY, FERNET_KEY_2, service_env
@@ -125,7 +125,7 @@ def test_rotate_is_resumable_and_covers_kept_session_tokens(
         for row in db.scalars(select(User)):
             assert new_only.open(row.access_token).startswith("access-")
             assert new_only.open(row.public_token or "").startswith("public-")
-        sealed = db.scalars(select(Session.sealed_session_token)).all()
+        sealed = db.scalars(select(SessionRecord.sealed_session_token)).all()
     assert sorted(new_only.open(s or "") for s in sealed) == sorted(tokens)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import fastapi.routing
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -23,6 +24,7 @@ from fastapi.testclient import TestClient
 from humanconnect.cli.procs import free_port
 from humanconnect.runtime import async_redis_client
 from humanconnect.settings import Settings
+from producer import warm
 from producer.app import create_app
 from producer.claims import _ACCEPT
 from producer.warm import CONNECTIONS, WarmPool
@@ -74,6 +76,19 @@ def test_the_web_is_warm_before_it_serves(
             assert read == []
     finally:
         server.stop()
+
+
+def test_prime_reaches_every_route_through_the_fastapi_internals_it_uses(
+    make_settings: Callable[..., Settings], sqlite_url: str
+) -> None:
+    """The private FastAPI parts `prime` leans on are still there: the per-endpoint cache
+    it fills, and the included routers it walks into (every documented operation found).
+    A FastAPI upgrade that drops either fails here, not quietly in a slower first request."""
+    api = create_app(make_settings(DATABASE_URL=sqlite_url))
+    assert callable(getattr(fastapi.routing, "_extract_endpoint_context", None))
+    found = {(m, route.path) for route in warm._routes(api.routes) for m in route.methods or ()}
+    documented = {(m.upper(), p) for p, ops in api.openapi()["paths"].items() for m in ops}
+    assert documented and documented <= found
 
 
 def _run_against(

@@ -36,7 +36,8 @@ from celery import Celery
 from humanconnect import queue
 from humanconnect.queue import celery_config
 from humanconnect.request import ExchangeRequest
-from humanconnect.settings import Settings, settings_or_exit
+from humanconnect.settings import Settings
+from humanconnect.startup import settings_or_exit
 from worker import broker
 
 app = Celery("humanconnect", include=["worker.tasks"])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
 from typing import Any
@@ -12,16 +10,15 @@ from typing import Any
 import redis
 from celery import Task, signals
 from celery.concurrency.thread import TaskPool as ThreadPool
-from redis.lock import Lock
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from humanconnect import events, logs, metrics, redis_policy, status_records
+from humanconnect import events, logs, metrics, status_records
 from humanconnect.crypto import DecryptError
-from humanconnect.errors import ConfigError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
+from humanconnect.locks import held_or_skip
 from humanconnect.queue import (
     DELIVER_TASK,
     EXCHANGE_TASK,
@@ -33,6 +30,7 @@ from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
 from humanconnect.request import ExchangeRequest, Job
 from humanconnect.runtime import Runtime
 from humanconnect.settings import get_settings
+from humanconnect.startup import ready_settings_or_exit
 from humanconnect.states import RequestState
 from humanconnect.storage import migrate
 from humanconnect.upstream.limiter import GlobalRateLimiter
@@ -160,20 +158,14 @@ def _retry(self: Task, countdown: float, exc: BaseException | None = None) -> Ba
 def relay_events() -> int:
     """Sweep committed events that their worker could not relay (Redis was away, it died)."""
     rt = runtime()
-    lock = Lock(rt.redis, RELAY_LOCK, timeout=60)
-    if not lock.acquire(blocking=False):
-        return 0
     sent = 0
-    try:
+    with held_or_skip(rt.redis, RELAY_LOCK, timeout=60) as lock:
+        if lock is None:
+            return 0
         with rt.db() as db:
             while batch := events.relay_pending(db, rt.redis, rt.settings.events_stream):
                 sent += batch
                 metrics.inc(rt.redis, "events", batch)
-    finally:
-        try:
-            lock.release()
-        except redis.exceptions.LockError:
-            pass
     if sent:
         log.info("relayed %d pending events", sent)
     return sent
@@ -230,23 +222,10 @@ def reconcile_pending() -> int:
     )
 
 
-def _require_or_exit(*, secret: bool) -> None:
-    try:
-        settings = get_settings()
-        settings.require(secret=secret)
-        redis_policy.check(settings.required_redis_url, allow=settings.allow_evicting_redis)
-    except ConfigError as exc:
-        sys.stderr.write(f"humanconnect: {exc}\n")
-        sys.stderr.flush()
-        # Celery's startup would turn SystemExit into a traceback: leave at once.
-        os._exit(2)
-
-
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    _require_or_exit(secret=True)
+    settings = ready_settings_or_exit(secret=True, at_once=True)
     priority.nice_session_group()
-    settings = get_settings()
     if settings.auto_migrate:
         migrate.upgrade(settings.database_url)
 
@@ -278,7 +257,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 @signals.beat_init.connect
 def _on_beat_init(**_: Any) -> None:
-    _require_or_exit(secret=False)
+    ready_settings_or_exit(secret=False, at_once=True)
 
 
 @signals.after_setup_logger.connect

@@ -7,6 +7,7 @@ import sys
 
 from humanconnect.errors import ConfigError
 from humanconnect.settings import SANDBOX_CLIENT_ID, Settings, load
+from humanconnect.startup import exit_on_config_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load()
         sys.exit(_dispatch(args, settings))
     except ConfigError as exc:
-        sys.stderr.write(f"humanconnect: {exc}\n")
-        sys.exit(2)
+        exit_on_config_error(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -18,12 +18,13 @@ from typing import cast
 
 from redis.lock import Lock
 from sqlalchemy import ColumnElement, Table, bindparam, func, select, update
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 from tenacity import RetryCallState
 
 from humanconnect import events, metrics
 from humanconnect.clock import now, now_us, to_us
 from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError
+from humanconnect.locks import held_or_skip
 from humanconnect.redis_keys import REPAIR_LOCK as LOCK_KEY
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind
@@ -81,12 +82,12 @@ def _due(now: int) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def count_due(db: DbSession) -> int:
+def count_due(db: Session) -> int:
     """Users a run would try now."""
     return int(db.scalar(select(func.count()).where(*_due(now_us()))) or 0)
 
 
-def candidates(db: DbSession, after_id: int, limit: int) -> list[Candidate]:
+def candidates(db: Session, after_id: int, limit: int) -> list[Candidate]:
     """The next batch after `after_id` (keyset pagination on the partial index)."""
     rows = db.execute(
         select(User.id, User.human_id, User.client_user_id, User.received_us, User.repair_attempts)
@@ -115,19 +116,13 @@ class Repairer:
     ) -> Report:
         """One repair run, or nothing if another holds the lock."""
         report = Report()
-        lock = Lock(self.rt.redis, LOCK_KEY, timeout=LOCK_TTL_S)
-        if not lock.acquire(blocking=False):
-            log.debug("repair skipped: another run holds the lock")
-            report.skipped = True
-            return report
-        try:
+        with held_or_skip(self.rt.redis, LOCK_KEY, timeout=LOCK_TTL_S) as lock:
+            if lock is None:
+                log.debug("repair skipped: another run holds the lock")
+                report.skipped = True
+                return report
             with ThreadPoolExecutor(self.threads, thread_name_prefix="repair") as pool:
                 self._batches(report, pool, lock, limit, dry_run, progress)
-        finally:
-            try:
-                lock.release()
-            except Exception:  # expired: not ours to release any more
-                log.warning("repair lock expired before release")
         # A run that found nobody to repair says so only at DEBUG: it runs every few minutes.
         log.log(
             logging.INFO if report.seen else logging.DEBUG,

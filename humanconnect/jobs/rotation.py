@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from humanconnect.runtime import Runtime
-from humanconnect.storage.models import Session, User
+from humanconnect.storage.models import SessionRecord, User
 
 BATCH = 500
 
@@ -53,9 +53,12 @@ def _rotate_sessions(rt: Runtime, batch: int) -> int:
     while True:
         with rt.db() as db:
             rows = db.scalars(
-                select(Session)
-                .where(Session.session_hash > last, Session.sealed_session_token.is_not(None))
-                .order_by(Session.session_hash)
+                select(SessionRecord)
+                .where(
+                    SessionRecord.session_hash > last,
+                    SessionRecord.sealed_session_token.is_not(None),
+                )
+                .order_by(SessionRecord.session_hash)
                 .limit(batch)
             ).all()
             if not rows:

@@ -65,7 +65,7 @@ class User(Base):
     )
 
 
-class Session(Base):
+class SessionRecord(Base):
     """The durable idempotency record of one session, keyed by a hash of its token."""
 
     __tablename__ = "sessions"
@@ -155,6 +155,6 @@ class WebhookDelivery(Base):
 # The tables themselves, for Core statements on the hot path: they skip the ORM's unit of
 # work and bulk machinery, which cost more CPU than the statements.
 users_table = cast(Table, User.__table__)
-sessions_table = cast(Table, Session.__table__)
+sessions_table = cast(Table, SessionRecord.__table__)
 outbox_table = cast(Table, OutboxEvent.__table__)
 deliveries_table = cast(Table, WebhookDelivery.__table__)

@@ -10,12 +10,12 @@ from typing import Any
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 
 from humanconnect.clock import now
 from humanconnect.errors import HumanConnectError
 from humanconnect.states import ErrorKind, RequestState
-from humanconnect.storage.models import Session, sessions_table
+from humanconnect.storage.models import SessionRecord, sessions_table
 
 
 class MissingSession(HumanConnectError):
@@ -55,7 +55,7 @@ def _create(dialect: str) -> Any:
 
 
 def load_or_create(
-    db: DbSession,
+    db: Session,
     *,
     key: str,
     request_id: str,
@@ -63,7 +63,7 @@ def load_or_create(
     received_us: int,
     sealed_session_token: str,
     expected_client_user_id: str | None = None,
-) -> tuple[Session, bool]:
+) -> tuple[SessionRecord, bool]:
     """The session's record, and whether this call created it. A first delivery creates it
     already `running` with one attempt, in one statement (a race-free insert); a later one
     reads what is there."""
@@ -84,21 +84,21 @@ def load_or_create(
     created = db.connection().execute(_create(db.get_bind().dialect.name), values).first()
     if created is not None:
         # What the row holds, without reading it back.
-        return Session(**values), True
-    row = db.get(Session, key, populate_existing=True)
+        return SessionRecord(**values), True
+    row = db.get(SessionRecord, key, populate_existing=True)
     if row is None:
         raise MissingSession(f"session record vanished request={request_id}")
     return row, False
 
 
-def begin_attempt(row: Session) -> None:
+def begin_attempt(row: SessionRecord) -> None:
     """Another delivery starts on an unfinished session."""
     row.state = RequestState.RUNNING
     row.attempts += 1
     row.updated_at = now()
 
 
-def mark_succeeded(db: DbSession, key: str, client_user_id: str) -> bool:
+def mark_succeeded(db: Session, key: str, client_user_id: str) -> bool:
     """Mark the session succeeded in the caller's transaction; False when it already was (an
     earlier attempt's COMMIT landed although its connection broke)."""
     result = db.connection().execute(
@@ -107,24 +107,24 @@ def mark_succeeded(db: DbSession, key: str, client_user_id: str) -> bool:
     return bool(result.rowcount)
 
 
-def locked(db: DbSession, key: str) -> Session:
+def locked(db: Session, key: str) -> SessionRecord:
     """The session's record, locked for update until the caller's transaction ends."""
-    row = db.get(Session, key, with_for_update=True)
+    row = db.get(SessionRecord, key, with_for_update=True)
     if row is None:
         raise MissingSession("session record vanished")
     return row
 
 
-def mark_failed(row: Session, reason: str, kind: ErrorKind) -> None:
+def mark_failed(row: SessionRecord, reason: str, kind: ErrorKind) -> None:
     row.state = RequestState.FAILED
     row.error = reason
     row.error_kind = kind
     row.updated_at = now()
 
 
-def mark_retrying(db: DbSession, key: str, reason: str, ambiguous: bool) -> None:
+def mark_retrying(db: Session, key: str, reason: str, ambiguous: bool) -> None:
     """Record a transient failure before the task re-queues itself; commits."""
-    row = db.get(Session, key)
+    row = db.get(SessionRecord, key)
     if row is None:
         raise MissingSession("session record vanished")
     row.state = RequestState.RETRYING
@@ -135,31 +135,31 @@ def mark_retrying(db: DbSession, key: str, reason: str, ambiguous: bool) -> None
     db.commit()
 
 
-def by_request(db: DbSession, request_id: str) -> Session | None:
+def by_request(db: Session, request_id: str) -> SessionRecord | None:
     """The session a finish request created, if a worker has seen it."""
-    return db.scalar(select(Session).where(Session.request_id == request_id))
+    return db.scalar(select(SessionRecord).where(SessionRecord.request_id == request_id))
 
 
-def failed(db: DbSession, limit: int) -> list[Session]:
+def failed(db: Session, limit: int) -> list[SessionRecord]:
     """Failed sessions, newest first."""
     query = (
-        select(Session)
-        .where(Session.state == RequestState.FAILED)
-        .order_by(Session.updated_at.desc())
+        select(SessionRecord)
+        .where(SessionRecord.state == RequestState.FAILED)
+        .order_by(SessionRecord.updated_at.desc())
         .limit(limit)
     )
     return list(db.scalars(query).all())
 
 
-def transient_failures(db: DbSession) -> list[Session]:
+def transient_failures(db: Session) -> list[SessionRecord]:
     """Sessions failed because the upstream was away for their whole retry window."""
-    query = select(Session).where(
-        Session.state == RequestState.FAILED, Session.error_kind == ErrorKind.TRANSIENT
+    query = select(SessionRecord).where(
+        SessionRecord.state == RequestState.FAILED, SessionRecord.error_kind == ErrorKind.TRANSIENT
     )
     return list(db.scalars(query).all())
 
 
-def requeue(row: Session) -> None:
+def requeue(row: SessionRecord) -> None:
     """An operator sends a failed session round again."""
     row.state = RequestState.QUEUED
     row.error = None

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 
 from humanconnect.clock import now
 from humanconnect.crypto import Cipher
@@ -67,7 +67,7 @@ def _upsert(dialect: str) -> Any:
 
 
 def save_tokens(
-    db: DbSession,
+    db: Session,
     cipher: Cipher,
     *,
     human_id: str,
@@ -108,7 +108,7 @@ def save_tokens(
     return stored is not None
 
 
-def get_user(db: DbSession, cipher: Cipher, client_user_id: str) -> StoredUser | None:
+def get_user(db: Session, cipher: Cipher, client_user_id: str) -> StoredUser | None:
     """A user's decrypted tokens by clientUserId, or None."""
     row = db.scalar(select(User).where(User.client_user_id == client_user_id))
     if row is None:
@@ -122,12 +122,6 @@ def get_user(db: DbSession, cipher: Cipher, client_user_id: str) -> StoredUser |
     )
 
 
-def sealed_public_token(db: DbSession, human_id: str) -> str | None:
+def sealed_public_token(db: Session, human_id: str) -> str | None:
     """A user's current publicToken by humanId, still sealed, or None."""
     return db.scalar(select(User.public_token).where(User.human_id == human_id))
-
-
-def get_public_token(db: DbSession, cipher: Cipher, human_id: str) -> str | None:
-    """A user's current publicToken by humanId, decrypted, or None."""
-    sealed = sealed_public_token(db, human_id)
-    return cipher.open(sealed) if sealed else None

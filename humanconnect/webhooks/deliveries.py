@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, bindparam, func, insert, select, update
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session
 
 from humanconnect.clock import now, now_us, to_us
 from humanconnect.settings import Settings
@@ -82,7 +82,7 @@ class Targets:
 NOWHERE = Targets()
 
 
-def add(db: DbSession, outbox_ids: Sequence[int], targets: Targets) -> None:
+def add(db: Session, outbox_ids: Sequence[int], targets: Targets) -> None:
     """One pending delivery per event and endpoint, in the caller's transaction."""
     if not outbox_ids or not targets.endpoints:
         return
@@ -114,7 +114,7 @@ def next_wait(
     return max(0.0, base * (1 + (rng or random).uniform(-JITTER, JITTER)))
 
 
-def claim(db: DbSession, endpoint: str, *, limit: int, lease_s: float) -> list[Due]:
+def claim(db: Session, endpoint: str, *, limit: int, lease_s: float) -> list[Due]:
     """Take up to `limit` due deliveries of `endpoint`, oldest due first, and commit: each
     counts one more attempt and is not due again until `lease_s` from now.
 
@@ -164,7 +164,7 @@ def claim(db: DbSession, endpoint: str, *, limit: int, lease_s: float) -> list[D
 
 
 def settle(
-    db: DbSession, outcomes: Iterable[tuple[Due, Result]], schedule: Sequence[float]
+    db: Session, outcomes: Iterable[tuple[Due, Result]], schedule: Sequence[float]
 ) -> Counter[str]:
     """Record each attempt's outcome in one transaction; counts delivered, retrying, failed."""
     stamp = now()
@@ -209,7 +209,7 @@ def settle(
     return counts
 
 
-def backlog(db: DbSession) -> dict[str, int]:
+def backlog(db: Session) -> dict[str, int]:
     """Pending deliveries per endpoint."""
     rows = db.execute(
         select(T.c.endpoint, func.count()).where(T.c.state == PENDING).group_by(T.c.endpoint)
@@ -232,7 +232,7 @@ class Listed:
     last_response: str | None
 
 
-def listing(db: DbSession, *, failed_only: bool = False, limit: int = 200) -> list[Listed]:
+def listing(db: Session, *, failed_only: bool = False, limit: int = 200) -> list[Listed]:
     """The newest deliveries (failed ones only, if asked), newest first."""
     query = (
         select(T, outbox_table.c.event_id, outbox_table.c.fields)
@@ -260,7 +260,7 @@ def listing(db: DbSession, *, failed_only: bool = False, limit: int = 200) -> li
     ]
 
 
-def retry(db: DbSession, *, failed_only: bool, since: datetime | None = None) -> int:
+def retry(db: Session, *, failed_only: bool, since: datetime | None = None) -> int:
     """Make deliveries due now with a fresh schedule: the failed ones, and unless
     `failed_only` the pending ones too (a receiver that is back). Returns how many."""
     states = [FAILED] if failed_only else [FAILED, PENDING]

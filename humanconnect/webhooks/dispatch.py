@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
-from redis.lock import Lock
 
 from humanconnect import metrics
 from humanconnect.clock import now, timestamp
+from humanconnect.locks import held_or_skip
 from humanconnect.redis_keys import webhook_lock
 from humanconnect.runtime import Runtime
 from humanconnect.webhooks import deliveries, signing
@@ -59,11 +59,10 @@ class Dispatcher:
     def run(self, budget_s: float = BUDGET_S) -> Counter[str]:
         """Deliver what is due until nothing is, the endpoint fails, or the budget is spent."""
         key = webhook_lock(deliveries.endpoint_digest(self.endpoint))
-        lock = Lock(self.rt.redis, key, timeout=self.lease_s)
         totals: Counter[str] = Counter()
-        if not lock.acquire(blocking=False):
-            return totals
-        try:
+        with held_or_skip(self.rt.redis, key, timeout=self.lease_s) as lock:
+            if lock is None:
+                return totals
             deadline = time.monotonic() + budget_s
             while time.monotonic() < deadline:
                 counts = self.round()
@@ -76,11 +75,6 @@ class Dispatcher:
                     lock.reacquire()
                 except redis.exceptions.LockError:
                     break  # lapsed (a round outlasted the lease): the next tick goes on
-        finally:
-            try:
-                lock.release()
-            except redis.exceptions.RedisError:
-                pass  # lost with a Redis restart, or expired: it ends by itself
         if totals["failed"] or totals["retrying"]:
             log.info(
                 "webhooks endpoint=%s delivered=%d retrying=%d failed=%d",
