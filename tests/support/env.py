@@ -3,6 +3,7 @@ clean environment for the service processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
@@ -94,3 +95,15 @@ def timed(call: Callable[[], T]) -> tuple[T, float]:
     started = time.monotonic()
     result = call()
     return result, time.monotonic() - started
+
+
+async def wait_until(
+    check: Callable[[], Any], timeout: float, interval: float = 0.01, what: str = ""
+) -> Any:
+    """`wait_for` inside an event loop: poll `check` without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not (last := check()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(interval)
+    return last
