@@ -29,6 +29,7 @@ from tests.support.env import (
     deployment_env,
 )
 from tests.support.processes import Deployment, Process, start_web, start_worker
+from tests.support.receiver import Receiver
 from tests.support.servers import RedisServer, flushed, fresh_database, pg_or_skip
 
 
@@ -159,6 +160,14 @@ def sqlite_url(tmp_path: Path) -> Iterator[str]:
 def standin() -> Iterator[Running]:
     """The upstream stand-in listening on a port, with this app's credentials."""
     running = Running(factories.standin()).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver listening on a port, answering 200 until the test says otherwise."""
+    running = Receiver().start()
     yield running
     running.stop()
 
