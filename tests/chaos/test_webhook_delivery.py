@@ -141,7 +141,10 @@ def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
     """A slow receiver keeps deliveries in flight after the exchanges are done; every worker
     is SIGKILLed mid-delivery, then Redis (restarted from its AOF): each event still
     arrives, some more than once."""
-    receiver.delay_s = 0.1
+    # Slow enough (8 a second, under the 1 s timeout) that the kills land mid-delivery even
+    # when the exchanges are slow on a busy machine: at 0.1 s the deliveries once kept up
+    # with them and were all done before the kill. Quicker once Redis is back.
+    receiver.delay_s = 0.5
     start(chaos, receiver)
     first = bodies(200)
     chaos.send(first)
@@ -165,6 +168,7 @@ def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
         what="the deployment to find Redis gone",
     )
     chaos.redis.start()
+    receiver.delay_s = 0.1
 
     wait_all_delivered(chaos, receiver, 180)
     figures = verify_deliveries(chaos, receiver, first + second)
