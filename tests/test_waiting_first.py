@@ -105,15 +105,16 @@ def test_sdk_finishes_are_served_ahead_of_a_100s_backlog(
     )
     watched_s = time.monotonic() - quiet_from
     stored = state_counts(db_url).get("succeeded", 0)
+    since_posting_s = time.time() - posting_from
     # Never faster than the limit since the first finish was posted.
-    assert stored <= 20 + (time.time() - posting_from) * MAX_RPS, stored
+    assert stored <= 20 + since_posting_s * MAX_RPS, stored
     figures.record(
         "sdk_burst",
         sdk_answer_s=[round(t, 2) for t in took],
         posting_2000_s=round(queued_at - posting_from, 1),
         watched_s=round(watched_s, 1),
         stored_when_watched=stored,
-        drained_share_of_pace=round((stored - 20) / (PACE * watched_s), 3),
+        drained_share_of_pace=round((stored - 20) / (PACE * since_posting_s), 3),
         backlog_2000_at_pace_s=round(2000 / PACE, 1),
         worst_second=figures.most_in_window(standin.state.call_times),
         worst_second_after_posting=figures.most_in_window(
