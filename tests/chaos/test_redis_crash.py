@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.support.chaos import Chaos, bodies
+from tests.support.env import wait_for
 
 # Each scenario is a whole deployment and a burst of 1,000 sessions: the full suite only.
 pytestmark = pytest.mark.slow
@@ -21,8 +22,9 @@ def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos) -> No
     sent = bodies()
     # Paced at 100/s so that finishes arrive before, during and after the outage.
     sending = chaos.send_in_background(sent, rate=100)
-    time.sleep(3)
+    wait_for(lambda: chaos.stored_count() >= 100, 60, interval=0.2, what="burst under way")
     chaos.redis.kill()
+    # The outage's length is the scenario: finishes keep arriving while Redis is away.
     time.sleep(3)
     chaos.redis.start()
     results = sending.result(120)
