@@ -14,7 +14,7 @@ from tests.support.env import wait_for
 pytestmark = pytest.mark.slow
 
 
-def accepted(chaos: Chaos) -> int:
+def taken(chaos: Chaos) -> int:
     """Finishes the web has taken so far: their status records in Redis."""
     return sum(1 for _ in chaos.r.scan_iter(request_status("*"), count=1000))
 
@@ -31,7 +31,7 @@ def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos) -> No
     # Killed once the web has taken a hundred of the burst's finishes (each has its status
     # record): the workers may lag far behind on a busy machine, the accepts do not.
     wait_for(
-        lambda: accepted(chaos) >= len(chaos.warm) + 100, 60, interval=0.1, what="burst under way"
+        lambda: taken(chaos) >= len(chaos.warm) + 100, 60, interval=0.1, what="burst under way"
     )
     chaos.redis.kill()
     # The outage's length is the scenario: finishes keep arriving while Redis is away.
