@@ -30,7 +30,20 @@ from tests.support.env import (
     deployment_env,
 )
 from tests.support.processes import Deployment, Process, start_web, start_worker
+from tests.support.receiver import Receiver
 from tests.support.servers import RedisServer, flushed, fresh_database, pg_or_skip
+
+
+def _deployment(
+    env: dict[str, str], db_url: str, logs: Path, started: list[Process], *, sandbox_web: bool
+) -> Deployment:
+    """`web` and `worker` on `env`, logging into `logs`; both added to `started` to stop."""
+    web_env = {k: v for k, v in env.items() if k != "HUMANAPI_CLIENT_SECRET"}
+    web, url = start_web(web_env if sandbox_web else env, ROOT, logs / "web.log")
+    started.append(web)
+    worker = start_worker(env, ROOT, logs / "worker.log", concurrency=32)
+    started.append(worker)
+    return Deployment(url, env, web, worker, db_url, [logs / "web.log", logs / "worker.log"])
 
 
 @pytest.fixture
@@ -43,14 +56,25 @@ def deploy(
     def make(*, sandbox_web: bool = False, **extra: str) -> Deployment:
         """`sandbox_web`: the web without the clientSecret, in sandbox mode as `up` runs it."""
         env = deployment_env(redis_url, db_url, standin.url, **extra)
-        web_env = {k: v for k, v in env.items() if k != "HUMANAPI_CLIENT_SECRET"}
-        web, url = start_web(web_env if sandbox_web else env, ROOT, tmp_path / "web.log")
-        started.append(web)
-        worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=32)
-        started.append(worker)
-        return Deployment(
-            url, env, web, worker, db_url, [tmp_path / "web.log", tmp_path / "worker.log"]
-        )
+        return _deployment(env, db_url, tmp_path, started, sandbox_web=sandbox_web)
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def module_deploy(
+    module_redis_url: str, module_db_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Deployment]]:
+    """`deploy` for a whole module (starting processes takes seconds), against the upstream
+    the module gives, on `module_redis_url` and `module_db_url`."""
+    started: list[Process] = []
+
+    def make(upstream_url: str, *, sandbox_web: bool = False, **extra: str) -> Deployment:
+        env = deployment_env(module_redis_url, module_db_url, upstream_url, **extra)
+        logs = tmp_path_factory.mktemp("deploy-logs")
+        return _deployment(env, module_db_url, logs, started, sandbox_web=sandbox_web)
 
     yield make
     stop_all(started)
@@ -78,6 +102,13 @@ def redis_url(redis_server_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def module_redis_url(redis_server_url: str) -> Iterator[str]:
+    """The shared Redis, flushed before and after the module (as `redis_url` is per test)."""
+    with flushed(redis_server_url) as url:
+        yield url
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """A client of the shared Redis (flushed by `redis_url`)."""
@@ -94,11 +125,25 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+#: Every database the service runs on: SQLite, then PostgreSQL (skipped locally without one).
+DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DATABASES)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty, migrated database: a SQLite file, then a fresh PostgreSQL database."""
     base = "" if request.param == "sqlite" else pg_or_skip()
     with fresh_database(request.param, tmp_path, base) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def module_db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`db_url` for a whole module: one empty, migrated database the module's tests share."""
+    base = "" if request.param == "sqlite" else pg_or_skip()
+    with fresh_database(request.param, tmp_path_factory.mktemp("db"), base) as url:
         yield url
 
 
@@ -115,6 +160,14 @@ def sqlite_url(tmp_path: Path) -> Iterator[str]:
 def standin() -> Iterator[Running]:
     """The upstream stand-in listening on a port, with this app's credentials."""
     running = Running(factories.standin()).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver listening on a port, answering 200 until the test says otherwise."""
+    running = Receiver().start()
     yield running
     running.stop()
 

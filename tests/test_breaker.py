@@ -80,23 +80,26 @@ def test_a_sudden_outage_after_busy_health_opens_it_within_a_window(
     redis_client: redis.Redis,
 ) -> None:
     """The successes of a busy healthy spell don't hold it closed through an outage for
-    longer than one success-counting window."""
-    import time
-
-    # Given a busy healthy spell: 1,000 successes in the current window
-    pipe = redis_client.pipeline()
-    for _ in range(1000):
-        Breaker.queue_success(pipe)
-    pipe.execute()
-    # When every call fails from now on, at about 100 a second
-    b = Breaker(redis_client)
-    started = time.monotonic()
-    while Breaker(redis_client).wait() == 0 and time.monotonic() - started < 15:
-        b.failure()
-        time.sleep(0.01)
-    # Then it opens within about 2 s (one window), not after ten
+    longer than one success-counting window. On the breaker's own clock, stepped by the
+    test, so a busy machine can't stretch the seconds."""
+    clock = [1_800_000_000 * 1_000_000]
+    per_s = 100
+    with mock.patch("humanconnect.upstream.breaker.now_us", lambda: clock[0]):
+        # Given a busy healthy spell: 1,000 successes in the current window
+        pipe = redis_client.pipeline()
+        for _ in range(1000):
+            Breaker.queue_success(pipe)
+        pipe.execute()
+        # When every call fails from now on, 100 a second
+        b = Breaker(redis_client)
+        failures = 0
+        while Breaker(redis_client).wait() == 0 and failures < 15 * per_s:
+            b.failure()
+            failures += 1
+            clock[0] += 1_000_000 // per_s
+    # Then it opens within about 2 s (one window, and the second it began in), not after ten
     assert Breaker(redis_client).wait() > 0
-    assert time.monotonic() - started <= 3
+    assert failures <= (breaker.OK_WINDOW_S + 1) * per_s, failures
 
 
 def test_slow_failures_still_add_up(redis_client: redis.Redis) -> None:

@@ -215,12 +215,13 @@ def test_an_oversized_body_is_refused_without_being_read_whole(
     one is cut off just past 16 KiB. Nothing is enqueued either way."""
     path = b"POST /connect/finish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     declared = path + b"Content-Length: 50000000\r\n\r\n"
-    answer, took, sent = _raw_post(running_web, declared, b"")
+    # An answer at all is the proof: a web that waited for the body would never send one
+    # (_raw_post gives up after 10 s, the hang guard), so how fast it came is not asserted.
+    answer, _, sent = _raw_post(running_web, declared, b"")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    assert took < 2
     chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
     chunked = path + b"Transfer-Encoding: chunked\r\n\r\n"
-    answer, took, sent = _raw_post(running_web, chunked, chunk * 3000)  # ~49 MB offered
+    answer, _, sent = _raw_post(running_web, chunked, chunk * 3000)  # ~49 MB offered
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # The app stops reading at 16 KiB; the kernel's socket buffers (several MB on loopback)
     # take more before the 413 arrives, but nowhere near the whole body.

@@ -1,6 +1,7 @@
 """The upstream limit is one limit however many workers run: five real worker processes of 32
 threads each, every one at HUMANAPI_MAX_RPS=20, drain one backlog into one stand-in, which
-never sees more than 20 calls in a second and is kept busy at the limiter's pace."""
+never sees more than 20 calls in a second, and gets far more than a limit split between the
+processes would let through."""
 
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ BACKLOG = 700
 #: the slot and spaces slots 5 % apart (humanconnect/upstream/limiter.py).
 SETTLE_S = 2.0
 WATCH_S = 15.0
-#: The share of PACE · WATCH_S the span must hold. A correct limiter loses only the slots
-#: that lapse when a process wakes late (seen: 99.9 % kept, on 2 CPUs). A per-process limit
-#: fails the window check instead (five processes: five times the calls).
-BUSY = 0.85
+#: How the limit could be wrong, and what tells it: a per-process limit lets five times the
+#: calls through (the window check fails); one divided between the processes lets a fifth.
+#: The span must hold more than twice that fifth, a structural bound rather than a measure
+#: of this machine's speed (how much of PACE · WATCH_S it kept is a figure: 99.9 % seen on
+#: 2 CPUs; the workers that wake late on a busy machine lose their slots).
+SPLIT_SHARE = 1 / WORKERS
 
 WorkerStarter = Callable[[dict[str, str], int], list[Process]]
 
@@ -76,8 +79,8 @@ def test_five_worker_processes_share_one_upstream_limit(
 ) -> None:
     """700 finishes queued with no worker running, then five workers × 32 threads at
     HUMANAPI_MAX_RPS=20 started on them: over 15 s of the steady drain the stand-in sees at most 20
-    calls in any one second, at least 85 % of what the limiter's pace allows, and no session
-    token twice."""
+    calls in any one second, far more than a limit split between the processes would let
+    through, and no session token twice."""
     d = deploy(HUMANAPI_MAX_RPS=str(MAX_RPS))
     # Queued before any worker runs, so the test process (the stand-in's) is quiet while
     # the stand-in stamps the calls.
@@ -94,6 +97,7 @@ def test_five_worker_processes_share_one_upstream_limit(
         started = time.monotonic()
         procs = workers(d.env, WORKERS)
         up_s = time.monotonic() - started
+        # The span is the scenario: a stretch of the steady drain, however busy the machine.
         time.sleep(SETTLE_S)
         # The stand-in stamps with its loop's time: time.monotonic() of this process.
         span_from = time.monotonic()
@@ -123,7 +127,7 @@ def test_five_worker_processes_share_one_upstream_limit(
         sessions=counts,
     )
     assert worst <= MAX_RPS, (worst, len(in_span))
-    assert len(in_span) >= BUSY * allowed, (len(in_span), allowed)
+    assert len(in_span) > 2 * SPLIT_SHARE * allowed, (len(in_span), allowed)
     # The count is the pace, not the queue running dry.
     assert len(stamps) + WORKERS * THREADS < BACKLOG
     assert max(standin.state.exchanges.values()) == 1

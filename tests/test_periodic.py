@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import pytest
 
 from producer.periodic import STOP_WITHIN_S, Periodic
+from tests.support.env import HANG_GUARD, wait_until
 
 
 class Rounds(Periodic):
@@ -43,7 +43,8 @@ def test_a_failed_round_is_logged_once_until_it_changes_and_the_rounds_go_on(
     async def run() -> int:
         rounds = Rounds(0.01, outcomes=outcomes)
         await rounds.start()
-        await asyncio.sleep(0.3)
+        # Past every outcome, into the successes after them.
+        await wait_until(lambda: len(rounds.times) > len(outcomes) + 1, 30, what="rounds")
         await rounds.stop()
         return len(rounds.times)
 
@@ -57,20 +58,20 @@ def test_a_failed_round_is_logged_once_until_it_changes_and_the_rounds_go_on(
 def test_the_first_round_waits_its_delay_and_stop_ends_the_loop() -> None:
     """The connection keeper's first round is its start's own: the loop's waits a delay."""
 
-    async def run() -> tuple[float, list[float], int]:
+    async def run() -> tuple[float, list[float], int, bool]:
         rounds = Rounds(0.05, first_delay_s=0.3)
         started = asyncio.get_running_loop().time()
         await rounds.start()
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: len(rounds.times) >= 2, 30, what="two rounds")
         await rounds.stop()
-        after_stop = len(rounds.times)
-        await asyncio.sleep(0.2)
-        assert len(rounds.times) == after_stop
-        return started, rounds.times, after_stop
+        # Ended, not merely between rounds: no round can come after the stop.
+        ended = rounds._task is not None and rounds._task.done()
+        return started, rounds.times, len(rounds.times), ended
 
-    started, times, ran = asyncio.run(run())
+    started, times, ran, ended = asyncio.run(run())
+    # The delay is a lower bound: the first round never comes early.
     assert times[0] - started >= 0.3
-    assert ran >= 2
+    assert ran >= 2 and ended
 
 
 class Swallowing(Periodic):
@@ -84,7 +85,8 @@ class Swallowing(Periodic):
     async def round(self) -> None:
         self.rounds += 1
         try:
-            await asyncio.sleep(10)
+            # Far longer than any wait below: a stop that waited the round out would hang.
+            await asyncio.sleep(3600)
         except asyncio.CancelledError:
             pass
 
@@ -93,16 +95,17 @@ def test_stop_is_bounded_when_a_round_swallows_its_cancel() -> None:
     """The web's shutdown once hung on such a round: the stop waits a bounded time and the
     loop ends on its flag, running no further round."""
 
-    async def run() -> tuple[float, int]:
+    async def run() -> tuple[bool, int]:
         loop = Swallowing()
         await loop.start()
-        await asyncio.sleep(0.05)  # inside its first round
-        started = time.monotonic()
-        await loop.stop()
-        took = time.monotonic() - started
-        await asyncio.sleep(1.2)  # past the loop's sleep: it ends instead of another round
-        return took, loop.rounds
+        await wait_until(lambda: loop.rounds == 1, 30, what="inside its first round")
+        # A stop that waited the round out would take an hour: this only tells a hang.
+        await asyncio.wait_for(loop.stop(), HANG_GUARD * STOP_WITHIN_S)
+        # Past the loop's sleep it ends on its flag instead of running another round.
+        assert loop._task is not None
+        await asyncio.wait({loop._task}, timeout=HANG_GUARD * loop.interval_s)
+        return loop._task.done(), loop.rounds
 
-    took, rounds = asyncio.run(run())
-    assert took <= STOP_WITHIN_S + 0.5
+    ended, rounds = asyncio.run(run())
+    assert ended
     assert rounds == 1

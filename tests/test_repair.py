@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from unittest import mock
 
 import pytest
@@ -183,7 +182,7 @@ def test_dead_runs_lock_expires_and_the_next_run_resumes(
     assert dead.acquire(blocking=False)
     assert repairer(runtime).run().skipped
     # When its lock expires
-    time.sleep(1.2)
+    wait_for(lambda: not runtime.redis.exists(LOCK_KEY), 30, what="the dead run's lock to expire")
     # Then the next run picks up where it stopped
     report = repairer(runtime).run()
     assert not report.skipped and report.repaired == 500 - repair.BATCH

@@ -29,7 +29,7 @@ from producer.app import create_app
 from producer.claims import _ACCEPT
 from producer.warm import CONNECTIONS, WarmPool
 from tests import factories
-from tests.support.env import ROOT
+from tests.support.env import HANG_GUARD, ROOT, wait_until
 from tests.support.servers import RedisServer
 from worker import priority
 
@@ -152,8 +152,8 @@ def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(
         try:
             await keeper.start()
             assert r.client_kill_filter(_type="normal", skipme=True) >= CONNECTIONS
-            await asyncio.sleep(1.0)  # several rounds, all of them skipped
-            assert _clients(r) == 0 and keeper.skipped >= 2
+            await wait_until(lambda: keeper.skipped >= 2, 30, what="rounds skipped")
+            assert _clients(r) == 0
             busy = False
             await _reopened(r)
         finally:
@@ -217,8 +217,10 @@ def test_a_web_starts_and_stops_promptly_with_redis_away() -> None:
         await aredis.aclose()
         return took, time.monotonic() - started
 
+    # Refused connections give up at once; the bounds only tell a hang (10x the 3 s once
+    # asserted), not this machine's speed.
     start_s, stop_s = asyncio.run(run())
-    assert start_s < 3 and stop_s < 3
+    assert start_s < HANG_GUARD * 3 and stop_s < HANG_GUARD * 3, (start_s, stop_s)
 
 
 PROBE = (

@@ -6,10 +6,17 @@ import time
 
 import pytest
 
+from humanconnect.redis_keys import request_status
 from tests.support.chaos import Chaos, bodies
+from tests.support.env import wait_for
 
 # Each scenario is a whole deployment and a burst of 1,000 sessions: the full suite only.
 pytestmark = pytest.mark.slow
+
+
+def taken(chaos: Chaos) -> int:
+    """Finishes the web has taken so far: their status records in Redis."""
+    return sum(1 for _ in chaos.r.scan_iter(request_status("*"), count=1000))
 
 
 @pytest.mark.slow
@@ -21,8 +28,13 @@ def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos) -> No
     sent = bodies()
     # Paced at 100/s so that finishes arrive before, during and after the outage.
     sending = chaos.send_in_background(sent, rate=100)
-    time.sleep(3)
+    # Killed once the web has taken a hundred of the burst's finishes (each has its status
+    # record): the workers may lag far behind on a busy machine, the accepts do not.
+    wait_for(
+        lambda: taken(chaos) >= len(chaos.warm) + 100, 60, interval=0.1, what="burst under way"
+    )
     chaos.redis.kill()
+    # The outage's length is the scenario: finishes keep arriving while Redis is away.
     time.sleep(3)
     chaos.redis.start()
     results = sending.result(120)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -31,13 +31,6 @@ WEBHOOK_ENV = {
     "HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE": "0,1,2,4,8,8,8,8,8,8",
     "HUMANCONNECT_WEBHOOK_CONCURRENCY": "4",
 }
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    running = Receiver(seed=11).start()
-    yield running
-    running.stop()
 
 
 def start(chaos: Chaos, receiver: Receiver) -> Chaos:
@@ -106,8 +99,10 @@ def test_every_event_reaches_a_flaky_receiver_that_goes_down(
     start(chaos, receiver)
     sent = bodies(500)
     sending = chaos.send_in_background(sent, rate=50)
-    time.sleep(3)
+    wait_for(lambda: len(receiver.received) >= 50, 60, what="deliveries under way")
     receiver.down()
+    # The outage's length is the scenario (longer than the first few retries' waits, shorter
+    # than all ten): nothing to wait for, since a receiver that is down sees nothing.
     time.sleep(15)
     receiver.start()
     back_at = time.monotonic()
@@ -146,7 +141,10 @@ def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
     """A slow receiver keeps deliveries in flight after the exchanges are done; every worker
     is SIGKILLed mid-delivery, then Redis (restarted from its AOF): each event still
     arrives, some more than once."""
-    receiver.delay_s = 0.1
+    # Slow enough (8 a second, under the 1 s timeout) that the kills land mid-delivery even
+    # when the exchanges are slow on a busy machine: at 0.1 s the deliveries once kept up
+    # with them and were all done before the kill. Quicker once Redis is back.
+    receiver.delay_s = 0.5
     start(chaos, receiver)
     first = bodies(200)
     chaos.send(first)
@@ -164,8 +162,13 @@ def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
     )
     assert len(receiver.delivered_ids()) < 420, "deliveries were not in flight at the kill"
     chaos.redis.kill()
-    time.sleep(2)
+    wait_for(
+        lambda: httpx.get(chaos.url + "/readyz", timeout=5).status_code == 503,
+        30,
+        what="the deployment to find Redis gone",
+    )
     chaos.redis.start()
+    receiver.delay_s = 0.1
 
     wait_all_delivered(chaos, receiver, 180)
     figures = verify_deliveries(chaos, receiver, first + second)

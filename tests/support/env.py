@@ -3,12 +3,15 @@ clean environment for the service processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,3 +76,27 @@ def deployment_env(redis_url: str, db_url: str, upstream_url: str, **extra: str)
             **extra,
         }
     )
+
+
+#: How many times a contract's timeout a test waits before calling it a hang: a bound that
+#: guards against hanging, never one that measures speed on a machine others share.
+HANG_GUARD = 10
+
+
+def timed(call: Callable[[], T]) -> tuple[T, float]:
+    """`call()`'s result and the seconds it took: for lower bounds, hang guards and figures."""
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+async def wait_until(
+    check: Callable[[], Any], timeout: float, interval: float = 0.01, what: str = ""
+) -> Any:
+    """`wait_for` inside an event loop: poll `check` without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not (last := check()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(interval)
+    return last
