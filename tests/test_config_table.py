@@ -55,11 +55,13 @@ def _table() -> dict[str, str]:
 
 
 def _same(cell: str, default: object) -> bool:
-    """A literal default cell (`20`, `60/minute`, `1`) against the field's default."""
+    """A literal default cell (`20`, `60/minute`, `1`, `0,5,300`) against the field's default."""
     if isinstance(default, bool):
         return cell == ("1" if default else "0")
     if isinstance(default, int | float):
         return float(cell) == float(default)
+    if isinstance(default, list | tuple):  # a comma-separated variable
+        return cell == ",".join(str(item) for item in default)
     return cell == str(default)
 
 
