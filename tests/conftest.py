@@ -29,6 +29,7 @@ from tests.support.env import (
     ROOT,
     deployment_env,
 )
+from tests.support.hooks import SCHEDULE, SECRET
 from tests.support.processes import Deployment, Process, start_web, start_worker
 from tests.support.receiver import Receiver
 from tests.support.servers import RedisServer, flushed, fresh_database, pg_or_skip
@@ -170,6 +171,20 @@ def receiver() -> Iterator[Receiver]:
     running = Receiver().start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def hooked(make_settings: Callable[..., Settings], db_url: str, receiver: Receiver) -> Runtime:
+    """A runtime whose events go to `receiver`, three attempts with no wait between them."""
+    return Runtime(
+        make_settings(
+            DATABASE_URL=db_url,
+            HUMANCONNECT_WEBHOOK_URLS=receiver.url,
+            HUMANCONNECT_WEBHOOK_SECRET=SECRET,
+            HUMANCONNECT_WEBHOOK_TIMEOUT_S="0.5",
+            HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE=SCHEDULE,
+        )
+    )
 
 
 @pytest.fixture
