@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         300.0, gt=0, validation_alias=_env("HUMANCONNECT_REPAIR_INTERVAL_S")
     )
     #: How long a session keeps being retried through an upstream outage before it is failed.
-    #: Two hours: the contract promises no loss to an outage shorter than one.
+    #: Two hours: no accepted session may be lost to an upstream outage shorter than one.
     retry_window_s: float = Field(
         7200.0, gt=0, validation_alias=_env("HUMANCONNECT_RETRY_WINDOW_S")
     )
@@ -130,7 +130,8 @@ class Settings(BaseSettings):
     repair_threads: int = Field(
         8, ge=1, le=64, validation_alias=_env("HUMANCONNECT_REPAIR_THREADS")
     )
-    #: Status records in Redis live this long (the contract asks at least 24 hours of dedupe).
+    #: Status records in Redis live this long (a repeated finish is answered from them for
+    #: at least 24 hours).
     status_ttl_s: int = Field(
         7 * 24 * 3600, ge=86400, validation_alias=_env("HUMANCONNECT_STATUS_TTL_S")
     )

@@ -19,7 +19,8 @@ from producer.errors import QueueUnavailableError, RedisFullError, SessionConfli
 from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 
 # Longest wait for Redis to answer the accept call. With Redis gone, calls queue behind
-# each other's connect timeouts; the contract wants the 503 within 2 s, so stop waiting.
+# each other's connect timeouts; a finish that can't be queued owes its 503 within 2 s,
+# so stop waiting.
 # A call that lands after this is harmless: the client sends again and gets the request
 # it created as a duplicate (202, same requestId).
 ACCEPT_DEADLINE_S = 1.0
