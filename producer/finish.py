@@ -208,7 +208,7 @@ def router(parts_of: Any) -> APIRouter:
     async def finish(request: Request) -> JSONResponse:
         started = time.monotonic()
         parts: Parts = parts_of(request)
-        # Refusals in the contract's order: 413, 401, 415, 400, 422 (429 in the accept call).
+        # Refusals in the documented order: 413, 401, 415, 400, 422 (429 in the accept call).
         try:
             raw = await read_limited(request)
         except BadRequest as exc:

@@ -42,7 +42,7 @@ def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos) -> No
     refused = [s for s in results if s.status == 503]
     accepted = [s.body for s in results if s.status == 202]
     assert statuses == {202, 503}, statuses
-    # Refused at once (the contract: within 2 s), with a hint: never held for the outage.
+    # Refused at once (the API promises within 2 s), with a hint: never held for the outage.
     slowest_503 = max(s.seconds for s in refused)
     assert slowest_503 < 2, sorted(round(s.seconds, 2) for s in refused)[-10:]
     assert max(s.seconds for s in results) < 10, "a finish was held open"

@@ -23,7 +23,7 @@ from tests.support.scan import assert_no_secrets, stream_entries
 pytestmark = pytest.mark.slow
 
 SECRET = new_secret()
-# Seconds instead of minutes, as the contract lets impatient operators do: ten attempts
+# Seconds instead of minutes, as HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE lets operators do: ten attempts
 # over about a minute, so a receiver down for 15 s is outlasted.
 WEBHOOK_ENV = {
     "HUMANCONNECT_WEBHOOK_SECRET": SECRET,
