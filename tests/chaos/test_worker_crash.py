@@ -36,7 +36,7 @@ def test_sigkill_of_every_worker_loses_nothing(chaos: Chaos) -> None:
     chaos.standin.state.faults.latency_ms = 100
     chaos.start()
     sent, at_signal = _burst_then(chaos, signal.SIGKILL, after_stored=200)
-    # A token the upstream consumed whose answer died with the worker is the contract's one
+    # A token the upstream consumed whose answer died with the worker is the one documented
     # unpreventable loss: allowed, and counted.
     tally = chaos.verify("sigkill-workers", len(sent), sent, may_lose_answers=True)
     tally.extra["stored_when_signalled"] = at_signal

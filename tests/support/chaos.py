@@ -242,7 +242,7 @@ class Chaos:
         lost = sorted(h for h in humans if states.get(h, ("",))[0] not in FINAL)
         failed = {h: k for h, (s, k) in states.items() if s == RequestState.FAILED}
         answer_lost = {h for h, k in failed.items() if k == ErrorKind.ANSWER_LOST}
-        # The only failure allowed is the contract's unpreventable one, and only where the
+        # The only failure allowed is the documented unpreventable one, and only where the
         # scenario can cause it (a worker killed between the upstream's answer and the store).
         assert failed.keys() == (answer_lost if may_lose_answers else set()), failed
         users = stored_users(self.db_url)
