@@ -328,14 +328,20 @@ class Exchanger:
             pipe, job.request_id, RequestState.SUCCEEDED, self.settings.status_ttl_s, **fields
         )
         token = at.lock.queue_release(pipe)
+        replicas = self.settings.redis_min_replicas
+        if replicas:
+            # The event counts as sent once the replicas hold it: a failover right after
+            # must not take it away. Fewer in time, the sweep sends it again (same eventId).
+            pipe.execute_command("WAIT", replicas, self.settings.redis_replica_timeout_ms)
         try:
-            released = pipe.execute()[-1]
+            replies = pipe.execute()
         except redis.exceptions.RedisError:
             at.lock.restore(token)
             raise
+        released, held = (replies[-2], replies[-1] >= replicas) if replicas else (replies[-1], True)
         if not released:
             log.warning("session lock expired before release request=%s", job.request_id)
-        if event is not None:
+        if event is not None and held:
             self.sent.add([event.id])
 
     def _relay(self, event: OutboxEvent) -> None:

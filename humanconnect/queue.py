@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from humanconnect import redis_clients
 from humanconnect.redis_keys import CONSUMED, PREFIX, QUEUE, WEBHOOK_QUEUE
 from humanconnect.request import ExchangeRequest
 from humanconnect.settings import Settings
@@ -38,9 +39,10 @@ BEAT_MAX_LOOP_S = 1.0
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for `settings`; kept a function so tests can build their own app."""
-    redis_url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    broker_url, broker_options = redis_clients.broker(settings)
+    redbeat_url, redbeat_options = redis_clients.redbeat(settings)
     return {
-        "broker_url": redis_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         # The producer must answer 503 within 2 s when Redis is away, not hang on a retry.
         "broker_connection_timeout": 1.0,
@@ -53,6 +55,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "queue_order_strategy": "priority",
+            **broker_options,
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -75,9 +78,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # RedBeat's, by name: only beat imports it.
         "beat_scheduler": "worker.beat:Scheduler",
         "beat_max_loop_interval": BEAT_MAX_LOOP_S,
-        "redbeat_redis_url": redis_url,
+        "redbeat_redis_url": redbeat_url,
         # A hung connection fails a pass well before the lock it renews would expire.
-        "redbeat_redis_options": {"socket_connect_timeout": 1.0, "socket_timeout": 5.0},
+        "redbeat_redis_options": redbeat_options,
         "redbeat_key_prefix": BEAT_KEY_PREFIX,
         "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT_S,
         "beat_schedule": {

@@ -14,7 +14,6 @@ import logging
 import redis
 
 from humanconnect.errors import ConfigError
-from humanconnect.runtime import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +21,19 @@ SAFE = "noeviction"
 OVERRIDE = "HUMANCONNECT_ALLOW_EVICTING_REDIS"
 
 
-def policy(url: str) -> str | None:
+def policy(client: redis.Redis) -> str | None:
     """Redis's `maxmemory-policy`, or None when Redis can't be reached now."""
-    client = redis_client(url)
     try:
         return str(client.info("memory").get("maxmemory_policy", SAFE))
     except redis.exceptions.RedisError:
         return None
-    finally:
-        client.close()
 
 
-def check(url: str, *, allow: bool) -> None:
+def check(client: redis.Redis, *, allow: bool) -> None:
     """Raise ConfigError (one line, naming the setting) unless Redis evicts nothing or the
     operator allowed it, in which case warn. A Redis that can't be reached is left to the
     process's own handling of an absent Redis; the next start checks again."""
-    found = policy(url)
+    found = policy(client)
     if found is None:
         log.warning("could not read Redis's maxmemory-policy now; it is checked at every start")
         return

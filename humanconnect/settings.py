@@ -75,8 +75,28 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite:///var/humanconnect.db", validation_alias=_env("DATABASE_URL")
     )
-    #: Broker, locks, rate limit, status records. Required when a process is run directly.
+    #: Broker, locks, rate limit, status records. This or REDIS_SENTINELS is required when a
+    #: process is run directly.
     redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
+    #: Comma-separated host:port of Redis Sentinels that name the primary (humanconnect/redis.py).
+    redis_sentinels: CommaList = Field([], validation_alias=_env("REDIS_SENTINELS"))
+    #: The primary's name at the Sentinels; required with REDIS_SENTINELS.
+    redis_sentinel_master: str | None = Field(None, validation_alias=_env("REDIS_SENTINEL_MASTER"))
+    #: The Sentinels' own password, if they have one.
+    redis_sentinel_password: SecretStr | None = Field(
+        None, validation_alias=_env("REDIS_SENTINEL_PASSWORD")
+    )
+    #: The primary's password and database, with REDIS_SENTINELS (a REDIS_URL carries its own).
+    redis_password: SecretStr | None = Field(None, validation_alias=_env("REDIS_PASSWORD"))
+    redis_db: int = Field(0, ge=0, validation_alias=_env("REDIS_DB"))
+    #: Replicas that must hold an accept before it is answered (Redis WAIT); 0: don't wait.
+    redis_min_replicas: int = Field(
+        0, ge=0, le=16, validation_alias=_env("HUMANCONNECT_REDIS_MIN_REPLICAS")
+    )
+    #: How long a finish waits for those replicas before it is answered 503 not_replicated.
+    redis_replica_timeout_ms: int = Field(
+        500, ge=1, le=10000, validation_alias=_env("HUMANCONNECT_REDIS_REPLICA_TIMEOUT_MS")
+    )
     #: Comma-separated Fernet keys; the first encrypts, all decrypt.
     encryption_keys: SecretStr | None = Field(
         None, validation_alias=_env("HUMANCONNECT_ENCRYPTION_KEYS")
@@ -234,7 +254,31 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value or None
 
-    @field_validator("client_secret", "api_token")
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_shape(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not a host:port like 10.0.0.5:26379")
+        return value
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_redis(self) -> Settings:
+        if self.redis_sentinels and self.redis_url:
+            raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError("REDIS_SENTINEL_MASTER is required with REDIS_SENTINELS")
+        if self.redis_sentinel_master and not self.redis_sentinels:
+            raise ValueError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not")
+        return self
+
+    @field_validator("client_secret", "api_token", "redis_password", "redis_sentinel_password")
     @classmethod
     def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
@@ -345,11 +389,15 @@ class Settings(BaseSettings):
         raise ConfigError("HUMANAPI_CLIENT_ID is required")
 
     @property
-    def required_redis_url(self) -> str:
-        """REDIS_URL, which every process but `up` needs."""
-        if self.redis_url is None:
-            raise ConfigError("REDIS_URL is required")
-        return self.redis_url
+    def replica_wait_s(self) -> float:
+        """The longest a finish's accept waits for replicas (0 when it waits for none)."""
+        return self.redis_replica_timeout_ms / 1000 if self.redis_min_replicas else 0.0
+
+    @property
+    def redis_configured(self) -> bool:
+        """True when REDIS_URL or REDIS_SENTINELS says where Redis is (`up` starts its own
+        otherwise; every other process needs one)."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     def key_list(self) -> list[str]:
         """The Fernet keys, first one encrypting."""
@@ -359,7 +407,8 @@ class Settings(BaseSettings):
 
     def require(self, *, secret: bool) -> None:
         """Fail fast, naming the first missing variable a process needs."""
-        self.required_redis_url  # noqa: B018 - raises when missing
+        if not self.redis_configured:
+            raise ConfigError("REDIS_URL or REDIS_SENTINELS is required")
         self.key_list()
         self.effective_client_id  # noqa: B018 - raises when missing
         if secret and self.client_secret is None:
@@ -373,8 +422,11 @@ def load() -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         names = [str(p) for p in first.get("loc", ())]
-        name = names[0] if names else "configuration"
-        raise ConfigError(f"{name}: {first.get('msg', 'invalid')}") from None
+        message = first.get("msg", "invalid")
+        if not names:
+            # A rule across variables names them itself.
+            raise ConfigError(message.removeprefix("Value error, ")) from None
+        raise ConfigError(f"{names[0]}: {message}") from None
 
 
 @lru_cache(maxsize=1)

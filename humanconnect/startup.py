@@ -34,12 +34,16 @@ def ready_settings_or_exit(*, secret: bool, at_once: bool = False) -> Settings:
     secret too) and a Redis whose eviction policy is safe, or exit naming what is wrong."""
     # Here, not at the top: the CLI imports this module for its one line and would pay for
     # the Redis and database client code on every command.
-    from humanconnect import redis_policy
+    from humanconnect import redis_clients, redis_policy
 
     try:
         settings = get_settings()
         settings.require(secret=secret)
-        redis_policy.check(settings.required_redis_url, allow=settings.allow_evicting_redis)
+        client = redis_clients.client(settings)
+        try:
+            redis_policy.check(client, allow=settings.allow_evicting_redis)
+        finally:
+            client.close()
     except ConfigError as exc:
         exit_on_config_error(str(exc), at_once=at_once)
     return settings

@@ -77,7 +77,7 @@ class Acceptor:
                     client=client,
                     user=expected_client_user_id,
                 ),
-                ACCEPT_DEADLINE_S,
+                ACCEPT_DEADLINE_S + self.claims.replica_wait_s,
             )
             logs.request_id.set(claim.request_id)
             if claim.mine:

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from humanconnect.clock import now
 from humanconnect.rate import Rate
 from humanconnect.redis_keys import (
     PENDING,
     QUEUE,
+    REPLICATION_MARK,
     WAITING_LANE,
     WAITING_QUEUE,
     finish_limit,
@@ -27,22 +30,26 @@ from humanconnect.redis_keys import (
     session_claim,
 )
 from humanconnect.request import ExchangeRequest
-from producer.errors import BacklogFullError, OverLimitError, RedisFullError
+from producer.errors import BacklogFullError, NotReplicatedError, OverLimitError, RedisFullError
 from producer.lanes import WaitingLane
 from producer.memory import MemoryWatch
 from producer.message import RECEIVED_MARKER
 
 # KEYS: session claim, request status, pending set, queue, waiting queue, waiting lane, the
-#       client address's limit, the ticket user's limit.
+#       client address's limit, the ticket user's limit, the replication mark.
 # ARGV: claim record, TTL, updatedAt, the receive-time marker, message, requestId, the message
 #       for the waiting queue ('' when nobody waits), the lane's interval and tolerance (µs),
 #       the backlog cap (0: none), each limit's interval and tolerance (µs; interval 0: no
-#       limit), '1' when Redis's memory is near its maxmemory (producer/memory.py), then the
-#       request's record fields as name/value pairs (ExchangeRequest.record_fields).
+#       limit), '1' when Redis's memory is near its maxmemory (producer/memory.py), '1' when
+#       the answer waits for replicas, then the request's record fields as name/value pairs
+#       (ExchangeRequest.record_fields).
 # Returns false when it queued the request; the existing claim for a session already
 # accepted (a duplicate is answered whatever the limits and the backlog); {'limited', which
 # (0: address, 1: user), µs until it may send again} over a limit; 0 when the backlog is
-# full, {'memory'} when Redis's memory is. Refused, it writes nothing. A waiting finish goes
+# full, {'memory'} when Redis's memory is. Refused, it writes nothing. A duplicate whose
+# answer waits for replicas writes the mark: WAIT counts the replicas that hold this
+# connection's last write, and the mark, written after the claim it found, makes that cover
+# the claim whichever connection wrote it. A waiting finish goes
 # to the waiting queue while the lane has room (producer/lanes.py).
 #
 # The receive time that decides which session's tokens win is Redis's clock, read here: one
@@ -51,6 +58,9 @@ from producer.message import RECEIVED_MARKER
 _ACCEPT = """
 local existing = redis.call('GET', KEYS[1])
 if existing then
+  if ARGV[16] == '1' then
+    redis.call('SET', KEYS[9], '1', 'PX', 60000)
+  end
   return existing
 end
 local t = redis.call('TIME')
@@ -104,7 +114,7 @@ if waiting ~= '' then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 16))
+redis.call('HSET', KEYS[2], 'state', 'queued', 'updatedAt', ARGV[3], unpack(ARGV, 17))
 redis.call('HSET', KEYS[2], 'receivedUs', received)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], string.format('%.6f', now / 1000000), ARGV[6])
@@ -144,6 +154,8 @@ class Claims:
         per_ip: Rate | None = None,
         per_user: Rate | None = None,
         memory: MemoryWatch | None = None,
+        replicas: int = 0,
+        replica_timeout_ms: int = 500,
     ):
         self.r = r
         self.ttl = status_ttl_s
@@ -152,6 +164,9 @@ class Claims:
         self.max_backlog = max_backlog
         self.limits = (per_ip, per_user)
         self.memory = memory
+        #: Replicas that must hold an accept before it is answered (Redis WAIT); 0: none.
+        self.replicas = replicas
+        self.replica_timeout_ms = replica_timeout_ms
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
         #: When the last accept began (time.monotonic()): the connection keeper waits for a
@@ -177,12 +192,13 @@ class Claims:
         waiting queue, while its lane has room), or return the claim that exists. `client`
         (its address) and `user` (a ticket's) are counted against their limits.
 
-        Raises OverLimitError or BacklogFullError when it refused the finish."""
+        Raises OverLimitError or BacklogFullError when it refused the finish, and
+        NotReplicatedError when too few replicas hold what it found or wrote."""
         self.last_accept = time.monotonic()
         record = json.dumps({"requestId": request.request_id, "humanId": request.human_id})
         fields = [v for pair in request.record_fields().items() for v in pair]
-        existing = await self._accept(
-            keys=[
+        existing, replicated = await self._run(
+            [
                 session_claim(session_hash),
                 request_status(request.request_id),
                 PENDING,
@@ -191,8 +207,9 @@ class Claims:
                 WAITING_LANE,
                 finish_limit("ip", client),
                 finish_limit("user", user or ""),
+                REPLICATION_MARK,
             ],
-            args=[
+            [
                 record,
                 self.ttl,
                 now().isoformat(),
@@ -206,6 +223,7 @@ class Claims:
                 *_limit_args(self.limits[0]),
                 *_limit_args(self.limits[1] if user else None),
                 "1" if self.memory and self.memory.full else "0",
+                "1" if self.replicas else "0",
                 *fields,
             ],
         )
@@ -215,12 +233,41 @@ class Claims:
             raise RedisFullError("redis memory near its maxmemory")
         if existing == BACKLOG_FULL:
             raise BacklogFullError(f"{self.max_backlog} sessions queued")
+        if not replicated:
+            raise NotReplicatedError(f"fewer than {self.replicas} replicas hold the accept")
         if not existing:
             return Claim(request.request_id, request.human_id, mine=True)
         data = json.loads(existing)
         # Our own request id: a retry of this very call whose first reply was lost.
         mine = data["requestId"] == request.request_id
         return Claim(data["requestId"], data["humanId"], mine=mine)
+
+    @property
+    def replica_wait_s(self) -> float:
+        """The longest an accept waits for its replicas (0 when it waits for none)."""
+        return self.replica_timeout_ms / 1000 if self.replicas else 0.0
+
+    async def _run(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
+        """The accept script's reply, and whether enough replicas hold what it wrote."""
+        if not self.replicas:
+            return await self._accept(keys=keys, args=args), True
+        # WAIT counts the replicas holding the writes of the connection it is sent on: a
+        # pipeline sends both on one. EVALSHA by hand, not through the Script object, whose
+        # pipeline path asks SCRIPT EXISTS first (a round trip on every finish).
+        for attempt in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.evalsha(self._accept.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.replicas, self.replica_timeout_ms)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                # A promoted replica, or a restarted Redis: scripts are not replicated.
+                await self.r.script_load(_ACCEPT)
+                continue
+            for result in (reply, acked):
+                if isinstance(result, Exception):
+                    raise result
+            break
+        return reply, int(acked) >= self.replicas
 
     async def state(self, request_id: str) -> dict[str, str] | None:
         """A request's status record, or None when unknown (or expired)."""

@@ -22,6 +22,11 @@ class RedisFullError(BacklogFullError):
     """Raised when Redis, at its maxmemory with noeviction, refuses new work: shed too."""
 
 
+class NotReplicatedError(HumanConnectError):
+    """Raised when fewer replicas than HUMANCONNECT_REDIS_MIN_REPLICAS hold an accept in
+    time. The session may be queued all the same: a resend is answered as its duplicate."""
+
+
 class OverLimitError(HumanConnectError):
     """Raised when a finish's source (client address, ticket user) is over its limit."""
 

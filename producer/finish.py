@@ -34,6 +34,7 @@ from producer.body import (
 )
 from producer.errors import (
     BacklogFullError,
+    NotReplicatedError,
     OverLimitError,
     QueueUnavailableError,
     RedisFullError,
@@ -258,6 +259,20 @@ def router(parts_of: Any) -> APIRouter:
             log.warning("finish refused: %s", exc)
             FINISHES.labels("refused", "queue_unavailable").inc()
             return unavailable("queue unavailable, try again")
+        except NotReplicatedError as exc:
+            # Maybe queued all the same: a resend is answered as its duplicate, once the
+            # replicas hold it.
+            log.warning("finish refused: %s", exc)
+            return _refused(
+                503,
+                "not_replicated",
+                {
+                    "error": "not replicated yet, try again",
+                    "reason": "not_replicated",
+                    "fields": {},
+                },
+                **{"Retry-After": "1"},
+            )
         except OverLimitError as exc:
             return _refused(
                 429,

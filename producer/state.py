@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from celery import Celery
 from redis.asyncio import Redis as AsyncRedis
 
-from humanconnect.runtime import Runtime, async_redis_client
+from humanconnect import redis_clients
+from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings
 from producer.accept import Acceptor
 from producer.claims import Claims
@@ -33,7 +34,7 @@ class Parts:
 
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
-        aredis = async_redis_client(settings.required_redis_url)
+        aredis = redis_clients.async_client(settings)
         memory = MemoryWatch(aredis)
         await memory.start()
         claims = Claims(
@@ -44,6 +45,8 @@ class Parts:
             per_ip=settings.finish_limit_per_ip,
             per_user=settings.finish_limit_per_user,
             memory=memory,
+            replicas=settings.redis_min_replicas,
+            replica_timeout_ms=settings.redis_replica_timeout_ms,
         )
         waiters = Waiters(aredis)
         await waiters.start()

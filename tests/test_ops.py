@@ -9,7 +9,8 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from humanconnect.runtime import REDIS_SOCKET_TIMEOUT_S, Runtime
+from humanconnect.redis_clients import SOCKET_TIMEOUT_S
+from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings
 from humanconnect.users import get_user_tokens
 from producer.app import create_app
@@ -100,7 +101,7 @@ def test_readyz_follows_redis(
         own_redis.kill()
         resp, took = timed(lambda: c.get("/readyz"))
         assert resp.status_code == 503 and resp.json()["checks"]["redis"] != "ok"
-        assert took < HANG_GUARD * REDIS_SOCKET_TIMEOUT_S, f"hung: {took:.1f} s"
+        assert took < HANG_GUARD * SOCKET_TIMEOUT_S, f"hung: {took:.1f} s"
         own_redis.start()
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready again")
 

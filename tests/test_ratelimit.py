@@ -10,6 +10,7 @@ import redis
 
 from humanconnect.upstream.limiter import LATE_S, GlobalRateLimiter, slot_interval
 from tests.support import figures
+from tests.support.servers import RedisServer
 
 
 def _script_calls(r: redis.Redis) -> int:
@@ -21,7 +22,10 @@ def _script_calls(r: redis.Redis) -> int:
 def test_two_limiters_share_one_budget(redis_url: str, redis_client: redis.Redis) -> None:
     """Two 'processes' at 10/s together get no more than 10 slots in any one-second window."""
     # Given two limiters on the same Redis, like two worker processes
-    limiters = [GlobalRateLimiter(redis_url, 10), GlobalRateLimiter(redis_url, 10)]
+    limiters = [
+        GlobalRateLimiter(redis.Redis.from_url(redis_url), 10),
+        GlobalRateLimiter(redis.Redis.from_url(redis_url), 10),
+    ]
     stamps: list[float] = []
     lock = threading.Lock()
 
@@ -45,12 +49,12 @@ def test_two_limiters_share_one_budget(redis_url: str, redis_client: redis.Redis
     assert figures.most_in_window(stamps, 1.0) <= 10
 
 
-def test_waiting_threads_cost_a_call_per_slot_not_a_poll_each(
-    redis_url: str, redis_client: redis.Redis
-) -> None:
+def test_waiting_threads_cost_a_call_per_slot_not_a_poll_each(own_redis: RedisServer) -> None:
     """Thirty-two threads waiting on a 20/s limit make about one Redis call per slot between
     them: no thread polls."""
-    limiter = GlobalRateLimiter(redis_url, 20)
+    # A server of its own: its command counts are server-wide, and nothing else may add to them.
+    redis_client = redis.Redis.from_url(own_redis.url)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(own_redis.url), 20)
     limiter.acquire()  # the script is loaded: from here on, one EVALSHA per reservation
     before = _script_calls(redis_client)
     threads = [threading.Thread(target=limiter.acquire, kwargs={"timeout": 10}) for _ in range(32)]
@@ -67,7 +71,7 @@ def test_waiting_threads_cost_a_call_per_slot_not_a_poll_each(
 def test_a_priority_caller_takes_the_next_slot(redis_url: str, redis_client: redis.Redis) -> None:
     """With ten threads queued on a 5/s limit, a priority caller arriving last is served next,
     not after the ten."""
-    limiter = GlobalRateLimiter(redis_url, 5)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), 5)
     order: list[str] = []
     lock = threading.Lock()
 
@@ -93,7 +97,7 @@ def test_acquire_times_out_instead_of_waiting_forever(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     """With the next slot far off, acquire gives up after its timeout."""
-    limiter = GlobalRateLimiter(redis_url, 0.2)  # one call per five seconds
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), 0.2)  # one call per five seconds
     limiter.acquire(timeout=1)
     with pytest.raises(TimeoutError):
         limiter.acquire(timeout=0.3)
@@ -102,7 +106,7 @@ def test_acquire_times_out_instead_of_waiting_forever(
 def test_redis_gone_reaches_the_caller(redis_client: redis.Redis) -> None:
     """A limiter whose Redis is unreachable raises Redis's error to the waiting caller (its
     task's infrastructure retry takes it), rather than hanging."""
-    limiter = GlobalRateLimiter("redis://127.0.0.1:1/0", 20)
+    limiter = GlobalRateLimiter(redis.Redis.from_url("redis://127.0.0.1:1/0"), 20)
     with pytest.raises(redis.exceptions.ConnectionError):
         limiter.acquire(timeout=5)
 
@@ -110,7 +114,7 @@ def test_redis_gone_reaches_the_caller(redis_client: redis.Redis) -> None:
 def test_what_the_caller_does_on_the_grant_counts_against_its_slot(redis_url: str) -> None:
     """A grant whose caller then runs late (a lock renewal held up) is not used: the caller
     waits for the next slot, so its call still leaves on its slot's time."""
-    limiter = GlobalRateLimiter(redis_url, 10)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), 10)
     grants: list[float] = []
 
     def slow_first(waited: float) -> None:

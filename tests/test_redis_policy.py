@@ -43,15 +43,15 @@ def test_check_refuses_warns_or_passes(
     lru_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ConfigError) as refused:
-        redis_policy.check(lru_redis.url, allow=False)
+        redis_policy.check(redis.Redis.from_url(lru_redis.url), allow=False)
     assert "humanconnect: " + str(refused.value) == REFUSAL
     with caplog.at_level(logging.WARNING, logger="humanconnect.redis_policy"):
-        redis_policy.check(lru_redis.url, allow=True)
+        redis_policy.check(redis.Redis.from_url(lru_redis.url), allow=True)
     assert "maxmemory-policy is allkeys-lru" in caplog.text
     redis.Redis.from_url(lru_redis.url).config_set("maxmemory-policy", "noeviction")
-    redis_policy.check(lru_redis.url, allow=False)
+    redis_policy.check(redis.Redis.from_url(lru_redis.url), allow=False)
     # Unreachable: the process's own handling of an absent Redis, not a refusal.
-    redis_policy.check(f"redis://127.0.0.1:{free_port()}/0", allow=False)
+    redis_policy.check(redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), allow=False)
 
 
 @pytest.mark.parametrize("process", ["web", "worker", "beat"])

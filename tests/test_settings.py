@@ -50,3 +50,84 @@ def test_unset_lists_are_empty(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     s = load()
     assert (s.cors_origins, s.trusted_proxies, s.webhook_urls) == ([], [], [])
     assert s.webhook_retry_schedule == (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {
+                "REDIS_URL": "redis://r:6379/0",
+                "REDIS_SENTINELS": "s:26379",
+                "REDIS_SENTINEL_MASTER": "m",
+            },
+            "set REDIS_URL or REDIS_SENTINELS, not both",
+        ),
+        ({"REDIS_SENTINELS": "s:26379"}, "REDIS_SENTINEL_MASTER is required with REDIS_SENTINELS"),
+        (
+            {"REDIS_SENTINELS": "s:26379", "REDIS_SENTINEL_MASTER": " "},
+            "REDIS_SENTINEL_MASTER is required",
+        ),
+        ({"REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not"),
+        (
+            {"REDIS_SENTINELS": "s:26379,s2", "REDIS_SENTINEL_MASTER": "m"},
+            "REDIS_SENTINELS: .*'s2'",
+        ),
+        ({"REDIS_SENTINELS": "s:0", "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS: .*'s:0'"),
+        (
+            {"REDIS_SENTINELS": ":26379", "REDIS_SENTINEL_MASTER": "m"},
+            "REDIS_SENTINELS: .*':26379'",
+        ),
+        ({"REDIS_URL": "r:6379"}, "REDIS_URL: .*redis://"),
+        ({"REDIS_DB": "-1"}, "REDIS_DB: "),
+        ({"HUMANCONNECT_REDIS_MIN_REPLICAS": "two"}, "HUMANCONNECT_REDIS_MIN_REPLICAS: "),
+        ({"HUMANCONNECT_REDIS_REPLICA_TIMEOUT_MS": "0"}, "HUMANCONNECT_REDIS_REPLICA_TIMEOUT_MS: "),
+    ],
+)
+def test_a_bad_redis_configuration_is_one_line_naming_the_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    """Where Redis is comes from REDIS_URL or from the Sentinels, never both or half of one."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=says) as refused:
+        load()
+    assert "\n" not in str(refused.value)
+
+
+def test_sentinels_and_the_primary_s_name_are_read_with_their_passwords(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every process takes the Sentinels in one place: the clients, Celery's broker and
+    RedBeat all name the same Sentinels, primary, database and passwords."""
+    from humanconnect import redis_clients
+    from humanconnect.queue import celery_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REDIS_SENTINELS", "10.0.0.5:26379, sentinel-2:26380,")
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", "hc-primary")
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "s-pass")
+    monkeypatch.setenv("REDIS_PASSWORD", "p@ss/word")
+    monkeypatch.setenv("REDIS_DB", "3")
+    s = load()
+    assert s.redis_configured and s.redis_url is None
+    assert redis_clients.sentinel_addresses(s) == [("10.0.0.5", 26379), ("sentinel-2", 26380)]
+
+    conf = celery_config(s)
+    assert conf["broker_url"] == (
+        "sentinel://:p%40ss%2Fword@10.0.0.5:26379/3;sentinel://:p%40ss%2Fword@sentinel-2:26380/3"
+    )
+    options = conf["broker_transport_options"]
+    assert options["master_name"] == "hc-primary"
+    assert options["sentinel_kwargs"]["password"] == "s-pass"
+    assert conf["redbeat_redis_url"].startswith("redis-sentinel://")
+    beat = conf["redbeat_redis_options"]
+    assert (beat["service_name"], beat["password"], beat["db"]) == ("hc-primary", "p@ss/word", 3)
+    assert beat["sentinels"] == [("10.0.0.5", 26379), ("sentinel-2", 26380)]
+
+    client = redis_clients.client(s)
+    pool = client.connection_pool
+    assert pool.service_name == "hc-primary"  # type: ignore[attr-defined]
+    assert pool.connection_kwargs["password"] == "p@ss/word"
+    assert pool.connection_kwargs["db"] == 3

@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 
 from humanconnect.crypto import session_hash
 from humanconnect.redis_keys import PENDING, QUEUES, session_claim
-from humanconnect.runtime import async_redis_client
 from humanconnect.sandbox.standin import Running
 from humanconnect.settings import Settings
 from humanconnect.storage import migrate
@@ -27,7 +26,7 @@ from tests import factories
 from tests.support.env import HANG_GUARD, ROOT, deployment_env, wait_for
 from tests.support.processes import Deployment, start_web, start_worker
 from tests.support.scan import state_counts, stored_users
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, web_redis
 
 CAP = 10
 
@@ -179,7 +178,7 @@ def test_the_memory_watch_stops_promptly_whenever_it_is_stopped(redis_url: str) 
     async def cycles() -> float:
         worst = 0.0
         for i in range(30):
-            r = async_redis_client(redis_url)
+            r = web_redis(redis_url)
             watch = MemoryWatch(r)
             await watch.start()
             await asyncio.sleep(i % 7 * 0.0005)  # caught at every point of its first reading

@@ -22,7 +22,6 @@ import redis
 from fastapi.testclient import TestClient
 
 from humanconnect.cli.procs import free_port
-from humanconnect.runtime import async_redis_client
 from humanconnect.settings import Settings
 from producer import warm
 from producer.app import create_app
@@ -30,7 +29,7 @@ from producer.claims import _ACCEPT
 from producer.warm import CONNECTIONS, WarmPool
 from tests import factories
 from tests.support.env import HANG_GUARD, ROOT, wait_until
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, web_redis
 from worker import priority
 
 
@@ -117,7 +116,7 @@ def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(
     reconnect, not the next burst."""
 
     async def run(r: redis.Redis, url: str) -> None:
-        aredis = async_redis_client(url)
+        aredis = web_redis(url)
         keeper = WarmPool(aredis, prepare=lambda: aredis.script_load(_ACCEPT), interval_s=0.2)
         try:
             await keeper.start()
@@ -145,7 +144,7 @@ def test_the_keeper_leaves_a_busy_web_alone_and_touches_it_once_quiet(
 
     async def run(r: redis.Redis, url: str) -> None:
         nonlocal busy
-        aredis = async_redis_client(url)
+        aredis = web_redis(url)
         keeper = WarmPool(
             aredis, interval_s=0.2, last_use=lambda: time.monotonic() if busy else 0.0
         )
@@ -170,7 +169,7 @@ def test_a_keeper_kept_busy_still_touches_its_connections_now_and_then(
     a Redis `timeout` unused, so a round too long skipped is forced."""
 
     async def run(r: redis.Redis, url: str) -> None:
-        aredis = async_redis_client(url)
+        aredis = web_redis(url)
         keeper = WarmPool(aredis, interval_s=0.2, last_use=time.monotonic, force_after_s=1.0)
         try:
             await keeper.start()
@@ -189,9 +188,7 @@ def test_a_held_up_loop_is_not_taken_for_a_quiet_moment() -> None:
     whatever the last accept's time says."""
 
     async def run() -> tuple[bool, bool]:
-        keeper = WarmPool(
-            async_redis_client("redis://127.0.0.1:1/0"), last_use=lambda: 0.0, quiet_s=0.2
-        )
+        keeper = WarmPool(web_redis("redis://127.0.0.1:1/0"), last_use=lambda: 0.0, quiet_s=0.2)
         quiet = await keeper._quiet()
         held = asyncio.create_task(keeper._quiet())
         await asyncio.sleep(0)  # it sleeps now
@@ -206,7 +203,7 @@ def test_a_web_starts_and_stops_promptly_with_redis_away() -> None:
     answers 503 until Redis is back, and the keeper opens the connections then)."""
 
     async def run() -> tuple[float, float]:
-        aredis = async_redis_client(f"redis://127.0.0.1:{free_port()}/0")
+        aredis = web_redis(f"redis://127.0.0.1:{free_port()}/0")
         keeper = WarmPool(aredis, interval_s=0.1)
         started = time.monotonic()
         await keeper.start()

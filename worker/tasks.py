@@ -13,7 +13,7 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from humanconnect import events, logs, metrics, status_records
+from humanconnect import events, logs, metrics, redis_clients, status_records
 from humanconnect.crypto import DecryptError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
@@ -56,7 +56,7 @@ def runtime() -> Runtime:
 def limiter() -> GlobalRateLimiter:
     """The process's handle on the global upstream limit (shared by exchanges and repairs)."""
     settings = runtime().settings
-    return GlobalRateLimiter(settings.required_redis_url, settings.max_rps)
+    return GlobalRateLimiter(redis_clients.client(settings), settings.max_rps)
 
 
 @lru_cache(maxsize=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from humanconnect import redis_clients
 from humanconnect.jobs.repair import Repairer, count_due
 from humanconnect.jobs.repair import retry_failed as make_failed_eligible
 from humanconnect.runtime import Runtime
@@ -21,7 +22,7 @@ def repair(settings: Settings, *, limit: int | None, dry_run: bool, retry_failed
     with rt.db() as db:
         due = count_due(db)
     total = min(due, limit) if limit else due
-    limiter = GlobalRateLimiter(settings.required_redis_url, settings.max_rps)
+    limiter = GlobalRateLimiter(redis_clients.client(settings), settings.max_rps)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

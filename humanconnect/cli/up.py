@@ -76,7 +76,7 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        if settings.redis_url is None:
+        if not settings.redis_configured:
             redis_server = RedisServer(VAR / "redis", aof=True).start()
             base_env["REDIS_URL"] = redis_server.url
             _say(f"embedded Redis on {redis_server.url} (data in {VAR / 'redis'}, AOF on)")

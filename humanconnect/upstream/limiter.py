@@ -82,8 +82,8 @@ class _Waiter:
 class GlobalRateLimiter:
     """Block the calling thread until it holds one slot of the shared upstream pace."""
 
-    def __init__(self, redis_url: str, max_rps: float):
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    def __init__(self, client: redis.Redis, max_rps: float):
+        self._redis = client
         self._reserve = self._redis.register_script(RESERVE_SCRIPT)
         self.interval = slot_interval(max_rps)
         self._cond = threading.Condition()

@@ -48,8 +48,8 @@ NO_LIMITS = {"HUMANCONNECT_FINISH_LIMIT_PER_IP": "off", "HUMANCONNECT_FINISH_LIM
 
 def service_env(**overrides: str) -> dict[str, str]:
     """A clean environment for service processes: only what the test gives, plus PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUMANAPI_", "HUMANCONNECT_"))}
-    env.pop("REDIS_URL", None)
+    ours = ("HUMANAPI_", "HUMANCONNECT_", "REDIS_")  # REDIS_URL, REDIS_SENTINELS, ...
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.pop("DATABASE_URL", None)
     env["PYTHONUNBUFFERED"] = "1"
     # Tests send their bursts from one address; the limits' own tests turn them on.

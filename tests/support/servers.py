@@ -10,9 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
+from humanconnect import redis_clients
 from humanconnect.cli import redis_server
 from humanconnect.cli.procs import free_port
+from humanconnect.settings import Settings
 from tests.support.env import CI
 
 
@@ -167,6 +170,11 @@ def pg_or_skip() -> str:
             raise RuntimeError("HUMANCONNECT_TEST_POSTGRES_URL must be set in CI")
         pytest.skip("no PostgreSQL configured (set HUMANCONNECT_TEST_POSTGRES_URL)")
     return base
+
+
+def web_redis(url: str) -> AsyncRedis:
+    """The web's own async client (humanconnect/redis_clients.py) for a test's Redis."""
+    return redis_clients.async_client(Settings.model_validate({"REDIS_URL": url}))
 
 
 @contextmanager
