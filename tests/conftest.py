@@ -15,6 +15,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from humanconnect.cli.procs import stop_all
+from humanconnect.cli.redis_group import RedisGroup
 from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Running
 from humanconnect.settings import Settings
@@ -124,6 +125,17 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "own-redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_group(tmp_path: Path) -> Iterator[RedisGroup]:
+    """A Sentinel group of this test's own (a primary, two replicas, three Sentinels), ready
+    to fail over; stopped afterwards, frozen nodes too."""
+    group = RedisGroup(tmp_path / "redis-group")
+    try:
+        yield group.start()
+    finally:
+        group.stop()
 
 
 #: Every database the service runs on: SQLite, then PostgreSQL (skipped locally without one).

@@ -34,7 +34,9 @@ def redis_binary() -> str:
 class RedisServer:
     """A redis-server child on a loopback port (a free one unless given), its data and
     redis.log in `workdir`; AOF when asked, synced `fsync` ("always": a SIGKILL loses
-    nothing Redis acknowledged). `kill()` and `start()` again restart it on the same port."""
+    nothing Redis acknowledged). `kill()` and `start()` again restart it on the same port.
+    `conf`: a config file read first (the options here win), one Redis may rewrite: what
+    Sentinel changes (a role, its own state) is then still there after a restart."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class RedisServer:
         fsync: str = "everysec",
         port: int | None = None,
         extra: Sequence[str] = (),
+        conf: Path | None = None,
     ):
         self.workdir = workdir
         self.aof = aof
@@ -51,6 +54,7 @@ class RedisServer:
         self.port = port or free_port()
         #: More redis-server options ("--maxmemory-policy", "allkeys-lru", ...).
         self.extra = list(extra)
+        self.conf = conf
         self.process: Process | None = None
 
     @property
@@ -61,6 +65,8 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             redis_binary(),
+            # Redis takes a config file only as its first argument.
+            *([str(self.conf.resolve())] if self.conf is not None else []),
             *("--port", str(self.port), "--bind", "127.0.0.1"),
             *("--dir", str(self.workdir.resolve()), "--save", ""),
             *("--appendonly", "yes" if self.aof else "no", "--appendfsync", self.fsync),

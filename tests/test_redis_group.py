@@ -1,0 +1,121 @@
+"""The Sentinel group harness itself, on real redis-servers: a client that finds the primary
+through the Sentinels writes and a replica has it; a killed or frozen primary is replaced by
+a replica, and the old one comes back as a replica with what was written meanwhile.
+
+Failover times are logged and recorded (var/test-figures.jsonl, tests/support/figures.py),
+never asserted: the 30 s bounds here only keep a stuck failover from hanging the run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.sentinel import Sentinel
+
+from humanconnect.cli.procs import wait_ready
+from humanconnect.cli.redis_group import Node, RedisGroup
+from tests.support import figures
+
+pytestmark = pytest.mark.slow
+
+GUARD = 30.0
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture
+def master(redis_group: RedisGroup) -> Iterator[redis.Redis]:
+    """A client of whoever the Sentinels name primary, as the service would hold one."""
+    hosts = [(a.split(":")[0], int(a.split(":")[1])) for a in redis_group.sentinel_addrs]
+    sentinel = Sentinel(hosts, socket_timeout=1, socket_connect_timeout=1)
+    client = sentinel.master_for(
+        redis_group.master_name, socket_timeout=1, socket_connect_timeout=1
+    )
+    yield client
+    client.close()
+    for s in sentinel.sentinels:
+        s.close()
+
+
+def _eventually(check: Callable[[], Any], what: str) -> None:
+    assert wait_ready(check, [], GUARD, interval=0.1), what
+
+
+def _write_until_accepted(client: redis.Redis, key: str, value: str) -> float:
+    """SET until the current primary takes it (the client rediscovers it meanwhile);
+    returns how long that took."""
+    start = time.monotonic()
+    while time.monotonic() - start < GUARD:
+        try:
+            client.set(key, value)
+            return time.monotonic() - start
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError):
+            time.sleep(0.1)
+    raise AssertionError(f"no primary took a write within {GUARD} s")
+
+
+def _get(node: Node, key: str) -> bytes | None:
+    value = node.ask("GET", key)
+    return value if isinstance(value, bytes) else None
+
+
+def _rejoined(node: Node, key: str, value: str) -> Callable[[], bool]:
+    """`node` is a replica again and has `key` (the write made while it was away)."""
+    return lambda: node.role() == "slave" and _get(node, key) == value.encode()
+
+
+def test_a_sentinel_client_writes_and_a_replica_has_it(
+    redis_group: RedisGroup, master: redis.Redis
+) -> None:
+    assert redis_group.sentinels_env == ",".join(redis_group.sentinel_addrs)
+    assert redis_group.primary() is redis_group.data[0]
+    assert set(redis_group.replicas_now()) == set(redis_group.data[1:])
+
+    master.set("k", "v")
+    assert master.execute_command("WAIT", 1, 1000) >= 1
+    assert any(_get(r, "k") == b"v" for r in redis_group.replicas_now())
+
+
+def _fail_over(
+    group: RedisGroup, master: redis.Redis, test: str, break_primary: Callable[[Node], None]
+) -> tuple[Node, Node]:
+    """Break the primary, wait for a replica to replace it, write through the Sentinel
+    client; returns (old, new)."""
+    old = group.primary()
+    before = set(group.replicas_now())
+    master.set("before", "1")
+    start = time.monotonic()
+    break_primary(old)
+    new = group.wait_for_new_primary(old, timeout=GUARD)
+    took = time.monotonic() - start
+    write_took = _write_until_accepted(master, "during", "2")
+    log.info("%s: failover %.2f s, first write after %.2f s more", test, took, write_took)
+    figures.record(test, failover_s=round(took, 2), first_write_s=round(write_took, 2))
+    assert new in before
+    assert _get(new, "during") == b"2"
+    assert _get(new, "before") == b"1"
+    return old, new
+
+
+def test_a_killed_primary_is_replaced_and_rejoins_as_a_replica(
+    redis_group: RedisGroup, master: redis.Redis
+) -> None:
+    old, new = _fail_over(redis_group, master, "redis_group_kill", redis_group.kill)
+
+    redis_group.restart(old)
+    _eventually(_rejoined(old, "during", "2"), "the restarted primary did not rejoin")
+    assert redis_group.primary() is new
+    _eventually(lambda: old in redis_group.replicas_now(), "the Sentinels do not list it")
+
+
+def test_a_frozen_primary_is_replaced_and_rejoins_once_thawed(
+    redis_group: RedisGroup, master: redis.Redis
+) -> None:
+    old, new = _fail_over(redis_group, master, "redis_group_freeze", redis_group.freeze)
+
+    redis_group.thaw(old)
+    _eventually(_rejoined(old, "during", "2"), "the thawed primary did not rejoin")
+    assert redis_group.primary() is new
