@@ -13,7 +13,6 @@ surviving beat.
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time
@@ -24,7 +23,6 @@ from sqlalchemy import text
 
 from humanconnect.cli.procs import commands
 from humanconnect.crypto import session_hash
-from humanconnect.queue import BEAT_KEY_PREFIX
 from humanconnect.states import FINAL, ErrorKind, RequestState
 from humanconnect.storage.db import session_factory
 from tests.support.chaos import Chaos, Tally, bodies
@@ -52,12 +50,6 @@ def _rows(db_url: str) -> dict[str, list[tuple[str, str, int, str | None]]]:
     for human, digest, state, received, kind in found:
         rows.setdefault(human, []).append((digest, state, received, kind))
     return rows
-
-
-def _runs(chaos: Chaos, job: str) -> int:
-    """How many times beat has sent `job` (RedBeat's record of it in Redis)."""
-    meta = chaos.r.hget(BEAT_KEY_PREFIX + job, "meta")
-    return int(json.loads(meta)["total_run_count"]) if meta else 0
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -106,7 +98,7 @@ def test_one_web_worker_and_beat_killed_on_several_hosts_loses_nothing(
         # The surviving beat takes the lock, and the periodic jobs run on it.
         wait_for(lambda: ACQUIRED in beat2.output(), 30, interval=0.2, what="beat2's lock")
         takeover_s = time.time() - killed_at
-        runs = {job: _runs(chaos, job) for job in ("reconcile-pending", "relay-events")}
+        runs = {job: chaos.beat_runs(job) for job in ("reconcile-pending", "relay-events")}
         # A second worker dies after the takeover: what it held comes back all the same.
         second = chaos.workers.pop(0)
         second.signal(signal.SIGKILL)
@@ -120,7 +112,7 @@ def test_one_web_worker_and_beat_killed_on_several_hosts_loses_nothing(
 
         wait_for(ended, 240, interval=1, what="every session to end")
         wait_for(
-            lambda: all(_runs(chaos, job) > n for job, n in runs.items()),
+            lambda: all(chaos.beat_runs(job) > n for job, n in runs.items()),
             30,
             what="the reconciler and the outbox sweep sent by the surviving beat",
         )

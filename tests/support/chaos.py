@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
+from redis import Redis
 from sqlalchemy import text
 
 from humanconnect.cli.procs import commands, stop_all
+from humanconnect.cli.redis_group import RedisGroup
+from humanconnect.queue import BEAT_KEY_PREFIX
 from humanconnect.sandbox.standin import Running
 from humanconnect.states import FINAL, ErrorKind, RequestState
 from humanconnect.storage.db import session_factory
@@ -92,11 +94,14 @@ class Tally:
 class Chaos:
     """A running deployment of real processes, and the ways to break it."""
 
-    def __init__(self, tmp: Path, db_url: str, standin: Running):
+    def __init__(self, tmp: Path, db_url: str, standin: Running, group: RedisGroup | None = None):
         self.tmp = tmp
         self.db_url = db_url
         self.standin = standin
-        self.redis = RedisServer(tmp / "redis", aof=True).start()
+        #: The Redis the deployment runs on: one server, or a primary, replicas and the
+        #: Sentinels that name it (`group`, which the test's fixture stops).
+        self.group = group
+        self._server = RedisServer(tmp / "redis", aof=True).start() if group is None else None
         self.env: dict[str, str] = {}
         self.url = ""
         self.web: Process | None = None
@@ -109,7 +114,7 @@ class Chaos:
     # -- processes -----------------------------------------------------------------------
     def start(self, *, workers: int = WORKERS, database_url: str | None = None, **extra: str):
         self.env = service_env(
-            REDIS_URL=self.redis.url,
+            **self.redis_env(),
             DATABASE_URL=database_url or self.db_url,
             HUMANAPI_BASE_URL=self.standin.url,
             HUMANAPI_CLIENT_ID=CLIENT_ID,
@@ -149,11 +154,42 @@ class Chaos:
 
     def stop(self) -> None:
         stop_all([p for p in (self.web, self.beat, *self.workers) if p is not None])
-        self.redis.stop()
+        if self._server is not None:
+            self._server.stop()
 
     @property
-    def r(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+    def redis(self) -> RedisServer:
+        """The one Redis server (a scenario without Sentinels kills and restarts it)."""
+        assert self._server is not None, "this deployment runs on a group: see .group"
+        return self._server
+
+    def redis_env(self) -> dict[str, str]:
+        if self.group is not None:
+            return {
+                "REDIS_SENTINELS": self.group.sentinels_env,
+                "REDIS_SENTINEL_MASTER": self.group.master_name,
+            }
+        return {"REDIS_URL": self.redis.url}
+
+    @property
+    def processes(self) -> list[Process]:
+        return [p for p in (self.web, self.beat, *self.workers) if p is not None]
+
+    @property
+    def r(self) -> Redis:
+        """A client on the current primary."""
+        if self.group is not None:
+            return Redis(port=self.group.primary().port, socket_timeout=5)
+        return Redis.from_url(self.redis.url, socket_timeout=5)
+
+    def beat_runs(self, job: str) -> int:
+        """How many times beat has sent `job` (RedBeat's record of it in Redis)."""
+        meta = self.r.hget(BEAT_KEY_PREFIX + job, "meta")
+        return int(json.loads(meta)["total_run_count"]) if meta else 0
+
+    def aof_files(self) -> list[Path]:
+        where = self.group.workdir if self.group is not None else self.tmp / "redis"
+        return list(where.rglob("*.aof"))
 
     def logs(self) -> list[Path]:
         return sorted(self.tmp.glob("*.log"))
@@ -222,8 +258,7 @@ class Chaos:
         def ended() -> bool:
             # A process that died on its own (not one the scenario killed and replaced)
             # would leave the wait to time out with no hint why: the timeout names it.
-            running = [p for p in (self.web, self.beat, *self.workers) if p is not None]
-            dead = [p.name for p in running if not p.alive()]
+            dead = [p.name for p in self.processes if not p.alive()]
             assert not dead, f"{dead} exited during the scenario: see their logs in {self.tmp}"
             found = self.states()
             return all(found.get(h, ("",))[0] in FINAL for h in humans)
@@ -293,7 +328,7 @@ class Chaos:
             needles,
             redis_client=self.r,
             db_url=self.db_url,
-            files=[*(self.tmp / "redis").rglob("*.aof"), *self.logs()],
+            files=[*self.aof_files(), *self.logs()],
         )
 
 

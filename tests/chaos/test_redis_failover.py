@@ -1,0 +1,148 @@
+"""The Redis primary lost mid-burst, with Sentinels to promote a replica: web, workers and
+beat follow the failover without a restart, and no finish answered 202 is lost or doubled."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from humanconnect.redis_keys import request_status
+from tests.support.chaos import Chaos, Sent, Tally, bodies
+from tests.support.env import HANG_GUARD, wait_for
+
+# Each scenario is a whole deployment on six Redis processes and a burst: the full suite only.
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
+
+#: The contract's bound on how long finishes are refused across a failover.
+RETAKEN_WITHIN_S = 15
+
+
+def taken(chaos: Chaos) -> int:
+    """Finishes the web has taken so far: their status records on the primary."""
+    return sum(1 for _ in chaos.r.scan_iter(request_status("*"), count=1000))
+
+
+def longest_refusal(results: list[Sent]) -> float:
+    """The longest stretch of the burst, by send time, with no finish accepted."""
+    accepted = sorted(s.at for s in results if s.status == 202)
+    return max((b - a for a, b in zip(accepted, accepted[1:], strict=False)), default=0.0)
+
+
+def pids(chaos: Chaos) -> dict[str, int]:
+    return {f"{p.name}{i}": p.proc.pid for i, p in enumerate(chaos.processes)}
+
+
+def burst_through(chaos: Chaos, break_it: Callable[[], float], scenario: str) -> Tally:
+    """1,000 finishes at 100/s, `break_it()` once the web has taken a few hundred; then the
+    refused ones sent again, a second burst on the same processes, and the verdict."""
+    chaos.standin.state.faults.latency_ms = 50
+    chaos.start(HUMANCONNECT_REDIS_MIN_REPLICAS="1")
+    before = pids(chaos)
+    sent = bodies()
+    sending = chaos.send_in_background(sent, rate=100)
+    wait_for(
+        lambda: taken(chaos) >= len(chaos.warm) + 300, 60, interval=0.1, what="burst under way"
+    )
+    failover_s = break_it()
+    results = sending.result(300)
+    statuses = {s.status for s in results}
+    refused = [s for s in results if s.status == 503]
+    # Refused, never failed: every refusal says when to send again.
+    assert statuses <= {202, 503}, statuses
+    assert all(s.retry_after for s in refused)
+    assert max(s.seconds for s in results) < HANG_GUARD, "a finish was held open"
+    gap = longest_refusal(results)
+    assert gap <= RETAKEN_WITHIN_S, f"no finish taken for {gap:.1f} s"
+    # The client sends the refused ones again, as apps do after Retry-After.
+    chaos.send_until_accepted([s.body for s in refused], timeout=120)
+    # A second burst after the failover, served by the same processes.
+    second = bodies(200)
+    chaos.send_until_accepted(second, timeout=120)
+    everyone = [*sent, *second]
+    chaos.wait_ended({b["humanId"] for b in everyone}, 300)
+    # Beat still sends its jobs, to the new primary.
+    runs = chaos.beat_runs("relay-events")
+    wait_for(lambda: chaos.beat_runs("relay-events") > runs, 60, what="beat to send again")
+    assert pids(chaos) == before and all(p.alive() for p in chaos.processes)
+    tally = chaos.verify(scenario, len(everyone), everyone, may_lose_answers=False)
+    tally.extra.update(
+        accepted_first_time=sum(1 for s in results if s.status == 202),
+        refused_503=len(refused),
+        longest_without_an_accept_s=round(gap, 2),
+        failover_s=round(failover_s, 2),
+        slowest_503_s=round(max((s.seconds for s in refused), default=0.0), 3),
+    )
+    tally.report()
+    return tally
+
+
+def test_primary_killed_mid_burst_loses_and_doubles_nothing(ha_chaos: Chaos) -> None:
+    """SIGKILL (its machine lost): a replica is promoted, the web's scripts are loaded on it
+    again, workers consume from it, one beat sends; the old primary rejoins as a replica."""
+    group = ha_chaos.group
+    assert group is not None
+    old = group.primary()
+
+    def kill() -> float:
+        group.kill(old)
+        died = time.monotonic()
+        group.wait_for_new_primary(old, 60)
+        return time.monotonic() - died
+
+    burst_through(ha_chaos, kill, "redis-failover-sigkill")
+    group.restart(old)
+    wait_for(lambda: old.role() == "slave", 60, what="the old primary to rejoin as a replica")
+    assert old.ask("INFO", "replication")  # answers, as a replica of the new primary
+
+
+def test_primary_frozen_then_resumed_comes_back_a_replica(ha_chaos: Chaos) -> None:
+    """SIGSTOP (a hung machine): the workers' blocked pops on it hang, not fail; after the
+    promotion it is resumed, demoted, and what it answered is neither lost nor doubled."""
+    group = ha_chaos.group
+    assert group is not None
+    old = group.primary()
+
+    def freeze() -> float:
+        group.freeze(old)
+        stopped = time.monotonic()
+        group.wait_for_new_primary(old, 60)
+        took = time.monotonic() - stopped
+        group.thaw(old)
+        return took
+
+    burst_through(ha_chaos, freeze, "redis-failover-sigstop")
+    wait_for(lambda: old.role() == "slave", 60, what="the resumed primary to be demoted")
+
+
+def test_lost_replicas_turn_finishes_away_as_not_replicated_and_lose_nothing(
+    ha_chaos: Chaos,
+) -> None:
+    """With one replica required: one of two lost, finishes go on; both lost, a finish is
+    `503 not_replicated` (queued all the same); once they are back, the resend is answered
+    as its duplicate and every session ends stored once."""
+    group = ha_chaos.group
+    assert group is not None
+    ha_chaos.start(HUMANCONNECT_REDIS_MIN_REPLICAS="1")
+    first, second = group.replicas_now()
+    group.kill(first)
+    still = bodies(50)
+    assert {s.status for s in ha_chaos.send(still)} == {202}
+
+    group.kill(second)
+    alone = bodies(50)
+    refused = ha_chaos.send(alone)
+    assert {(s.status, s.retry_after) for s in refused} == {(503, "1")}
+    probe = httpx.post(ha_chaos.url + "/connect/finish", json=alone[0], timeout=HANG_GUARD)
+    assert probe.status_code == 503 and probe.json()["reason"] == "not_replicated"
+
+    group.restart(first)
+    group.restart(second)
+    wait_for(lambda: len(group.replicas_now()) == 2, 60, what="both replicas back")
+    ha_chaos.send_until_accepted(alone)
+    everyone = [*still, *alone]
+    ha_chaos.wait_ended({b["humanId"] for b in everyone}, 120)
+    tally = ha_chaos.verify("redis-replicas-lost", len(everyone), everyone, may_lose_answers=False)
+    tally.report()
