@@ -126,7 +126,10 @@ def test_the_keeper_reopens_what_redis_closed_and_reloads_the_script(
             await asyncio.sleep(0.1)
             assert _clients(r) == 0
             await _reopened(r)
-            assert r.script_exists(ACCEPT_SHA) == [True]
+            # Loaded after the round gives its connections back: wait for that, not just them.
+            await wait_until(
+                lambda: r.script_exists(ACCEPT_SHA) == [True], HANG_GUARD, what="the script"
+            )
         finally:
             await keeper.stop()
             await aredis.aclose()
