@@ -102,7 +102,8 @@ class Stack:
     """One benchmark deployment; `close()` stops everything it started."""
 
     workdir: Path
-    redis: RedisServer
+    #: The stack's own Redis; None when `stack(redis_env=...)` points it at another.
+    redis: RedisServer | None
     standin: StandInProcess
     env: dict[str, str]
     procs: dict[str, Process] = field(default_factory=dict)
@@ -111,6 +112,8 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
+        if self.redis is None:
+            raise RuntimeError("this stack has no Redis of its own (see its REDIS_ variables)")
         return self.redis.url
 
     def sample_rss(self) -> None:
@@ -156,7 +159,8 @@ class Stack:
         stop_all(list(self.procs.values()))
         self.procs.clear()
         self.standin.stop()
-        self.redis.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def wait_http(url: str, proc: Process | None = None, timeout: float = 30) -> None:
@@ -175,16 +179,21 @@ def count(db_url: str, sql: str) -> int:
     return int(n)
 
 
-def stack(faults: Faults, *, max_rps: float = 100000) -> Stack:
-    """Redis + stand-in + migrated SQLite; the caller starts web/worker as it needs."""
+def stack(
+    faults: Faults, *, max_rps: float = 100000, redis_env: dict[str, str] | None = None
+) -> Stack:
+    """Redis + stand-in + migrated SQLite; the caller starts web/worker as it needs.
+    `redis_env` (e.g. REDIS_SENTINELS and REDIS_SENTINEL_MASTER) says where a Redis the
+    caller runs is, in place of REDIS_URL and a Redis of the stack's own."""
     workdir = Path(tempfile.mkdtemp(prefix="hc-bench-"))
-    redis_server = RedisServer(workdir).start()
+    redis_server = RedisServer(workdir).start() if redis_env is None else None
     standin = StandInProcess(workdir, faults).start()
     db_url = f"sqlite:///{workdir / 'bench.db'}"
     migrate.upgrade(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HUMANAPI_", "HUMANCONNECT_"))}
+    env.pop("REDIS_URL", None)
+    env.update({"REDIS_URL": redis_server.url} if redis_server else (redis_env or {}))
     env.update(
-        REDIS_URL=redis_server.url,
         DATABASE_URL=db_url,
         HUMANAPI_BASE_URL=standin.url,
         HUMANAPI_CLIENT_ID=CLIENT_ID,

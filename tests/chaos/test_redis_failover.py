@@ -3,13 +3,14 @@ beat follow the failover without a restart, and no finish answered 202 is lost o
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 
-from humanconnect.redis_keys import request_status
+from humanconnect.redis_keys import PENDING, QUEUE, UNACKED, request_status
 from tests.support.chaos import Chaos, Sent, Tally, bodies
 from tests.support.env import HANG_GUARD, wait_for
 
@@ -145,4 +146,35 @@ def test_lost_replicas_turn_finishes_away_as_not_replicated_and_lose_nothing(
     everyone = [*still, *alone]
     ha_chaos.wait_ended({b["humanId"] for b in everyone}, 120)
     tally = ha_chaos.verify("redis-replicas-lost", len(everyone), everyone, may_lose_answers=False)
+    tally.report()
+
+
+def test_a_message_popped_but_never_noted_unacked_comes_back_after_a_promotion(
+    ha_chaos: Chaos,
+) -> None:
+    """Kombu pops a message (BRPOP) and notes it unacked in a second round trip. A failover
+    between the two, or a note that never reached the replica, leaves the promoted replica
+    with the message gone and no note of it: the accept's pending entry, replicated with it,
+    is what brings it back. The reconciler sends it again and it is exchanged once."""
+    group = ha_chaos.group
+    assert group is not None
+    # The chaos visibility timeout (30 s): the reconciler sends again after 25 s of no progress.
+    ha_chaos.start(HUMANCONNECT_REDIS_MIN_REPLICAS="1")
+    ha_chaos.signal_workers(signal.SIGTERM)  # nobody consumes: what is accepted stays queued
+    sent = bodies(20)
+    assert {s.status for s in ha_chaos.send(sent)} == {202}
+    r = ha_chaos.r
+    # What ten BRPOPs leave behind when their unacked notes are lost: the messages gone.
+    assert all(r.rpop(QUEUE) for _ in range(10))
+    assert r.execute_command("WAIT", 2, 5000) == 2, "the pops did not reach both replicas"
+    old = group.primary()
+    group.kill(old)
+    group.wait_for_new_primary(old, 60)
+    promoted = ha_chaos.r
+    assert promoted.llen(QUEUE) == 10 and promoted.hlen(UNACKED) == 0
+    assert promoted.zcard(PENDING) >= 20
+    for _ in range(2):
+        ha_chaos.start_worker()
+    ha_chaos.wait_ended({b["humanId"] for b in sent}, 120)
+    tally = ha_chaos.verify("redis-failover-lost-pop", len(sent), sent, may_lose_answers=False)
     tally.report()
