@@ -20,6 +20,7 @@ from bench.abuse import abuse_scenario
 from bench.harness import body, closed_loop, open_loop, stack
 from bench.knee import knee_scenario
 from bench.repair import repair_scenario
+from bench.replicas import replicas_scenario
 from bench.step import RATE as STEP_RATE
 from bench.step import SECONDS as STEP_SECONDS
 from bench.step import step_scenario
@@ -141,6 +142,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "abuse": lambda a: abuse_scenario(),
     "step": lambda a: step_scenario(),
     "knee": lambda a: knee_scenario(),
+    "replicas": lambda a: replicas_scenario(),
 }
 
 
@@ -316,6 +318,47 @@ def _print_table(results: dict[str, Any]) -> None:
         console.print(kt)
         bound = "≥ " if knee["ratio_is_lower_bound"] else ""
         console.print(f"knee ratio, ours / inline: {bound}{knee['ratio']:.1f}")
+    replicas = results.get("replicas")
+    if replicas:
+        _print_replicas(console, replicas)
+
+
+def _print_replicas(console: Any, rep: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    sizes = rep["sizes"]
+    rt = Table(
+        title=f"replicas: one Sentinel group (primary, 2 replicas, 3 Sentinels), no worker; "
+        f"{sizes['rate']:g}/s for {sizes['seconds']:g} s, then {sizes['saturation_requests']} "
+        f"at concurrency 100, mean of {sizes['rounds']} rounds"
+    )
+    for col in ("variant", "answers", "p50 ms", "p99 ms", "saturation /s", "saturation answers"):
+        rt.add_column(col, justify="right")
+    for name, r in rep.items():
+        if isinstance(r, dict) and "saturation_per_s" in r:
+            rt.add_row(
+                name,
+                str(r["open_loop_codes"]),
+                f"{r['p50_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                f"{r['saturation_per_s']:.0f}",
+                str(r["saturation_codes"]),
+            )
+    console.print(rt)
+    for pair in ("replicated / unreplicated", "sentinels / REDIS_URL"):
+        ratios = rep[pair]
+        console.print(
+            f"{pair}: p50 {ratios['p50']:.2f}, p99 {ratios['p99']:.2f}, "
+            f"saturation {ratios['saturation']:.2f}"
+        )
+    fo = rep["failover"]
+    each = ", ".join("none" if t is None else f"{t:.2f}" for t in fo["first_202_s"])
+    median = "n/a" if fo["median_s"] is None else f"{fo['median_s']:.2f}"
+    worst = "n/a" if fo["max_s"] is None else f"{fo['max_s']:.2f}"
+    console.print(
+        f"failover (MIN_REPLICAS=1), SIGKILL to the first 202: {each} s; "
+        f"median {median} s, max {worst} s"
+    )
 
 
 if __name__ == "__main__":

@@ -152,10 +152,42 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
         bound = "≥ " if knee.get("ratio_is_lower_bound") else ""
         if knee.get("ratio") is not None:
             _row(rows, "knee", "ours / inline", f"{bound}{knee['ratio']:.1f}", "×")
+    rep = results.get("replicas")
+    if rep:
+        _replicas_rows(rows, rep)
     for stack_name, r in results.get("accept_burst", {}).items():
         _row(rows, "accept_burst", f"{stack_name}: finishes", r.get("rate"), "/s")
         _row(rows, "accept_burst", f"{stack_name}: p99", r.get("p99_ms"), "ms")
     return rows
+
+
+def _replicas_rows(rows: list[dict[str, Any]], rep: dict[str, Any]) -> None:
+    """The Redis HA scenario's figures (bench/replicas.py): each variant's open-loop latency
+    and saturation, the ratios, and the failovers."""
+    at = f"at {(rep.get('sizes') or {}).get('rate', 300):g}/s"
+    for variant, r in rep.items():
+        if isinstance(r, dict) and "saturation_per_s" in r:
+            _row(rows, "replicas", f"{variant}: p50 {at}", r.get("p50_ms"), "ms")
+            _row(rows, "replicas", f"{variant}: p99 {at}", r.get("p99_ms"), "ms")
+            _row(rows, "replicas", f"{variant}: answers {at}", r.get("open_loop_codes"), "")
+            _row(rows, "replicas", f"{variant}: saturation", r.get("saturation_per_s"), "/s")
+    for pair in ("replicated / unreplicated", "sentinels / REDIS_URL"):
+        for figure, ratio in (rep.get(pair) or {}).items():
+            _row(rows, "replicas", f"{pair}: {figure}", ratio, "×")
+    fo = rep.get("failover")
+    if fo:
+        each = ", ".join("none" if t is None else f"{t:.2f}" for t in fo.get("first_202_s", []))
+        _row(rows, "replicas", "failover, SIGKILL to the first 202: each run", each or None, "s")
+        _row(rows, "replicas", "failover: median", fo.get("median_s"), "s")
+        _row(rows, "replicas", "failover: max", fo.get("max_s"), "s")
+        if fo.get("runs_without_a_202"):
+            _row(
+                rows,
+                "replicas",
+                f"failover: runs with no 202 within {fo.get('give_up_s')} s",
+                fo["runs_without_a_202"],
+                "",
+            )
 
 
 def _pct(share: float | None) -> float | None:
