@@ -178,3 +178,30 @@ def test_a_message_popped_but_never_noted_unacked_comes_back_after_a_promotion(
     ha_chaos.wait_ended({b["humanId"] for b in sent}, 120)
     tally = ha_chaos.verify("redis-failover-lost-pop", len(sent), sent, may_lose_answers=False)
     tally.report()
+
+
+def test_workers_blocked_on_a_demoted_primary_go_on_consuming(ha_chaos: Chaos) -> None:
+    """A coordinated failover (`SENTINEL FAILOVER`, as for maintenance) demotes the primary
+    while idle workers wait in BRPOP on it: Redis answers them `UNBLOCKED ... master ->
+    replica`, which has killed Celery workers ("Unrecoverable error"). Here they reconnect
+    to the new primary and take the next burst, the same processes."""
+    group = ha_chaos.group
+    assert group is not None
+    ha_chaos.start(HUMANCONNECT_REDIS_MIN_REPLICAS="1")
+    before = pids(ha_chaos)
+    old = group.primary()
+    assert group.sentinels[0].ask("SENTINEL", "FAILOVER", group.master_name) is not None
+    group.wait_for_new_primary(old, 60)
+    wait_for(lambda: old.role() == "slave", 60, what="the old primary to be demoted")
+    after = bodies(100)
+    ha_chaos.send_until_accepted(after, timeout=120)
+    ha_chaos.wait_ended({b["humanId"] for b in after}, 120)
+    assert pids(ha_chaos) == before and all(p.alive() for p in ha_chaos.processes)
+    logs = "".join(p.output() for p in ha_chaos.workers)
+    # Their blocked pops were broken by the demotion (a connection error to Kombu, which
+    # reconnects; an UNBLOCKED reply taken for a command error would end the process).
+    assert "Connection to broker lost" in logs
+    assert "Unrecoverable error" not in logs
+    ha_chaos.verify(
+        "redis-coordinated-failover", len(after), after, may_lose_answers=False
+    ).report()
