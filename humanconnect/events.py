@@ -80,12 +80,29 @@ def record_many(
     return ids
 
 
-def _send(db: Session, r: redis.Redis, stream: str, events: Sequence[OutboxEvent]) -> int:
+#: (replicas, timeout in ms) a relay waits for before it counts events sent; (0, 0): none.
+NO_WAIT = (0, 0)
+
+
+def _send(
+    db: Session,
+    r: redis.Redis,
+    stream: str,
+    events: Sequence[OutboxEvent],
+    wait: tuple[int, int] = NO_WAIT,
+) -> int:
     if not events:
         return 0
     pipe = r.pipeline(transaction=False)
     queue_xadd(pipe, stream, events)
-    pipe.execute()
+    if wait[0]:
+        # Sent once the replicas hold them (HUMANCONNECT_REDIS_MIN_REPLICAS): a failover
+        # right after must not take them away. Fewer in time: the next sweep sends again.
+        pipe.execute_command("WAIT", *wait)
+    replies = pipe.execute()
+    if wait[0] and replies[-1] < wait[0]:
+        log.warning("%d relayed events not yet on enough replicas: left for the sweep", len(events))
+        return 0
     mark_sent(db, [e.id for e in events])
     return len(events)
 
@@ -144,21 +161,30 @@ class SentMarks:
             log.warning("%d relayed events left for the sweep: %s", len(ids), type(exc).__name__)
 
 
-def relay_ids(db: Session, r: redis.Redis, stream: str, ids: Sequence[int]) -> int:
+def relay_ids(
+    db: Session, r: redis.Redis, stream: str, ids: Sequence[int], wait: tuple[int, int] = NO_WAIT
+) -> int:
     """Relay the given events (the ones this process just committed)."""
     events = db.scalars(
         select(OutboxEvent).where(OutboxEvent.id.in_(ids), OutboxEvent.sent_at.is_(None))
     ).all()
-    return _send(db, r, stream, events)
+    return _send(db, r, stream, events, wait)
 
 
-def relay_committed(db: Session, r: redis.Redis, stream: str, event: OutboxEvent) -> int:
+def relay_committed(
+    db: Session, r: redis.Redis, stream: str, event: OutboxEvent, wait: tuple[int, int] = NO_WAIT
+) -> int:
     """Relay an event this process just committed, from the row it holds (no read back)."""
-    return _send(db, r, stream, [event])
+    return _send(db, r, stream, [event], wait)
 
 
 def relay_pending(
-    db: Session, r: redis.Redis, stream: str, limit: int = 500, grace_s: float = SWEEP_GRACE_S
+    db: Session,
+    r: redis.Redis,
+    stream: str,
+    limit: int = 500,
+    grace_s: float = SWEEP_GRACE_S,
+    wait: tuple[int, int] = NO_WAIT,
 ) -> int:
     """Relay up to `limit` unsent events older than `grace_s`, oldest first."""
     cutoff = now().timestamp() - grace_s
@@ -172,7 +198,7 @@ def relay_pending(
         # Two sweepers never take the same rows.
         query = query.with_for_update(skip_locked=True)
     events = [e for e in db.scalars(query).all() if timestamp(e.created_at) <= cutoff]
-    return _send(db, r, stream, events)
+    return _send(db, r, stream, events, wait)
 
 
 def backlog(db: Session) -> int:

@@ -332,7 +332,7 @@ class Exchanger:
         if replicas:
             # The event counts as sent once the replicas hold it: a failover right after
             # must not take it away. Fewer in time, the sweep sends it again (same eventId).
-            pipe.execute_command("WAIT", replicas, self.settings.redis_replica_timeout_ms)
+            pipe.execute_command("WAIT", *self.settings.replica_wait)
         try:
             replies = pipe.execute()
         except redis.exceptions.RedisError:
@@ -348,7 +348,13 @@ class Exchanger:
         """Send a just-committed event now; if Redis is away the sweep sends it later."""
         try:
             with self.rt.db() as db:
-                sent = events.relay_committed(db, self.rt.redis, self.settings.events_stream, event)
+                sent = events.relay_committed(
+                    db,
+                    self.rt.redis,
+                    self.settings.events_stream,
+                    event,
+                    self.settings.replica_wait,
+                )
             metrics.inc(self.rt.redis, "events", sent)
         except (redis.exceptions.RedisError, OperationalError) as exc:
             log.warning("event left for the sweep: %s", type(exc).__name__)

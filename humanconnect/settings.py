@@ -1,6 +1,7 @@
 """The service's configuration: one typed object read from the environment (and `.env`).
 
-Every default is documented here, beside its field. Names are the contract's variables.
+Every default is documented beside its field: here, and for Redis in redis_settings.py
+(a base class of this one). Names are the contract's variables.
 """
 
 from __future__ import annotations
@@ -8,23 +9,17 @@ from __future__ import annotations
 import ipaddress
 import math
 from functools import lru_cache
-from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
-from pydantic import (
-    AliasChoices,
-    BeforeValidator,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from humanconnect.errors import ConfigError
 from humanconnect.rate import Rate
+from humanconnect.redis_settings import RedisSettings
+from humanconnect.settings_types import CommaList, CommaSeconds
+from humanconnect.settings_types import env as _env
 
 #: Tickets are HMAC-SHA256: a shorter key is guessable offline from one ticket.
 MIN_TICKET_KEY_BYTES = 32
@@ -34,33 +29,7 @@ SANDBOX_CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
 DEFAULT_BASE_URL = "https://user.humanapi.co"
 
 
-def _env(name: str) -> AliasChoices:
-    return AliasChoices(name)
-
-
-def _items(value: Any) -> Any:
-    """A comma-separated variable as its items, stripped, blanks dropped."""
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
-def _seconds(value: Any) -> Any:
-    """A comma-separated variable as floats, every item required."""
-    if isinstance(value, str):
-        try:
-            return [float(w) for w in value.split(",")]
-        except ValueError:
-            raise ValueError("must be comma-separated seconds, like 0,5,300") from None
-    return value
-
-
-# NoDecode: pydantic-settings would read a list variable as JSON; these are comma-separated.
-CommaList = Annotated[list[str], NoDecode, BeforeValidator(_items)]
-CommaSeconds = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_seconds)]
-
-
-class Settings(BaseSettings):
+class Settings(RedisSettings):
     """Configuration shared by `web`, `worker` and `beat`."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=False)
@@ -74,28 +43,6 @@ class Settings(BaseSettings):
     #: Any SQLAlchemy URL; SQLite and PostgreSQL (psycopg 3) are supported.
     database_url: str = Field(
         "sqlite:///var/humanconnect.db", validation_alias=_env("DATABASE_URL")
-    )
-    #: Broker, locks, rate limit, status records. This or REDIS_SENTINELS is required when a
-    #: process is run directly.
-    redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
-    #: Comma-separated host:port of Redis Sentinels that name the primary (humanconnect/redis.py).
-    redis_sentinels: CommaList = Field([], validation_alias=_env("REDIS_SENTINELS"))
-    #: The primary's name at the Sentinels; required with REDIS_SENTINELS.
-    redis_sentinel_master: str | None = Field(None, validation_alias=_env("REDIS_SENTINEL_MASTER"))
-    #: The Sentinels' own password, if they have one.
-    redis_sentinel_password: SecretStr | None = Field(
-        None, validation_alias=_env("REDIS_SENTINEL_PASSWORD")
-    )
-    #: The primary's password and database, with REDIS_SENTINELS (a REDIS_URL carries its own).
-    redis_password: SecretStr | None = Field(None, validation_alias=_env("REDIS_PASSWORD"))
-    redis_db: int = Field(0, ge=0, validation_alias=_env("REDIS_DB"))
-    #: Replicas that must hold an accept before it is answered (Redis WAIT); 0: don't wait.
-    redis_min_replicas: int = Field(
-        0, ge=0, le=16, validation_alias=_env("HUMANCONNECT_REDIS_MIN_REPLICAS")
-    )
-    #: How long a finish waits for those replicas before it is answered 503 not_replicated.
-    redis_replica_timeout_ms: int = Field(
-        500, ge=1, le=10000, validation_alias=_env("HUMANCONNECT_REDIS_REPLICA_TIMEOUT_MS")
     )
     #: Comma-separated Fernet keys; the first encrypts, all decrypt.
     encryption_keys: SecretStr | None = Field(
@@ -247,38 +194,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url_shape(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value or None
-
-    @field_validator("redis_sentinels")
-    @classmethod
-    def _sentinels_shape(cls, value: list[str]) -> list[str]:
-        for address in value:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{address!r} is not a host:port like 10.0.0.5:26379")
-        return value
-
-    @field_validator("redis_sentinel_master")
-    @classmethod
-    def _blank_is_unset(cls, value: str | None) -> str | None:
-        return value.strip() or None if value is not None else None
-
-    @model_validator(mode="after")
-    def _one_redis(self) -> Settings:
-        if self.redis_sentinels and self.redis_url:
-            raise ValueError("set REDIS_URL or REDIS_SENTINELS, not both")
-        if self.redis_sentinels and not self.redis_sentinel_master:
-            raise ValueError("REDIS_SENTINEL_MASTER is required with REDIS_SENTINELS")
-        if self.redis_sentinel_master and not self.redis_sentinels:
-            raise ValueError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not")
-        return self
-
-    @field_validator("client_secret", "api_token", "redis_password", "redis_sentinel_password")
+    @field_validator("client_secret", "api_token")
     @classmethod
     def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
@@ -387,17 +303,6 @@ class Settings(BaseSettings):
         if self.sandbox:
             return SANDBOX_CLIENT_ID
         raise ConfigError("HUMANAPI_CLIENT_ID is required")
-
-    @property
-    def replica_wait_s(self) -> float:
-        """The longest a finish's accept waits for replicas (0 when it waits for none)."""
-        return self.redis_replica_timeout_ms / 1000 if self.redis_min_replicas else 0.0
-
-    @property
-    def redis_configured(self) -> bool:
-        """True when REDIS_URL or REDIS_SENTINELS says where Redis is (`up` starts its own
-        otherwise; every other process needs one)."""
-        return bool(self.redis_url or self.redis_sentinels)
 
     def key_list(self) -> list[str]:
         """The Fernet keys, first one encrypting."""

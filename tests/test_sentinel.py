@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
+from humanconnect import events
 from humanconnect.cli.procs import BIN, commands, free_port, wait_ready
 from humanconnect.cli.redis_group import RedisGroup
 from humanconnect.crypto import Cipher
 from humanconnect.queue import sender
+from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings
 from producer.accept import Acceptor
 from producer.body import FinishBody
@@ -32,8 +35,10 @@ from tests.support.env import (
     ROOT,
     service_env,
     timed,
+    wait_for,
 )
 from tests.support.processes import Process, start_web
+from tests.support.scan import stream_entries
 
 
 def _env(tmp_path: Path, **redis: str) -> dict[str, str]:
@@ -143,3 +148,49 @@ def test_a_duplicate_is_answered_only_once_the_replicas_hold_its_claim(
     accepted_unreplicated, answered_unreplicated = asyncio.run(run())
     assert accepted_unreplicated, "the accept itself was answered with one replica frozen"
     assert answered_unreplicated, "the resend was answered before both replicas held the claim"
+
+
+@pytest.mark.slow
+def test_an_event_counts_as_relayed_only_once_the_replicas_hold_it(
+    redis_group: RedisGroup, make_settings: Callable[..., Settings], sqlite_url: str
+) -> None:
+    """With a replica required, an event whose stream entry no replica confirms stays
+    unsent in the outbox (a failover then could take the entry away): the next sweep sends
+    it again, with its eventId, and only then is it marked sent."""
+    rt = Runtime(
+        make_settings(
+            REDIS_URL="",
+            REDIS_SENTINELS=redis_group.sentinels_env,
+            REDIS_SENTINEL_MASTER=redis_group.master_name,
+            HUMANCONNECT_REDIS_MIN_REPLICAS="1",
+            HUMANCONNECT_REDIS_REPLICA_TIMEOUT_MS="200",
+            DATABASE_URL=sqlite_url,
+        )
+    )
+    stream = rt.settings.events_stream
+    with rt.db() as db:
+        events.record(db, "connect.completed", humanId="h1", clientUserId="u1", requestId="r1")
+        db.commit()
+    replicas = redis_group.replicas_now()
+    for replica in replicas:
+        redis_group.freeze(replica)
+    try:
+        with rt.db() as db:
+            assert (
+                events.relay_pending(db, rt.redis, stream, grace_s=0, wait=rt.settings.replica_wait)
+                == 0
+            )
+            assert events.backlog(db) == 1
+    finally:
+        for replica in replicas:
+            redis_group.thaw(replica)
+    wait_for(lambda: len(redis_group.replicas_now()) == 2, HANG_GUARD * 3, what="replicas")
+    with rt.db() as db:
+        assert (
+            events.relay_pending(db, rt.redis, stream, grace_s=0, wait=rt.settings.replica_wait)
+            == 1
+        )
+        assert events.backlog(db) == 0
+    # The unconfirmed entry and its resend: one event, sent twice with its eventId.
+    entries = stream_entries(rt.redis, stream)
+    assert len(entries) == 2 and len({e["eventId"] for e in entries}) == 1

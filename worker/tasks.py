@@ -163,7 +163,9 @@ def relay_events() -> int:
         if lock is None:
             return 0
         with rt.db() as db:
-            while batch := events.relay_pending(db, rt.redis, rt.settings.events_stream):
+            while batch := events.relay_pending(
+                db, rt.redis, rt.settings.events_stream, wait=rt.settings.replica_wait
+            ):
                 sent += batch
                 metrics.inc(rt.redis, "events", batch)
     if sent:

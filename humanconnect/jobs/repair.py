@@ -250,7 +250,9 @@ class Repairer:
             )
             db.commit()
             try:
-                events.relay_ids(db, self.rt.redis, self.s.events_stream, event_ids)
+                events.relay_ids(
+                    db, self.rt.redis, self.s.events_stream, event_ids, self.s.replica_wait
+                )
             except Exception as exc:  # the sweep relays them later
                 log.warning("repair events left for the sweep: %s", type(exc).__name__)
         report.repaired += outcomes["repaired"]
