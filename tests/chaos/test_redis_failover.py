@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from typing import cast
 
 import httpx
 import pytest
@@ -168,11 +169,10 @@ def test_a_message_popped_but_never_noted_unacked_comes_back_after_a_promotion(
     r = ha_chaos.r
     # What ten BRPOPs leave behind when their unacked notes are lost: the messages gone.
     # (Taken out by name: beat's own jobs queue up beside them while no worker runs.)
-    exchanges = [
-        m for m in r.lrange(QUEUE, 0, -1) if json.loads(m)["headers"]["task"] == EXCHANGE_TASK
-    ]
+    queued = cast(list[bytes], r.lrange(QUEUE, 0, -1))
+    exchanges = [m.decode() for m in queued if json.loads(m)["headers"]["task"] == EXCHANGE_TASK]
     assert len(exchanges) == 20
-    assert all(r.lrem(QUEUE, 1, bytes(m).decode()) == 1 for m in exchanges[-10:])
+    assert all(r.lrem(QUEUE, 1, m) == 1 for m in exchanges[-10:])
     assert r.execute_command("WAIT", 2, 5000) == 2, "the pops did not reach both replicas"
     old = group.primary()
     group.kill(old)
