@@ -169,8 +169,8 @@ def test_a_message_popped_but_never_noted_unacked_comes_back_after_a_promotion(
     r = ha_chaos.r
     # What ten BRPOPs leave behind when their unacked notes are lost: the messages gone.
     # (Taken out by name: beat's own jobs queue up beside them while no worker runs.)
-    queued = cast(list[bytes], r.lrange(QUEUE, 0, -1))
-    exchanges = [m.decode() for m in queued if json.loads(m)["headers"]["task"] == EXCHANGE_TASK]
+    before = cast(list[bytes], r.lrange(QUEUE, 0, -1))
+    exchanges = [m.decode() for m in before if json.loads(m)["headers"]["task"] == EXCHANGE_TASK]
     assert len(exchanges) == 20
     assert all(r.lrem(QUEUE, 1, m) == 1 for m in exchanges[-10:])
     assert r.execute_command("WAIT", 2, 5000) == 2, "the pops did not reach both replicas"
@@ -179,8 +179,8 @@ def test_a_message_popped_but_never_noted_unacked_comes_back_after_a_promotion(
     group.wait_for_new_primary(old, 60)
     promoted = ha_chaos.r
     # Beat's own jobs queue up beside them meanwhile: count the exchanges.
-    queued = [json.loads(m)["headers"]["task"] for m in promoted.lrange(QUEUE, 0, -1)]
-    assert queued.count(EXCHANGE_TASK) == 10 and promoted.hlen(UNACKED) == 0
+    tasks = [json.loads(m)["headers"]["task"] for m in promoted.lrange(QUEUE, 0, -1)]
+    assert tasks.count(EXCHANGE_TASK) == 10 and promoted.hlen(UNACKED) == 0
     assert promoted.zcard(PENDING) >= 20
     for _ in range(2):
         ha_chaos.start_worker()
