@@ -84,7 +84,12 @@ def _master(settings: Settings) -> str:
 
 def client(settings: Settings, *, decode: bool = False) -> redis.Redis:
     """A Redis client that fails fast instead of hanging when the server is away."""
-    options = _common(retry=Retry(NoBackoff(), RETRIES), decode_responses=decode)
+    options = _common(
+        # A worker's WAIT for replicas is answered after up to its timeout (exchange.py).
+        socket_timeout=SOCKET_TIMEOUT_S + settings.replica_wait_s,
+        retry=Retry(NoBackoff(), RETRIES),
+        decode_responses=decode,
+    )
     if not settings.redis_sentinels:
         return redis.Redis.from_url(_url(settings), **options)
     sentinel = Sentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))

@@ -33,7 +33,8 @@ METRICS = PREFIX + "metrics"
 UPSTREAM_LIMIT = PREFIX + "upstream:next"
 #: The next free place in the waiting queue's share of the upstream (producer/lanes.py).
 WAITING_LANE = PREFIX + "lane:waiting:next"
-#: Written by a duplicate's accept when its answer waits for replicas (producer/claims.py).
+#: The channel a duplicate's accept publishes to when its answer waits for replicas
+#: (producer/claims.py); nobody listens.
 REPLICATION_MARK = PREFIX + "replicated"
 
 BREAKER_OPEN = PREFIX + "breaker:open"

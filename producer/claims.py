@@ -47,9 +47,10 @@ from producer.message import RECEIVED_MARKER
 # accepted (a duplicate is answered whatever the limits and the backlog); {'limited', which
 # (0: address, 1: user), µs until it may send again} over a limit; 0 when the backlog is
 # full, {'memory'} when Redis's memory is. Refused, it writes nothing. A duplicate whose
-# answer waits for replicas writes the mark: WAIT counts the replicas that hold this
-# connection's last write, and the mark, written after the claim it found, makes that cover
-# the claim whichever connection wrote it. A waiting finish goes
+# answer waits for replicas publishes the mark: WAIT counts the replicas that hold this
+# connection's last replicated command, and the mark, sent after the claim it found, makes
+# that cover the claim whichever connection wrote it. A PUBLISH, not a key: Redis takes it
+# at its maxmemory too, and a duplicate is answered whatever Redis's memory. A waiting finish goes
 # to the waiting queue while the lane has room (producer/lanes.py).
 #
 # The receive time that decides which session's tokens win is Redis's clock, read here: one
@@ -59,7 +60,7 @@ _ACCEPT = """
 local existing = redis.call('GET', KEYS[1])
 if existing then
   if ARGV[16] == '1' then
-    redis.call('SET', KEYS[9], '1', 'PX', 60000)
+    redis.call('PUBLISH', KEYS[9], '')
   end
   return existing
 end

@@ -47,9 +47,10 @@ def test_redis_urls_use_it_and_rediss_keeps_tls() -> None:
     """Configuring a Celery app as the worker's is puts it behind both URL schemes, and TLS
     still follows `rediss://` (Kombu decides TLS by that name)."""
     from celery import Celery
+    from kombu.transport import redis as kombu_redis
 
     from humanconnect.settings import Settings
-    from worker.broker import Transport
+    from worker.broker import SentinelTransport, Transport
     from worker.celery import configure
 
     configure(Celery("probe"), Settings.model_validate({}))
@@ -60,6 +61,12 @@ def test_redis_urls_use_it_and_rediss_keeps_tls() -> None:
     assert type(plain.transport) is Transport and type(secure.transport) is Transport
     assert not plain.ssl
     assert secure.ssl
+    # Through Sentinels too, with Kombu's Sentinel pool under the same two changes.
+    sentinel = Connection(
+        "sentinel://127.0.0.1:26379/0", transport_options={"master_name": "hc-primary"}
+    )
+    assert type(sentinel.transport) is SentinelTransport
+    assert issubclass(sentinel.transport.Channel, kombu_redis.SentinelChannel)
 
 
 def test_a_message_costs_no_new_redis_client(redis_url: str, redis_client: redis.Redis) -> None:

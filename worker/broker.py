@@ -29,6 +29,7 @@ from kombu.transport import redis as kombu_redis
 
 #: This class, by Kombu's name for it.
 TRANSPORT = "worker.broker:Transport"
+SENTINEL_TRANSPORT = "worker.broker:SentinelTransport"
 
 
 class Channel(kombu_redis.Channel):
@@ -54,10 +55,21 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """Kombu's Sentinel channel (its pool asks the Sentinels for the primary) with the same
+    two changes: its pool is built from `_connparams` too, so a collected connection is a
+    connection error here as well (on every failover's close, not only a crash's)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Make redis:// and rediss:// URLs use this transport in this process (call it before
-    the first connection: Kombu caches what an alias resolves to; worker.celery does it at
-    import). Through the aliases, not `broker_transport`: Kombu turns TLS on by the alias
-    `rediss`, which a `broker_transport` class would override."""
+    """Make redis://, rediss:// and sentinel:// URLs use these transports in this process
+    (call it before the first connection: Kombu caches what an alias resolves to;
+    worker.celery does it at import). Through the aliases, not `broker_transport`: Kombu
+    turns TLS on by the alias `rediss`, which a `broker_transport` class would override."""
     TRANSPORT_ALIASES["redis"] = TRANSPORT
     TRANSPORT_ALIASES["rediss"] = TRANSPORT
+    TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT

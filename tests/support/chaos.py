@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis import Redis
 from sqlalchemy import text
 
@@ -259,7 +260,9 @@ class Chaos:
             # A process that died on its own (not one the scenario killed and replaced)
             # would leave the wait to time out with no hint why: the timeout names it.
             dead = [p.name for p in self.processes if not p.alive()]
-            assert not dead, f"{dead} exited during the scenario: see their logs in {self.tmp}"
+            if dead:
+                # pytest.fail, not assert: wait_for takes an exception for "not yet".
+                pytest.fail(f"{dead} exited during the scenario: see their logs in {self.tmp}")
             found = self.states()
             return all(found.get(h, ("",))[0] in FINAL for h in humans)
 
