@@ -100,22 +100,19 @@ def _fail_over(
     return old, new
 
 
-def test_a_killed_primary_is_replaced_and_rejoins_as_a_replica(
-    redis_group: RedisGroup, master: redis.Redis
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_a_killed_or_frozen_primary_is_replaced_and_rejoins_as_a_replica(
+    redis_group: RedisGroup, master: redis.Redis, how: str
 ) -> None:
-    old, new = _fail_over(redis_group, master, "redis_group_kill", redis_group.kill)
+    """Killed then restarted, or frozen then thawed: a replica takes over, and the old
+    primary comes back as its replica with what was written meanwhile."""
+    broken, healed = {
+        "kill": (redis_group.kill, redis_group.restart),
+        "freeze": (redis_group.freeze, redis_group.thaw),
+    }[how]
+    old, new = _fail_over(redis_group, master, f"redis_group_{how}", broken)
 
-    redis_group.restart(old)
-    _eventually(_rejoined(old, "during", "2"), "the restarted primary did not rejoin")
+    healed(old)
+    _eventually(_rejoined(old, "during", "2"), f"the old primary did not rejoin ({how})")
     assert redis_group.primary() is new
     _eventually(lambda: old in redis_group.replicas_now(), "the Sentinels do not list it")
-
-
-def test_a_frozen_primary_is_replaced_and_rejoins_once_thawed(
-    redis_group: RedisGroup, master: redis.Redis
-) -> None:
-    old, new = _fail_over(redis_group, master, "redis_group_freeze", redis_group.freeze)
-
-    redis_group.thaw(old)
-    _eventually(_rejoined(old, "during", "2"), "the thawed primary did not rejoin")
-    assert redis_group.primary() is new

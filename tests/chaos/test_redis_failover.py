@@ -12,6 +12,7 @@ from typing import cast
 import httpx
 import pytest
 
+from humanconnect.cli.redis_group import Node, RedisGroup
 from humanconnect.queue import EXCHANGE_TASK
 from humanconnect.redis_keys import PENDING, QUEUE, UNACKED, request_status
 from tests.support.chaos import Chaos, Sent, Tally, bodies
@@ -37,6 +38,25 @@ def longest_refusal(results: list[Sent]) -> float:
 
 def pids(chaos: Chaos) -> dict[str, int]:
     return {f"{p.name}{i}": p.proc.pid for i, p in enumerate(chaos.processes)}
+
+
+def replaced(
+    group: RedisGroup, break_it: Callable[[Node], None], then: Callable[[Node], None] | None = None
+) -> Callable[[], float]:
+    """What breaks the primary in a burst: `break_it` (kill, freeze) on it, wait for the
+    Sentinels to promote a replica, then `then` on the old one; returns the seconds taken."""
+
+    def run() -> float:
+        old = group.primary()
+        break_it(old)
+        started = time.monotonic()
+        group.wait_for_new_primary(old, 60)
+        took = time.monotonic() - started
+        if then is not None:
+            then(old)
+        return took
+
+    return run
 
 
 def burst_through(chaos: Chaos, break_it: Callable[[], float], scenario: str) -> Tally:
@@ -90,13 +110,7 @@ def test_primary_killed_mid_burst_loses_and_doubles_nothing(ha_chaos: Chaos) -> 
     assert group is not None
     old = group.primary()
 
-    def kill() -> float:
-        group.kill(old)
-        died = time.monotonic()
-        group.wait_for_new_primary(old, 60)
-        return time.monotonic() - died
-
-    burst_through(ha_chaos, kill, "redis-failover-sigkill")
+    burst_through(ha_chaos, replaced(group, group.kill), "redis-failover-sigkill")
     group.restart(old)
     wait_for(lambda: old.role() == "slave", 60, what="the old primary to rejoin as a replica")
     assert old.ask("INFO", "replication")  # answers, as a replica of the new primary
@@ -109,15 +123,9 @@ def test_primary_frozen_then_resumed_comes_back_a_replica(ha_chaos: Chaos) -> No
     assert group is not None
     old = group.primary()
 
-    def freeze() -> float:
-        group.freeze(old)
-        stopped = time.monotonic()
-        group.wait_for_new_primary(old, 60)
-        took = time.monotonic() - stopped
-        group.thaw(old)
-        return took
-
-    burst_through(ha_chaos, freeze, "redis-failover-sigstop")
+    burst_through(
+        ha_chaos, replaced(group, group.freeze, then=group.thaw), "redis-failover-sigstop"
+    )
     wait_for(lambda: old.role() == "slave", 60, what="the resumed primary to be demoted")
 
 
