@@ -33,6 +33,8 @@ SOCKET_TIMEOUT_S = 1.0
 # finish for seconds while Redis is down.
 RETRIES = 1
 ASYNC_POOL_SIZE = 200
+#: Celery's and RedBeat's URL when none is set (an import of the app that never connects).
+LOCAL_URL = "redis://127.0.0.1:6379/0"
 # Sentinels answer from memory; one that takes longer is away, and the next is asked.
 SENTINEL_TIMEOUT_S = 0.5
 
@@ -42,10 +44,12 @@ class _AsyncBlockingSentinelPool(AsyncSentinelPool, AsyncBlockingConnectionPool)
     wait for a free connection under a burst."""
 
 
-def _common(**extra: Any) -> dict[str, Any]:
+def _common(settings: Settings, **extra: Any) -> dict[str, Any]:
     return {
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "socket_timeout": SOCKET_TIMEOUT_S,
+        # A WAIT for replicas (producer/claims.py, exchange.py) is answered after up to its
+        # timeout.
+        "socket_timeout": SOCKET_TIMEOUT_S + settings.replica_wait_s,
         "health_check_interval": 15,
         **extra,
     }
@@ -84,12 +88,7 @@ def _master(settings: Settings) -> str:
 
 def client(settings: Settings, *, decode: bool = False) -> redis.Redis:
     """A Redis client that fails fast instead of hanging when the server is away."""
-    options = _common(
-        # A worker's WAIT for replicas is answered after up to its timeout (exchange.py).
-        socket_timeout=SOCKET_TIMEOUT_S + settings.replica_wait_s,
-        retry=Retry(NoBackoff(), RETRIES),
-        decode_responses=decode,
-    )
+    options = _common(settings, retry=Retry(NoBackoff(), RETRIES), decode_responses=decode)
     if not settings.redis_sentinels:
         return redis.Redis.from_url(_url(settings), **options)
     sentinel = Sentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
@@ -106,8 +105,7 @@ def async_client(settings: Settings) -> AsyncRedis:
     request wait up to 0.5 s for a free connection under a burst instead of failing at once
     (the default pool raises past 100 connections)."""
     options = _common(
-        # A WAIT for replicas is answered after up to its timeout (producer/claims.py).
-        socket_timeout=SOCKET_TIMEOUT_S + settings.replica_wait_s,
+        settings,
         max_connections=ASYNC_POOL_SIZE,
         timeout=0.5,
         retry=AsyncRetry(NoBackoff(), RETRIES),
@@ -132,7 +130,7 @@ def broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     """Celery's broker URL and the transport options it adds for the target: Kombu's
     `sentinel://` transport, one URL per Sentinel, the primary's name an option."""
     if not settings.redis_sentinels:
-        return settings.redis_url or "redis://127.0.0.1:6379/0", {}
+        return settings.redis_url or LOCAL_URL, {}
     password = _secret(settings, "redis_password")
     auth = f":{quote(password, safe='')}@" if password else ""
     url = ";".join(
@@ -149,7 +147,7 @@ def redbeat(settings: Settings) -> tuple[str, dict[str, Any]]:
     """RedBeat's URL and options: `redis-sentinel://` and the Sentinels in its options."""
     options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
     if not settings.redis_sentinels:
-        return settings.redis_url or "redis://127.0.0.1:6379/0", options
+        return settings.redis_url or LOCAL_URL, options
     options.pop("socket_connect_timeout")  # RedBeat's Sentinel branch takes only socket_timeout
     return "redis-sentinel://", {
         **options,
