@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -116,16 +115,26 @@ def test_the_probe_sees_a_module_that_reads_dotenv(tmp_path: Path) -> None:
     assert json.loads(proc.stdout.splitlines()[-1])["env_opened"] == [".env"]
 
 
-def _imported_packages(path: Path) -> set[str]:
-    """The top-level packages of ours that a module imports, at any depth in the file."""
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names & {"humanconnect", "producer", "worker"}
+# Run in a fresh interpreter too: CPython 3.11 keeps the AST converter's recursion count in
+# per-interpreter state, so an `ast.parse` here racing another thread's (3.11's traceback
+# module parses source to place its carets, and a server thread left by an earlier test may
+# be logging one) fails with "AST constructor recursion depth mismatch" (CPython gh-106905).
+GRAPH = r"""
+import ast, json, pathlib, sys
+
+ours = {"humanconnect", "producer", "worker"}
+graph = {}
+for package in sorted(ours):
+    for path in sorted(pathlib.Path(package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        graph[str(path)] = sorted(names & ours)
+print(json.dumps(graph))
+"""
 
 
 def test_dependencies_point_one_way() -> None:
@@ -133,11 +142,18 @@ def test_dependencies_point_one_way() -> None:
     process (worker) import the core and never each other."""
     allowed = {"humanconnect": {"humanconnect"}, "producer": {"humanconnect", "producer"}}
     allowed["worker"] = {"humanconnect", "worker"}
+    proc = subprocess.run(
+        [sys.executable, "-c", GRAPH], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graph: dict[str, list[str]] = json.loads(proc.stdout)
+    # The probe saw the tree (an empty walk would pass the check below vacuously)
+    assert "producer/main.py" in graph and "worker/celery.py" in graph
+    assert "humanconnect" in graph["producer/main.py"]
     wrong = {
-        str(path.relative_to(ROOT)): sorted(_imported_packages(path) - allowed[package])
-        for package in allowed
-        for path in (ROOT / package).rglob("*.py")
-        if _imported_packages(path) - allowed[package]
+        path: sorted(set(imported) - allowed[path.split("/")[0]])
+        for path, imported in graph.items()
+        if set(imported) - allowed[path.split("/")[0]]
     }
     assert wrong == {}
 
