@@ -236,7 +236,8 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{r['p99_ms']:.1f}",
             f"{r['max_ms']:.1f}",
         )
-    console.print(wait)
+    if results.get("wait_mode"):  # not a table of nothing when --only left it out
+        console.print(wait)
     ol = Table(title="open loop: 300 finishes/s for 20 s, upstream 200 ms, 10 % 503, 5 % 429")
     for col in ("endpoint", "answers", "p50 ms", "p99 ms", "max ms", "users stored"):
         ol.add_column(col, justify="right")
@@ -249,7 +250,8 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{r['max_ms']:.1f}",
             f"{r['stored_share']:.1%}",
         )
-    console.print(ol)
+    if results.get("open_loop"):
+        console.print(ol)
     sat = results.get("saturation")
     if sat:
         console.print(
@@ -294,7 +296,8 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{r['share_of_limit']:.0%}" if r["max_rps"] < 2 * r["users_per_s"] else "n/a",
             f"{r['worker_peak_rss_mb']:.0f}",
         )
-    console.print(rep)
+    if results.get("repair"):
+        console.print(rep)
     knee = results.get("knee")
     if knee:
         kt = Table(

@@ -1,6 +1,7 @@
-"""MkDocs hook: renders the newest `make bench` record (bench/results/*.json) into the
-benchmark page at build time, where the page says `<!-- bench:latest -->`, so the figures on
-the site are always the last run's and nobody copies them by hand."""
+"""MkDocs hook: renders the `make bench` records (bench/results/*.json) into the benchmark
+page at build time, where the page says `<!-- bench:latest -->`: each scenario's figures from
+the newest run that measured it, so a run of one scenario (`--only replicas`) does not hide
+the others' figures, and nobody copies them by hand."""
 
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ def _load(machine: dict[str, Any]) -> str:
     return f"; load average {' and '.join(parts)}" if parts else ""
 
 
-def render(record: dict[str, Any], name: str) -> str:
-    """The record as Markdown: when and how it was made, on what, then one row per figure."""
+def render(record: dict[str, Any], name: str, skip: frozenset[str] = frozenset()) -> str:
+    """The record as Markdown: when and how it was made, on what, then one row per figure
+    (but those of the scenarios in `skip`)."""
     machine = record.get("machine", {})
     lines = [
-        f"Newest run: `{name}`, started {record.get('started', '?')}, "
+        f"Run `{name}`, started {record.get('started', '?')}, "
         f"{record.get('wall_s', '?')} s wall, on {machine.get('cores', '?')} cores "
         f"(Python {machine.get('python', '?')}, {machine.get('platform', '?')})"
         + _load(machine)
@@ -56,6 +58,8 @@ def render(record: dict[str, Any], name: str) -> str:
         "|---|---|---|",
     ]
     for row in record.get("figures", []):
+        if row["scenario"] in skip:
+            continue
         figure = str(row["figure"]).replace("|", "\\|")
         value = _value(row["value"], row.get("unit", "")).replace("|", "\\|")
         lines.append(f"| `{row['scenario']}` | {figure} | {value} |")
@@ -63,16 +67,25 @@ def render(record: dict[str, Any], name: str) -> str:
 
 
 def latest_table(results_dir: Path) -> str:
-    """The newest record rendered, or a note that no run is recorded yet."""
-    records = sorted(results_dir.glob("*.json"))
+    """Each scenario's newest figures, a run at a time, newest first; or a note that no run is
+    recorded yet."""
+    records = sorted(results_dir.glob("*.json"), reverse=True)
     if not records:
         return (
             '!!! note "No result recorded yet"\n'
             "    No run is recorded in `bench/results/` yet. Run `make bench` (or one scenario, "
             "`make bench BENCH_ARGS='--only saturation'`) and commit the JSON it writes."
         )
-    newest = records[-1]
-    return render(json.loads(newest.read_text()), newest.name)
+    shown: set[str] = set()
+    parts = []
+    for path in records:
+        record = json.loads(path.read_text())
+        scenarios = {row["scenario"] for row in record.get("figures", [])}
+        if scenarios <= shown:
+            continue  # every figure it has, a newer run measured again
+        parts.append(render(record, path.name, frozenset(shown)))
+        shown |= scenarios
+    return "\n\n".join(parts)
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
