@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
@@ -24,6 +26,35 @@ from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 # A call that lands after this is harmless: the client sends again and gets the request
 # it created as a duplicate (202, same requestId).
 ACCEPT_DEADLINE_S = 1.0
+
+T = TypeVar("T")
+# Calls given up on and still cancelling: held so the loop does not collect them mid-way.
+_abandoned: set[asyncio.Task[object]] = set()
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`awaitable`'s result, or TimeoutError after `seconds` without waiting for the call to
+    finish cancelling: `asyncio.wait_for` does wait, and a redis-py call cancelled mid-read
+    against a frozen primary may take its own time to tear down its connection, which measured
+    pushed a 503 past 2 s in the frozen-primary chaos."""
+    task: asyncio.Task[T] = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:  # the request itself was cancelled: take the call with it
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_settled)
+    raise TimeoutError(f"no answer within {seconds} s")
+
+
+def _settled(task: asyncio.Task[object]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure of a call given up on is not news
 
 
 @dataclass(frozen=True)
@@ -67,8 +98,10 @@ class Acceptor:
         )
         message = self.messages.exchange(request)
         waiting_message = self.messages.exchange(request, WAITING_QUEUE) if waiting else None
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + ACCEPT_DEADLINE_S + self.claims.replica_wait_s
         try:
-            claim = await asyncio.wait_for(
+            claim = await within(
                 self.claims.accept(
                     session_hash(body.sessionToken),
                     request,
@@ -77,14 +110,15 @@ class Acceptor:
                     client=client,
                     user=expected_client_user_id,
                 ),
-                ACCEPT_DEADLINE_S + self.claims.replica_wait_s,
+                deadline - clock(),
             )
             logs.request_id.set(claim.request_id)
             if claim.mine:
                 return Accepted(claim.request_id, RequestState.QUEUED, duplicate=False)
             if claim.human_id != body.humanId:
                 raise SessionConflict("sessionToken already used with another humanId")
-            current = await self.claims.state(claim.request_id) or {}
+            # Under the same deadline: a duplicate owes its answer as soon as a new finish.
+            current = await within(self.claims.state(claim.request_id), deadline - clock()) or {}
         except redis.exceptions.ResponseError as exc:
             if not _out_of_memory(exc):
                 raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
