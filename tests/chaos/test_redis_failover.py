@@ -144,16 +144,21 @@ def test_lost_replicas_turn_finishes_away_as_not_replicated_and_lose_nothing(
     assert {s.status for s in ha_chaos.send(still)} == {202}
 
     group.kill(second)
+    before = taken(ha_chaos)
     alone = bodies(50)
     refused = ha_chaos.send(alone)
     assert {(s.status, s.retry_after) for s in refused} == {(503, "1")}
     probe = httpx.post(ha_chaos.url + "/connect/finish", json=alone[0], timeout=HANG_GUARD)
     assert probe.status_code == 503 and probe.json()["reason"] == "not_replicated"
+    # Queued all the same: the primary holds a request for each (the probe was a duplicate)
+    assert taken(ha_chaos) == before + len(alone)
 
     group.restart(first)
     group.restart(second)
     wait_for(lambda: len(group.replicas_now()) == 2, 60, what="both replicas back")
     ha_chaos.send_until_accepted(alone)
+    # Each resend was answered as its duplicate: no second request for any of them
+    assert taken(ha_chaos) == before + len(alone)
     everyone = [*still, *alone]
     ha_chaos.wait_ended({b["humanId"] for b in everyone}, 120)
     tally = ha_chaos.verify("redis-replicas-lost", len(everyone), everyone, may_lose_answers=False)
