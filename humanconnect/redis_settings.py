@@ -81,7 +81,7 @@ class RedisSettings(BaseSettings):
     @property
     def replica_wait_s(self) -> float:
         """The longest a finish's accept waits for replicas (0 when it waits for none)."""
-        return self.redis_replica_timeout_ms / 1000 if self.redis_min_replicas else 0.0
+        return wait_seconds(self.replica_wait)
 
     @property
     def replica_wait(self) -> tuple[int, int]:
@@ -93,3 +93,9 @@ class RedisSettings(BaseSettings):
         """True when REDIS_URL or REDIS_SENTINELS says where Redis is (`up` starts its own
         otherwise; every other process needs one)."""
         return bool(self.redis_url or self.redis_sentinels)
+
+
+def wait_seconds(replica_wait: tuple[int, int]) -> float:
+    """The longest a WAIT of `(replicas, ms)` holds the connection (0 when it waits for none)."""
+    replicas, timeout_ms = replica_wait
+    return timeout_ms / 1000 if replicas else 0.0

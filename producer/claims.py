@@ -29,6 +29,7 @@ from humanconnect.redis_keys import (
     request_status,
     session_claim,
 )
+from humanconnect.redis_settings import wait_seconds
 from humanconnect.request import ExchangeRequest
 from producer.errors import BacklogFullError, NotReplicatedError, OverLimitError, RedisFullError
 from producer.lanes import WaitingLane
@@ -155,8 +156,7 @@ class Claims:
         per_ip: Rate | None = None,
         per_user: Rate | None = None,
         memory: MemoryWatch | None = None,
-        replicas: int = 0,
-        replica_timeout_ms: int = 500,
+        replica_wait: tuple[int, int] = (0, 0),
     ):
         self.r = r
         self.ttl = status_ttl_s
@@ -165,9 +165,9 @@ class Claims:
         self.max_backlog = max_backlog
         self.limits = (per_ip, per_user)
         self.memory = memory
-        #: Replicas that must hold an accept before it is answered (Redis WAIT); 0: none.
-        self.replicas = replicas
-        self.replica_timeout_ms = replica_timeout_ms
+        #: Replicas that must hold an accept before it is answered, and how long to wait for
+        #: them (Redis WAIT's arguments); (0, _): none.
+        self.replicas, self.replica_timeout_ms = replica_wait
         # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
         self._accept = r.register_script(_ACCEPT)
         #: When the last accept began (time.monotonic()): the connection keeper waits for a
@@ -246,7 +246,7 @@ class Claims:
     @property
     def replica_wait_s(self) -> float:
         """The longest an accept waits for its replicas (0 when it waits for none)."""
-        return self.replica_timeout_ms / 1000 if self.replicas else 0.0
+        return wait_seconds((self.replicas, self.replica_timeout_ms))
 
     async def _run(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         """The accept script's reply, and whether enough replicas hold what it wrote."""

@@ -45,8 +45,7 @@ class Parts:
             per_ip=settings.finish_limit_per_ip,
             per_user=settings.finish_limit_per_user,
             memory=memory,
-            replicas=settings.redis_min_replicas,
-            replica_timeout_ms=settings.redis_replica_timeout_ms,
+            replica_wait=settings.replica_wait,
         )
         waiters = Waiters(aredis)
         await waiters.start()

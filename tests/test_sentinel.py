@@ -120,7 +120,7 @@ def test_a_duplicate_is_answered_only_once_the_replicas_hold_its_claim(
         app = sender(Settings.model_validate({"REDIS_URL": primary}), "test-replicas")
         accept, answer = (
             Acceptor(
-                Claims(r, 60, WaitingLane.for_rate(20), replicas=2, replica_timeout_ms=200),
+                Claims(r, 60, WaitingLane.for_rate(20), replica_wait=(2, 200)),
                 MessageBuilder(app),
                 Cipher([FERNET_KEY]),
             )
