@@ -82,6 +82,9 @@ def record_many(
 
 #: (replicas, timeout in ms) a relay waits for before it counts events sent; (0, 0): none.
 NO_WAIT = (0, 0)
+#: Seconds since a replica's last acknowledgement past which it no longer counts as keeping
+#: up: replicas acknowledge every second, so a healthy one shows 0 or 1.
+REPLICA_LAG_S = 2
 
 
 def _send(
@@ -186,7 +189,12 @@ def relay_pending(
     grace_s: float = SWEEP_GRACE_S,
     wait: tuple[int, int] = NO_WAIT,
 ) -> int:
-    """Relay up to `limit` unsent events older than `grace_s`, oldest first."""
+    """Relay up to `limit` unsent events older than `grace_s`, oldest first; none while
+    fewer replicas keep up than `wait` asks for (each round would add its whole batch to the
+    stream again, only for the WAIT to fail)."""
+    if wait[0] and replicas_keeping_up(r) < wait[0]:
+        log.warning("outbox sweep skipped: fewer than %d replicas keep up", wait[0])
+        return 0
     cutoff = now().timestamp() - grace_s
     query = (
         select(OutboxEvent)
@@ -199,6 +207,20 @@ def relay_pending(
         query = query.with_for_update(skip_locked=True)
     events = [e for e in db.scalars(query).all() if timestamp(e.created_at) <= cutoff]
     return _send(db, r, stream, events, wait)
+
+
+def replicas_keeping_up(r: redis.Redis) -> int:
+    """The primary's replicas that are online and acknowledged within REPLICA_LAG_S: a
+    frozen or cut-off one stays connected for a while, but its acknowledgements stop."""
+    info = r.info("replication")
+    return sum(
+        1
+        for name, replica in info.items()
+        if name.startswith("slave")
+        and isinstance(replica, dict)
+        and replica.get("state") == "online"
+        and int(replica.get("lag", REPLICA_LAG_S + 1)) <= REPLICA_LAG_S
+    )
 
 
 def backlog(db: Session) -> int:

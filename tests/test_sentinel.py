@@ -155,8 +155,9 @@ def test_an_event_counts_as_relayed_only_once_the_replicas_hold_it(
     redis_group: RedisGroup, make_settings: Callable[..., Settings], sqlite_url: str
 ) -> None:
     """With a replica required, an event whose stream entry no replica confirms stays
-    unsent in the outbox (a failover then could take the entry away): the next sweep sends
-    it again, with its eventId, and only then is it marked sent."""
+    unsent in the outbox (a failover then could take the entry away); sweeps add nothing
+    while no replica keeps up; the first sweep after they do sends it again, with its
+    eventId, and only then is it marked sent."""
     rt = Runtime(
         make_settings(
             REDIS_URL="",
@@ -181,10 +182,28 @@ def test_an_event_counts_as_relayed_only_once_the_replicas_hold_it(
                 == 0
             )
             assert events.backlog(db) == 1
+            assert rt.redis.xlen(stream) == 1  # added, but unconfirmed
+            # Once the frozen replicas' acknowledgements are seen to stop, the sweep adds
+            # nothing more to the stream until they keep up again
+            wait_for(
+                lambda: events.replicas_keeping_up(rt.redis) == 0,
+                HANG_GUARD,
+                what="the replicas' acks to stop",
+            )
+            for _ in range(3):
+                assert (
+                    events.relay_pending(
+                        db, rt.redis, stream, grace_s=0, wait=rt.settings.replica_wait
+                    )
+                    == 0
+                )
+            assert rt.redis.xlen(stream) == 1
+            assert events.backlog(db) == 1
     finally:
         for replica in replicas:
             redis_group.thaw(replica)
     wait_for(lambda: len(redis_group.replicas_now()) == 2, HANG_GUARD * 3, what="replicas")
+    wait_for(lambda: events.replicas_keeping_up(rt.redis) == 2, HANG_GUARD, what="acks")
     with rt.db() as db:
         assert (
             events.relay_pending(db, rt.redis, stream, grace_s=0, wait=rt.settings.replica_wait)
