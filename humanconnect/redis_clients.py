@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
 from redis.backoff import NoBackoff
+from redis.connection import DefaultParser
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -37,6 +38,20 @@ ASYNC_POOL_SIZE = 200
 LOCAL_URL = "redis://127.0.0.1:6379/0"
 # Sentinels answer from memory; one that takes longer is away, and the next is asked.
 SENTINEL_TIMEOUT_S = 0.5
+
+
+class WritesRefused(redis.exceptions.ResponseError, redis.exceptions.ConnectionError):
+    """`NOREPLICAS`: the primary has fewer replicas than its `min-replicas-to-write` (the
+    Sentinel deployment sets 1) and refuses every write. To a process that is Redis away, to
+    be waited out like an outage: as a plain ResponseError it ended Celery workers
+    ("Unrecoverable error") and counted against a task's few tries for the unforeseen. Still
+    a ResponseError, so redis-py raises it as a reply (and a pipeline reports it as one)."""
+
+
+class Parser(DefaultParser):  # type: ignore[misc,valid-type]
+    """redis-py's reply parser, with `NOREPLICAS` raised as WritesRefused."""
+
+    EXCEPTION_CLASSES = {**DefaultParser.EXCEPTION_CLASSES, "NOREPLICAS": WritesRefused}
 
 
 class _AsyncBlockingSentinelPool(AsyncSentinelPool, AsyncBlockingConnectionPool):
@@ -88,7 +103,9 @@ def _master(settings: Settings) -> str:
 
 def client(settings: Settings, *, decode: bool = False) -> redis.Redis:
     """A Redis client that fails fast instead of hanging when the server is away."""
-    options = _common(settings, retry=Retry(NoBackoff(), RETRIES), decode_responses=decode)
+    options = _common(
+        settings, retry=Retry(NoBackoff(), RETRIES), decode_responses=decode, parser_class=Parser
+    )
     if not settings.redis_sentinels:
         return redis.Redis.from_url(_url(settings), **options)
     sentinel = Sentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))

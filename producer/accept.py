@@ -17,7 +17,12 @@ from humanconnect.states import RequestState
 from humanconnect.status_records import new_request_id
 from producer.body import FinishBody
 from producer.claims import Claims
-from producer.errors import QueueUnavailableError, RedisFullError, SessionConflict
+from producer.errors import (
+    NotReplicatedError,
+    QueueUnavailableError,
+    RedisFullError,
+    SessionConflict,
+)
 from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 
 # Longest wait for Redis to answer the accept call. With Redis gone, calls queue behind
@@ -120,6 +125,10 @@ class Acceptor:
             # Under the same deadline: a duplicate owes its answer as soon as a new finish.
             current = await within(self.claims.state(claim.request_id), deadline - clock()) or {}
         except redis.exceptions.ResponseError as exc:
+            if str(exc).startswith("NOREPLICAS"):
+                # A primary short of the replicas its `min-replicas-to-write` asks for refused
+                # the script's first write (checked before any write, like the OOM below).
+                raise NotReplicatedError("the primary has too few replicas to write") from None
             if not _out_of_memory(exc):
                 raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
             # Redis at its maxmemory (noeviction) refused the script's first write (Redis 7

@@ -1,12 +1,18 @@
-"""The worker's Redis transport survives the close that follows a lost broker."""
+"""The worker's Redis transport survives the close that follows a lost broker, and a primary
+refusing writes for want of replicas."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import redis
 from kombu import Connection
 from kombu.common import ignore_errors
 
+from humanconnect import redis_clients
+from humanconnect.settings import Settings
+from tests.support.servers import RedisServer
 from worker.broker import TRANSPORT, Channel
 
 
@@ -100,3 +106,27 @@ def test_a_message_costs_no_new_redis_client(redis_url: str, redis_client: redis
         redis.Redis.__init__ = original  # type: ignore[method-assign]
         queue.close()
         conn.release()
+
+
+def test_a_primary_refusing_writes_is_a_connection_error_to_kombu_and_our_clients(
+    own_redis: RedisServer, make_settings: Callable[..., Settings]
+) -> None:
+    """`min-replicas-to-write` with no replica: Redis answers every write `NOREPLICAS`.
+    Kombu (the worker's broker channel) and our own clients see a connection error, which
+    they wait out, not a reply error (which ended the worker)."""
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.config_set("min-replicas-to-write", 1)
+    conn = Connection(own_redis.url, transport=TRANSPORT)
+    ours = redis_clients.client(make_settings(REDIS_URL=own_redis.url))
+    try:
+        with pytest.raises(redis.exceptions.ResponseError, match="NOREPLICAS"):
+            admin.set("k", "v")  # a stock client: a reply error
+        with pytest.raises(tuple(conn.connection_errors)):
+            conn.SimpleQueue("test-broker").put({"n": 1})  # declaring it writes already
+        with pytest.raises(redis.exceptions.ConnectionError):
+            ours.set("k", "v")
+        assert ours.get("k") is None  # reads go on
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        conn.release()
+        ours.close()

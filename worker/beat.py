@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 #: How long a pass that could not reach Redis waits before the next.
 RETRY_S = 1.0
 REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
+#: Replies of a Redis that is there but takes no writes for now: a primary short of the
+#: replicas its `min-replicas-to-write` asks for (the Sentinel deployment sets 1), a
+#: demoted primary, a replica cut off from its primary. Waited out like an outage.
+UNWRITABLE = ("NOREPLICAS", "READONLY", "MASTERDOWN")
+
+
+def redis_away(exc: redis.RedisError) -> bool:
+    """Whether `exc` says Redis can't be written now, rather than that the call was wrong."""
+    return isinstance(exc, REDIS_AWAY) or str(exc).startswith(UNWRITABLE)
 
 
 class Scheduler(RedBeatScheduler):
@@ -54,7 +63,9 @@ class Scheduler(RedBeatScheduler):
             log.warning("beat: lost the lock (another beat may send now); waiting to take it")
             self.lock = None
             return 0.0
-        except REDIS_AWAY as exc:
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
             log.warning("beat: Redis unreachable (%s); trying again in %.0f s", exc, RETRY_S)
             return RETRY_S
 
@@ -75,7 +86,9 @@ class Scheduler(RedBeatScheduler):
     def close(self) -> None:
         try:
             super().close()
-        except REDIS_AWAY as exc:
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
             # The lock then expires by itself, within redbeat_lock_timeout.
             log.warning("beat: could not release the lock, Redis unreachable (%s)", exc)
             self.lock = None

@@ -1,5 +1,5 @@
-"""Kombu's Redis transport with two changes: a worker survives losing Redis under load, and
-a message costs no new Redis client.
+"""Kombu's Redis transport with three changes: a worker survives losing Redis under load,
+and a primary refusing writes for want of replicas; and a message costs no new Redis client.
 
 On a broker loss Celery's consumer first collects the connection (which detaches the
 transport from it) and then closes it. If the first close of the channel was cut short (it
@@ -27,6 +27,8 @@ import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
+from humanconnect import redis_clients
+
 #: This class, by Kombu's name for it.
 TRANSPORT = "worker.broker:Transport"
 SENTINEL_TRANSPORT = "worker.broker:SentinelTransport"
@@ -48,6 +50,9 @@ class Channel(kombu_redis.Channel):
         if self.connection.client is None:
             raise redis.exceptions.ConnectionError("broker connection already collected")
         params: dict[str, Any] = super()._connparams(asynchronous)
+        # A primary refusing writes for want of replicas is a connection error to Kombu (it
+        # reconnects until the replicas are back), not a reply that ends the worker.
+        params["parser_class"] = redis_clients.Parser
         return params
 
 
