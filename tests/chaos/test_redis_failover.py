@@ -17,6 +17,8 @@ from humanconnect.queue import EXCHANGE_TASK
 from humanconnect.redis_keys import PENDING, QUEUE, UNACKED, request_status
 from tests.support.chaos import Chaos, Sent, Tally, bodies
 from tests.support.env import HANG_GUARD, wait_for
+from tests.support.hooks import chaos_hooked, wait_all_delivered
+from tests.support.receiver import Receiver
 
 # Each scenario is a whole deployment on six Redis processes and a burst: the full suite only.
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
@@ -59,11 +61,14 @@ def replaced(
     return run
 
 
-def burst_through(chaos: Chaos, break_it: Callable[[], float], scenario: str) -> Tally:
+def burst_through(
+    chaos: Chaos, break_it: Callable[[], float], scenario: str, receiver: Receiver
+) -> Tally:
     """1,000 finishes at 100/s, `break_it()` once the web has taken a few hundred; then the
-    refused ones sent again, a second burst on the same processes, and the verdict."""
+    refused ones sent again, a second burst on the same processes, and the verdict: every
+    session stored once, and every event on the stream delivered to the webhook receiver."""
     chaos.standin.state.faults.latency_ms = 50
-    chaos.start(HUMANCONNECT_REDIS_MIN_REPLICAS="1")
+    chaos_hooked(chaos, receiver, HUMANCONNECT_REDIS_MIN_REPLICAS="1")
     before = pids(chaos)
     sent = bodies()
     sending = chaos.send_in_background(sent, rate=100)
@@ -92,7 +97,10 @@ def burst_through(chaos: Chaos, break_it: Callable[[], float], scenario: str) ->
     wait_for(lambda: chaos.beat_runs("relay-events") > runs, 60, what="beat to send again")
     assert pids(chaos) == before and all(p.alive() for p in chaos.processes)
     tally = chaos.verify(scenario, len(everyone), everyone, may_lose_answers=False)
+    delivered = wait_all_delivered(chaos, receiver, 180)
+    assert len(delivered) >= len(everyone)  # a completion event each, at least
     tally.extra.update(
+        webhooks_delivered=len(delivered),
         accepted_first_time=sum(1 for s in results if s.status == 202),
         refused_503=len(refused),
         longest_without_an_accept_s=round(gap, 2),
@@ -103,20 +111,24 @@ def burst_through(chaos: Chaos, break_it: Callable[[], float], scenario: str) ->
     return tally
 
 
-def test_primary_killed_mid_burst_loses_and_doubles_nothing(ha_chaos: Chaos) -> None:
+def test_primary_killed_mid_burst_loses_and_doubles_nothing(
+    ha_chaos: Chaos, receiver: Receiver
+) -> None:
     """SIGKILL (its machine lost): a replica is promoted, the web's scripts are loaded on it
     again, workers consume from it, one beat sends; the old primary rejoins as a replica."""
     group = ha_chaos.group
     assert group is not None
     old = group.primary()
 
-    burst_through(ha_chaos, replaced(group, group.kill), "redis-failover-sigkill")
+    burst_through(ha_chaos, replaced(group, group.kill), "redis-failover-sigkill", receiver)
     group.restart(old)
     wait_for(lambda: old.role() == "slave", 60, what="the old primary to rejoin as a replica")
     assert old.ask("INFO", "replication")  # answers, as a replica of the new primary
 
 
-def test_primary_frozen_then_resumed_comes_back_a_replica(ha_chaos: Chaos) -> None:
+def test_primary_frozen_then_resumed_comes_back_a_replica(
+    ha_chaos: Chaos, receiver: Receiver
+) -> None:
     """SIGSTOP (a hung machine): the workers' blocked pops on it hang, not fail; after the
     promotion it is resumed, demoted, and what it answered is neither lost nor doubled."""
     group = ha_chaos.group
@@ -124,7 +136,10 @@ def test_primary_frozen_then_resumed_comes_back_a_replica(ha_chaos: Chaos) -> No
     old = group.primary()
 
     burst_through(
-        ha_chaos, replaced(group, group.freeze, then=group.thaw), "redis-failover-sigstop"
+        ha_chaos,
+        replaced(group, group.freeze, then=group.thaw),
+        "redis-failover-sigstop",
+        receiver,
     )
     wait_for(lambda: old.role() == "slave", 60, what="the resumed primary to be demoted")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
-from typing import Any
 
 import httpx
 import pytest
@@ -17,41 +16,11 @@ from humanconnect.webhooks.signing import new_secret
 from tests.support.chaos import Chaos, bodies
 from tests.support.env import CLIENT_SECRET, wait_for
 from tests.support.figures import record
+from tests.support.hooks import CHAOS_SECRET, chaos_hooked, event_ids, wait_all_delivered
 from tests.support.receiver import Receiver
-from tests.support.scan import assert_no_secrets, stream_entries
+from tests.support.scan import assert_no_secrets
 
 pytestmark = pytest.mark.slow
-
-SECRET = new_secret()
-# Seconds instead of minutes, as HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE lets operators do: ten attempts
-# over about a minute, so a receiver down for 15 s is outlasted.
-WEBHOOK_ENV = {
-    "HUMANCONNECT_WEBHOOK_SECRET": SECRET,
-    "HUMANCONNECT_WEBHOOK_TIMEOUT_S": "1",
-    "HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE": "0,1,2,4,8,8,8,8,8,8",
-    "HUMANCONNECT_WEBHOOK_CONCURRENCY": "4",
-}
-
-
-def start(chaos: Chaos, receiver: Receiver) -> Chaos:
-    env: dict[str, Any] = {"HUMANCONNECT_WEBHOOK_URLS": receiver.url, **WEBHOOK_ENV}
-    return chaos.start(**env)
-
-
-def event_ids(chaos: Chaos) -> dict[str, dict[str, str]]:
-    """The stream's events by eventId."""
-    return {e["eventId"]: e for e in stream_entries(chaos.r)}
-
-
-def wait_all_delivered(chaos: Chaos, receiver: Receiver, timeout: float) -> dict[str, dict]:
-    """Until every event on the stream has been answered 2xx by the receiver."""
-    wait_for(
-        lambda: event_ids(chaos).keys() <= receiver.delivered_ids(),
-        timeout,
-        interval=1,
-        what="every event to reach the receiver",
-    )
-    return event_ids(chaos)
 
 
 def verify_deliveries(
@@ -62,7 +31,7 @@ def verify_deliveries(
     assert receiver.delivered_ids() == stream.keys()
     other = Webhook(new_secret())
     for got in receiver.received:
-        payload = Webhook(SECRET).verify(got.body, got.headers)
+        payload = Webhook(CHAOS_SECRET).verify(got.body, got.headers)
         event = stream[got.headers["webhook-id"]]
         assert payload == {
             "type": event["type"],
@@ -73,7 +42,7 @@ def verify_deliveries(
             other.verify(got.body, got.headers)
     # A body carries what its event carries: no token, session token or secret.
     issued = chaos.standin.state.by_human.values()
-    needles = [SECRET, CLIENT_SECRET, *(i.access_token for i in issued)]
+    needles = [CHAOS_SECRET, CLIENT_SECRET, *(i.access_token for i in issued)]
     needles += [i.public_token for i in issued if i.public_token]
     needles += [b["sessionToken"] for b in sent]
     assert_no_secrets(
@@ -96,7 +65,7 @@ def test_every_event_reaches_a_flaky_receiver_that_goes_down(
     """500 sessions; the receiver answers 500 to a fifth of deliveries and is down for 15 s
     in the middle: every event arrives, signed, its body exactly the event."""
     receiver.fail_share = 0.2
-    start(chaos, receiver)
+    chaos_hooked(chaos, receiver)
     sent = bodies(500)
     sending = chaos.send_in_background(sent, rate=50)
     wait_for(lambda: len(receiver.received) >= 50, 60, what="deliveries under way")
@@ -145,7 +114,7 @@ def test_a_worker_and_redis_killed_mid_delivery_drop_nothing(
     # when the exchanges are slow on a busy machine: at 0.1 s the deliveries once kept up
     # with them and were all done before the kill. Quicker once Redis is back.
     receiver.delay_s = 0.5
-    start(chaos, receiver)
+    chaos_hooked(chaos, receiver)
     first = bodies(200)
     chaos.send(first)
     chaos.wait_ended({b["humanId"] for b in first}, 60)
