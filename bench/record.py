@@ -136,6 +136,8 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
         _row(rows, "abuse", f"{run}: real users' p99 to stored", r.get("real_p99_ms"), "ms")
         _row(rows, "abuse", f"{run}: vs no junk", r.get("p99_vs_no_junk"), "×")
         _row(rows, "abuse", f"{run}: junk answers", r.get("junk_codes") or None, "")
+        if "junk_codes" not in r:  # the crowd: what its own finishes were answered
+            _row(rows, "abuse", f"{run}: answers", r.get("real_codes"), "")
     for variant, r in results.get("step", {}).items():
         per_second = ", ".join(f"{v:.0f}" for v in r.get("p99_ms_per_second", []))
         _row(rows, "step", f"{variant}: p99 of each second", per_second or None, "ms")

@@ -190,8 +190,9 @@ class Claims:
         user: str | None = None,
     ) -> Claim:
         """Claim the session and queue `message` for `request` (or `waiting_message` on the
-        waiting queue, while its lane has room), or return the claim that exists. `client`
-        (its address) and `user` (a ticket's) are counted against their limits.
+        waiting queue, while its lane has room), or return the claim that exists. `user` (a
+        valid ticket's) is counted against the per-user limit; without one, `client` (its
+        address) against the per-address limit.
 
         Raises OverLimitError or BacklogFullError when it refused the finish, and
         NotReplicatedError when too few replicas hold what it found or wrote."""
@@ -221,7 +222,10 @@ class Claims:
                 self.lane.interval_us,
                 self.lane.tolerance_us,
                 self.max_backlog,
-                *_limit_args(self.limits[0]),
+                # A ticketed finish counts against its user alone: the app's server vouched
+                # for that user, and a crowd behind one address (an office NAT, a carrier's
+                # CGNAT), each with their own ticket, must not share one address's limit.
+                *_limit_args(self.limits[0] if not user else None),
                 *_limit_args(self.limits[1] if user else None),
                 "1" if self.memory and self.memory.full else "0",
                 "1" if self.replicas else "0",

@@ -138,8 +138,9 @@ FINISH_RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
     409: schemas.error("The sessionToken was already used with another humanId"),
     429: schemas.error(
-        "Over a finish limit: this client address's (HUMANCONNECT_FINISH_LIMIT_PER_IP) or "
-        "this ticket user's (HUMANCONNECT_FINISH_LIMIT_PER_USER); a duplicate is never refused",
+        "Over a finish limit: this ticket user's (HUMANCONNECT_FINISH_LIMIT_PER_USER) or, "
+        "for a finish without a valid ticket, this client address's "
+        "(HUMANCONNECT_FINISH_LIMIT_PER_IP); a duplicate is never refused",
         {"Retry-After": header("Seconds until a finish from this source is taken", required=True)},
     ),
     413: schemas.error(f"The body is over {MAX_BODY_BYTES} bytes"),

@@ -138,6 +138,29 @@ def test_the_user_limit_counts_each_tickets_user_apart(
     assert len(keys) == 2 and not any("example.com" in k for k in keys)
 
 
+def test_a_ticketed_finish_counts_against_its_user_not_its_address(
+    make_client: Callable[..., TestClient], redis_client: redis.Redis
+) -> None:
+    """Many users behind one address (a NAT), each with a ticket: the address limit does not
+    hold them; each user's own limit still does."""
+    client = make_client(
+        HUMANCONNECT_TICKET_KEY=TICKET_KEY,
+        HUMANCONNECT_FINISH_LIMIT_PER_IP="3/minute",
+        HUMANCONNECT_FINISH_LIMIT_PER_USER="2/minute",
+    )
+
+    def as_user(user: str) -> int:
+        headers = {"Authorization": f"Bearer {mint(TICKET_KEY, user)}"}
+        return _post(client, factories.finish_body(), headers=headers).status_code
+
+    # Ten users from one address, three times its limit: all taken
+    assert [as_user(f"user{i}@example.com") for i in range(10)] == [202] * 10
+    # One of them over their own limit: refused, as a user
+    assert [as_user("user0@example.com") for _ in range(2)] == [202, 429]
+    assert _written(redis_client)[0] == 11
+    assert not list(redis_client.scan_iter("hc:limit:ip:*"))  # the address was never counted
+
+
 @pytest.mark.parametrize(
     ("peer", "counted"),
     [
