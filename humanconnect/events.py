@@ -26,7 +26,7 @@ from humanconnect.webhooks import deliveries
 
 log = logging.getLogger(__name__)
 
-TYPES = ("connect.completed", "connect.failed", "publictoken.repaired")
+TYPES = ("connect.completed", "connect.failed", "publictoken.repaired", "user.erased")
 # Never in an event, whatever a caller passes.
 FORBIDDEN = frozenset({"accessToken", "publicToken", "sessionToken", "clientSecret"})
 # The stream keeps about this many entries (approximate trimming, cheap for Redis).

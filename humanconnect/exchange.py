@@ -22,7 +22,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from humanconnect import events, metrics, redis_keys, status_records
+from humanconnect import erasure, events, metrics, redis_keys, status_records
 from humanconnect.clock import now_us, to_us
 from humanconnect.crypto import session_hash
 from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
@@ -102,6 +102,12 @@ class Exchanger:
             return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
         try:
             return self._run_locked(_Attempt(job, key, lock), retries)
+        except (erasure.ErasedMeanwhile, sessions.MissingSession):
+            # Its record gone from under it is what an erasure of its user does.
+            if not erasure.erased_since(self.rt, job):
+                raise
+            erasure.end_finish(self.rt, job.request_id, key)
+            return Outcome(RequestState.FAILED, error=erasure.ERASED_ERROR)
         finally:
             lock.release_quietly(job.request_id)  # else released with the success's round trip
 
@@ -119,6 +125,8 @@ class Exchanger:
                 sealed_session_token=self.rt.cipher.seal(job.session_token),
                 expected_client_user_id=job.expected_client_user_id,
             )
+            if erasure.marked(db, (job.human_id, job.expected_client_user_id), job.received_us):
+                raise erasure.ErasedMeanwhile(job.request_id)  # the row created is rolled back
             finished = RequestState(row.state).final
             # A run that died while `running` may have reached the upstream unanswered.
             ambiguous_before = not first and (
@@ -230,10 +238,17 @@ class Exchanger:
         ):
             at.lock.renew_if_reachable()
             with attempt, self.rt.db() as db:
+                erasure.serialize(db, tokens.client_user_id)
                 # Only a session not yet succeeded: if a connection broke while an earlier
                 # attempt's COMMIT was in flight, that commit may have landed, and its
                 # event must stay the only one.
-                if not sessions.mark_succeeded(db, at.key, tokens.client_user_id):
+                landed = not sessions.mark_succeeded(db, at.key, tokens.client_user_id)
+                # Read after that first write: on SQLite it holds the write lock by now, so
+                # an erasure is wholly before this or wholly after.
+                ids = (tokens.client_user_id, tokens.human_id, job.human_id)
+                if erasure.marked(db, (*ids, job.expected_client_user_id), job.received_us):
+                    raise erasure.ErasedMeanwhile(job.request_id)
+                if landed:
                     db.rollback()
                     log.info(
                         "store had landed before its connection broke request=%s", job.request_id
@@ -290,6 +305,9 @@ class Exchanger:
     def fail_internal(self, job: Job, reason: str) -> None:
         """Record a failure that is ours, not the upstream's (retries of a bug ran out)."""
         key = session_hash(job.session_token)
+        if erasure.erased_since(self.rt, job):
+            erasure.end_finish(self.rt, job.request_id, key)
+            return
         with self.rt.db() as db:
             row = db.get(SessionRecord, key)
             if row is not None and RequestState(row.state).final:

@@ -36,3 +36,5 @@ class ErrorKind(StrEnum):
     INTERNAL = "internal"
     #: The upstream's answer named another user than the connect ticket vouched for.
     CLIENT_USER_MISMATCH = "client_user_mismatch"
+    #: The user was erased while the finish was queued or running: nothing was stored.
+    ERASED = "erased"

@@ -1,4 +1,5 @@
-"""Reading a user's tokens back: for the web's `GET /users/...` and for apps embedding the store."""
+"""Reading a user's tokens back: for the web's `GET /users/...` and for apps embedding the store;
+and what a clientUserId may be."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def read_user(rt: Runtime, client_user_id: str) -> StoredUser | None:
     """The same, on an existing runtime."""
     with rt.db() as db:
         return tokens.get_user(db, rt.cipher, client_user_id)
+
+
+#: The longest clientUserId the tokens table holds.
+MAX_CLIENT_USER_ID = 255
+
+
+def valid_client_user_id(value: str) -> bool:
+    """1 to 255 characters, none of them a control character."""
+    return 0 < len(value) <= MAX_CLIENT_USER_ID and value.isprintable()

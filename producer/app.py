@@ -7,8 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from humanconnect import logs
@@ -28,6 +31,24 @@ log = logging.getLogger(__name__)
 def _parts(request: Request) -> Parts:
     parts: Parts = request.app.state.parts
     return parts
+
+
+async def _with_every_allowed_method(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer to an HTTP error, but a 405's `Allow` names every method the API
+    documents for the path: the router names only those of the first route whose path
+    matched (`/users/{id}` has a GET route and a DELETE route)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        path = request.scope["path"]
+        allowed = {
+            method.upper()
+            for template, operations in request.app.openapi()["paths"].items()
+            if compile_path(template)[0].match(path)
+            for method in operations
+        }
+        if allowed:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+    return await http_exception_handler(request, exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await api.state.parts.stop()
 
     api = FastAPI(title="humanconnect", version="0.1.0", lifespan=lifespan)
+    api.add_exception_handler(StarletteHTTPException, _with_every_allowed_method)
     api.include_router(finish.router(_parts))
     api.include_router(users.router(_parts))
     api.include_router(ops.router(_parts, ops.registry_for(rt)))

@@ -1,16 +1,19 @@
-"""`GET /users/{clientUserId}`: token read-back, behind a bearer token."""
+"""`GET /users/{clientUserId}`, token read-back, and `DELETE /users/{clientUserId}`, erasure:
+both behind a bearer token."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Request
+import redis
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
-from humanconnect.users import read_user
+from humanconnect.erasure import erase
+from humanconnect.users import read_user, valid_client_user_id
 from producer import schemas
 from producer.bearer import bearer_token
 from producer.errors import error, unavailable
@@ -53,6 +56,28 @@ USER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+ERASE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    204: {"description": "Erased: nothing of the user is left, but one `user.erased` event"},
+    401: USER_RESPONSES[401],
+    404: schemas.error(
+        "No such user (a second erase too); or erasure is off (no HUMANCONNECT_API_TOKEN)"
+    ),
+    422: schemas.error("The clientUserId is not a valid id"),
+    503: schemas.unavailable(
+        "The database or Redis is unavailable: the user is not erased yet, erase again"
+    ),
+}
+
+
+def _refusal(parts: Parts, request: Request) -> JSONResponse | None:
+    """404 when the user API is off, 401 without the right bearer token, else None."""
+    if parts.settings.api_token is None:
+        return error(404, "not found")
+    if not authorized(request, parts.settings.api_token.get_secret_value()):
+        return error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
 def router(parts_of: Any) -> APIRouter:
     api = APIRouter()
 
@@ -65,12 +90,8 @@ def router(parts_of: Any) -> APIRouter:
     )
     async def get_user(client_user_id: str, request: Request) -> JSONResponse:
         parts: Parts = parts_of(request)
-        if parts.settings.api_token is None:
-            return error(404, "not found")
-        if not authorized(request, parts.settings.api_token.get_secret_value()):
-            return error(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if (refused := _refusal(parts, request)) is not None:
+            return refused
         try:
             user = await run_in_threadpool(read_user, parts.rt, client_user_id)
         except OperationalError:
@@ -87,5 +108,31 @@ def router(parts_of: Any) -> APIRouter:
             },
             headers=NO_STORE,
         )
+
+    @api.delete(
+        "/users/{client_user_id}",
+        operation_id="eraseUser",
+        summary="Erase a user everywhere (bearer token required)",
+        status_code=204,
+        responses=ERASE_RESPONSES,
+        openapi_extra={"security": [{SECURITY_SCHEME: []}]},
+    )
+    async def erase_user(client_user_id: str, request: Request) -> Response:
+        parts: Parts = parts_of(request)
+        if (refused := _refusal(parts, request)) is not None:
+            return refused
+        if not valid_client_user_id(client_user_id):
+            return error(
+                422,
+                "clientUserId is not a valid id",
+                {"clientUserId": "1 to 255 characters, no control characters"},
+            )
+        try:
+            erased = await run_in_threadpool(erase, parts.rt, client_user_id)
+        except (OperationalError, redis.exceptions.RedisError) as exc:
+            return unavailable(f"not erased, try again ({type(exc).__name__})")
+        if erased is None:
+            return error(404, "unknown user", headers=NO_STORE)
+        return Response(status_code=204)
 
     return api

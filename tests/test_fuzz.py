@@ -64,12 +64,17 @@ def test_any_body_is_answered_and_only_an_accepted_one_enqueued(
     """Never a 5xx; a refusal is a JSON error naming what is wrong and leaves Redis as it was;
     only a 202 (or a duplicate's 200) adds a message."""
     before = _written(redis_client)
+    requests_before = set(redis_client.keys(redis_keys.request_status("*")))
     headers = {"Content-Type": ctype} if ctype else {}
     resp = client.post("/connect/finish", content=raw, headers=headers)
     assert resp.status_code in (200, 202, 400, 409, 413, 415, 422), resp.text
     after = _written(redis_client)
     if resp.status_code == 202:
-        assert after[0] == before[0] + 1
+        status_key = redis_keys.request_status(resp.json()["requestId"]).encode()
+        # Hypothesis may draw a body it drew before (all three fields this app's clientId,
+        # say): that is a duplicate, answered with the earlier request and adding nothing.
+        duplicate = status_key in requests_before
+        assert after == before if duplicate else after[0] == before[0] + 1
     else:
         body = resp.json()
         if resp.status_code != 200:
@@ -121,6 +126,8 @@ def test_the_openapi_document_holds_against_the_running_service(
     done = subprocess.run(
         [
             str(BIN / "st"),
+            "--config-file",
+            str(ROOT / "tests" / "schemathesis.toml"),
             "run",
             service.url + "/openapi.json",
             "--checks",

@@ -159,6 +159,9 @@ class Answers:
     def get(self, template: str, path: str, **kwargs: Any) -> Response:
         return self.conforms("get", template, self.client.get(path, **kwargs))
 
+    def delete(self, template: str, path: str, **kwargs: Any) -> Response:
+        return self.conforms("delete", template, self.client.delete(path, **kwargs))
+
     def post(self, **kwargs: Any) -> Response:
         return self.conforms(
             "post", "/connect/finish", self.client.post("/connect/finish", **kwargs)
@@ -170,6 +173,9 @@ class Answers:
         answer = answers.get(str(resp.status_code))
         assert answer is not None, f"undocumented: {label}"
         self.seen.add((method, template, str(resp.status_code)))
+        if resp.status_code == 204:
+            assert not resp.content and "content" not in answer, label
+            return resp
         media = resp.headers["content-type"]
         assert media in answer["content"] or media.split(";")[0] in answer["content"], label
         if media.startswith("application/json"):
@@ -239,6 +245,10 @@ def _users_and_ops(answers: Answers, client_user_id: str) -> None:
     answers.get(template, f"/users/{client_user_id}", headers=BEARER)
     answers.get(template, f"/users/{client_user_id}")  # 401
     answers.get(template, "/users/nobody", headers=BEARER)  # 404
+    answers.delete(template, f"/users/{client_user_id}")  # 401
+    answers.delete(template, "/users/%01", headers=BEARER)  # 422: a control character
+    answers.delete(template, f"/users/{client_user_id}", headers=BEARER)  # 204
+    answers.delete(template, f"/users/{client_user_id}", headers=BEARER)  # 404: erased
     answers.get("/healthz", "/healthz")
     answers.get("/readyz", "/readyz")
     answers.get("/metrics", "/metrics")
@@ -267,6 +277,7 @@ def test_every_documented_answer_is_given_as_documented(
         answers = Answers(c, seen)
         answers.get("/connect/finish/{request_id}", "/connect/finish/unknown")  # 503
         answers.get("/users/{client_user_id}", f"/users/{stored_user}", headers=BEARER)  # 503
+        answers.delete("/users/{client_user_id}", "/users/someone", headers=BEARER)  # 503
         answers.get("/readyz", "/readyz")  # 503
 
     ticketed = app_settings.model_copy(update={"ticket_key": SecretStr(TICKET_KEY)})

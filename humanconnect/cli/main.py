@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     p_ticket.add_argument(
         "--ttl", type=int, default=600, help="seconds the ticket lives (at most 3600; 600)"
     )
+    p_users = sub.add_parser("users", help="users")
+    users = p_users.add_subparsers(dest="action", required=True)
+    p_erase = users.add_parser(
+        "erase", help="erase a user everywhere: tokens, sessions, status records, events"
+    )
+    p_erase.add_argument("client_user_id", metavar="CLIENT_USER_ID")
     p_hooks = sub.add_parser("webhooks", help="webhook deliveries")
     hooks = p_hooks.add_subparsers(dest="action", required=True)
     hooks.add_parser("secret", help="print a new HUMANCONNECT_WEBHOOK_SECRET")
@@ -119,6 +125,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "retry":
             return webhooks.retry(settings, failed_only=args.failed, since=args.since)
         return webhooks.test(settings, args.url)
+    if args.command == "users":
+        return _erase(settings, args.client_user_id)
     if args.command == "keys":
         from humanconnect.jobs.rotation import rotate_all
         from humanconnect.runtime import Runtime
@@ -130,6 +138,25 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     raise AssertionError(args.command)
+
+
+def _erase(settings: Settings, client_user_id: str) -> int:
+    """0 erased, 1 unknown (or a second erase); a malformed id stops it like a bad setting."""
+    from humanconnect.erasure import erase
+    from humanconnect.runtime import Runtime
+    from humanconnect.users import valid_client_user_id
+
+    if not valid_client_user_id(client_user_id):
+        raise ConfigError("CLIENT_USER_ID must be 1 to 255 characters, no control characters")
+    erased = erase(Runtime(settings), client_user_id)
+    if erased is None:
+        sys.stderr.write("humanconnect: unknown user: nothing to erase\n")
+        return 1
+    sys.stdout.write(
+        f"erased: {erased.tokens} tokens row, {erased.sessions} sessions, "
+        f"{erased.events} events, {erased.redis_keys} Redis keys and stream entries\n"
+    )
+    return 0
 
 
 def _safe_url(url: str) -> str:

@@ -46,6 +46,9 @@ class Faults:
     down: bool = False
     #: Refuse (400, as for a forged session) every session token starting with this.
     refuse_token_prefix: str = ""
+    #: Hold every call whose session token starts with this until `State.release` is set
+    #: (at most `hang_s`), before the token is used: an exchange a test can catch running.
+    hold_token_prefix: str = ""
 
 
 @dataclass
@@ -79,6 +82,8 @@ class State:
     call_times: list[float] = field(default_factory=list)
     #: The clientUserId each Connect popup session was opened for (connect.py).
     connect_users: dict[str, str] = field(default_factory=dict)
+    #: Lets the calls held by `Faults.hold_token_prefix` go on (set from any thread).
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 def client_user_id_for(human_id: str) -> str:
@@ -175,6 +180,13 @@ class StandIn:
         if prefix and token.startswith(prefix):
             self.state.calls["tokens:forged"] += 1
             return web.json_response({"error": "invalid session token"}, status=400)
+        held = self.state.faults.hold_token_prefix
+        if held and token.startswith(held):
+            self.state.calls["tokens:held"] += 1
+            waited = 0.0
+            while not self.state.release.is_set() and waited < self.state.faults.hang_s:
+                await asyncio.sleep(0.05)
+                waited += 0.05
         if token in self.state.by_session:
             self.state.calls["tokens:used"] += 1
             return web.json_response({"error": "session token already used"}, status=400)

@@ -158,3 +158,13 @@ users_table = cast(Table, User.__table__)
 sessions_table = cast(Table, SessionRecord.__table__)
 outbox_table = cast(Table, OutboxEvent.__table__)
 deliveries_table = cast(Table, WebhookDelivery.__table__)
+
+
+class Erasure(Base):
+    """A user erased (humanconnect/erasure.py), by a digest of one of their ids (never the
+    id itself), and when, by Redis's clock: a session received before it ends `erased`."""
+
+    __tablename__ = "erasures"
+
+    mark: Mapped[str] = mapped_column(String(32), primary_key=True)
+    erased_us: Mapped[int] = mapped_column(BigInteger)
