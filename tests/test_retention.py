@@ -17,6 +17,7 @@ from humanconnect.jobs import retention
 from humanconnect.locks import held_or_skip
 from humanconnect.queue import RETENTION_TASK, celery_config
 from humanconnect.redis_keys import RETENTION_LOCK
+from humanconnect.request import ExchangeRequest
 from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings
 from humanconnect.storage import tokens
@@ -211,3 +212,27 @@ def test_beat_runs_retention_every_interval(make_settings: Callable[..., Setting
     settings = make_settings(HUMANCONNECT_RETENTION_INTERVAL_S="120")
     entry = celery_config(settings)["beat_schedule"]["purge-expired"]
     assert entry["task"] == RETENTION_TASK and entry["schedule"] == 120
+
+
+def test_failed_retry_still_works_within_the_retention_window(rt: Runtime, redis_client) -> None:
+    """A transient failure younger than the retention period survives a run and is re-queued
+    by `humanconnect failed --retry`; one older than it is gone."""
+    from sqlalchemy import update
+
+    from humanconnect.jobs.failures import requeue_transient
+
+    young, old = add_session(rt, "failed", NEW), add_session(rt, "failed", OLD)
+    with rt.db() as db:
+        db.execute(
+            update(sessions_table)
+            .where(sessions_table.c.request_id.in_([young, old]))
+            .values(error_kind="transient", sealed_session_token=rt.cipher.seal("a-token"))
+        )
+        db.commit()
+
+    retention.purge(rt)
+    sent: list[ExchangeRequest] = []
+    queued = requeue_transient(rt, sent.append)
+
+    assert queued == 1 and [r.request_id for r in sent] == [young]
+    assert ids(rt, sessions_table.c.request_id) == {young}
