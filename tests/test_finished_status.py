@@ -22,6 +22,7 @@ from humanconnect.request import ExchangeRequest, Job
 from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.settings import Settings
+from humanconnect.states import RequestState
 from tests import factories
 
 FINISHED_TTL_S = 1234
@@ -207,3 +208,24 @@ def test_a_duplicate_delivery_after_expiry_leaves_a_finished_record(
     record = status_records.get_state(redis_client, request_id)
     assert record is not None and record["state"] == "succeeded"
     assert 0 < redis_client.ttl(redis_keys.request_status(request_id)) <= FINISHED_TTL_S
+
+
+def test_only_the_request_s_own_claim_is_marked(redis_client: redis.Redis) -> None:
+    """The worker's mark lands on a claim naming its request, keeping the claim's TTL, and
+    leaves alone a claim another request made since and a JSON claim from before marks."""
+    ours, theirs, legacy = "hc:session:ours", "hc:session:theirs", "hc:session:legacy"
+    redis_client.set(ours, status_records.claim_value("rid-1", "h1"), ex=STATUS_TTL_S)
+    redis_client.set(theirs, status_records.claim_value("rid-2", "h1"), ex=STATUS_TTL_S)
+    redis_client.set(legacy, '{"requestId": "rid-1", "humanId": "h1"}', ex=STATUS_TTL_S)
+
+    pipe = redis_client.pipeline(transaction=False)
+    for key in (ours, theirs, legacy):
+        status_records.queue_mark_claim(pipe, key, "rid-1", RequestState.FAILED)
+    assert pipe.execute() == [1, 0, 0]
+
+    marked = status_records.read_claim(redis_client.get(ours) or b"")
+    assert marked.request_id == "rid-1" and marked.final is RequestState.FAILED
+    assert marked.names("h1") and not marked.names("h2")
+    assert FINISHED_TTL_S < redis_client.ttl(ours) <= STATUS_TTL_S
+    assert status_records.read_claim(redis_client.get(theirs) or b"").final is None
+    assert redis_client.get(legacy) == b'{"requestId": "rid-1", "humanId": "h1"}'
