@@ -21,6 +21,7 @@ from bench.harness import body, closed_loop, open_loop, stack
 from bench.knee import knee_scenario
 from bench.repair import repair_scenario
 from bench.replicas import replicas_scenario
+from bench.retention import retention_scenario
 from bench.step import RATE as STEP_RATE
 from bench.step import SECONDS as STEP_SECONDS
 from bench.step import step_scenario
@@ -143,6 +144,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "step": lambda a: step_scenario(),
     "knee": lambda a: knee_scenario(),
     "replicas": lambda a: replicas_scenario(),
+    "retention": lambda a: retention_scenario(a.retention_sessions),
 }
 
 
@@ -164,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=100_000,
         help="users for the repair scenario (the issue's 100,000 by default)",
+    )
+    parser.add_argument(
+        "--retention-sessions",
+        type=int,
+        default=10_000,
+        help="sessions for the retention scenario (its per-session figures don't depend on it)",
     )
     parser.add_argument(
         "--stacks",
@@ -324,6 +332,14 @@ def _print_table(results: dict[str, Any]) -> None:
     replicas = results.get("replicas")
     if replicas:
         _print_replicas(console, replicas)
+    ret = results.get("retention")
+    if ret:
+        for what, size in ret["redis_bytes_per_session"].items():
+            console.print(f"retention: Redis bytes per finished session, {what}: {size:.0f}")
+        console.print(
+            f"retention: rows after {ret['accepted']} sessions {ret['rows_when_finished']}, "
+            f"after the job {ret['rows_after_retention']}"
+        )
 
 
 def _print_replicas(console: Any, rep: dict[str, Any]) -> None:

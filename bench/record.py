@@ -157,6 +157,13 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
     rep = results.get("replicas")
     if rep:
         _replicas_rows(rows, rep)
+    ret = results.get("retention")
+    if ret:
+        for what, size in ret.get("redis_bytes_per_session", {}).items():
+            _row(rows, "retention", f"Redis per finished session, {what}", size, "bytes")
+        for table, n in ret.get("rows_after_retention", {}).items():
+            done = ret.get("rows_when_finished", {}).get(table)
+            _row(rows, "retention", f"{table} rows, finished → after the job", f"{done} → {n}", "")
     for stack_name, r in results.get("accept_burst", {}).items():
         _row(rows, "accept_burst", f"{stack_name}: finishes", r.get("rate"), "/s")
         _row(rows, "accept_burst", f"{stack_name}: p99", r.get("p99_ms"), "ms")

@@ -28,7 +28,7 @@ from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from humanconnect import events, metrics
+from humanconnect import events, metrics, status_records
 from humanconnect.errors import HumanConnectError
 from humanconnect.redis_keys import PENDING, done_channel, request_status, session_claim
 from humanconnect.request import Job
@@ -103,7 +103,7 @@ def end_finish(rt: Runtime, request_id: str, key: str) -> None:
     with rt.db() as db:
         db.execute(delete(SessionRecord).where(SessionRecord.session_hash == key))
         db.commit()
-    end_status(rt.redis, request_id, rt.settings.status_ttl_s)
+    end_status(rt.redis, request_id, status_records.ttl_for(rt.settings, RequestState.FAILED))
     metrics.inc(rt.redis, "exchanges", outcome=ErrorKind.ERASED)
     log.info("exchange ended, its user erased request=%s", request_id)
 
@@ -245,7 +245,7 @@ def _clean_redis(rt: Runtime, erased: Erased, stream: str) -> int:
         pipe.delete(session_claim(key))
     removed += sum(int(n) for n in pipe.execute())
     for request_id in _records_of(r, erased.human_ids):
-        end_status(r, request_id, rt.settings.status_ttl_s)
+        end_status(r, request_id, status_records.ttl_for(rt.settings, RequestState.FAILED))
         removed += 1
     removed += _delete_matching(r, session_claim("*"), erased.human_ids)
     removed += _delete_stream_entries(r, stream, erased.client_user_id, erased.human_ids)
@@ -290,14 +290,15 @@ def _records_of(r: redis.Redis, human_ids: set[str]) -> list[str]:
 
 
 def _delete_matching(r: redis.Redis, pattern: str, human_ids: set[str]) -> int:
-    """Delete the claims (JSON values with a humanId) that name one of `human_ids`."""
+    """Delete the claims that name one of `human_ids` (by the digest a claim keeps)."""
     removed = 0
+    digests = {status_records.human_digest(h) for h in human_ids}
     for keys in _scan(r, pattern):
         values = r.mget(keys)
         doomed = [
             k
             for k, v in zip(keys, values, strict=True)
-            if v is not None and json.loads(v).get("humanId") in human_ids
+            if v is not None and status_records.read_claim(v).human_digest in digests
         ]
         if doomed:
             removed += int(r.delete(*doomed))

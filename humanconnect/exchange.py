@@ -342,8 +342,15 @@ class Exchanger:
             metrics.queue_inc(pipe, "events", 1)
         metrics.queue_inc(pipe, "exchanges", outcome=RequestState.SUCCEEDED)
         Breaker.queue_success(pipe)
+        status_records.queue_mark_claim(
+            pipe, redis_keys.session_claim(at.key), job.request_id, RequestState.SUCCEEDED
+        )
         status_records.queue_state(
-            pipe, job.request_id, RequestState.SUCCEEDED, self.settings.status_ttl_s, **fields
+            pipe,
+            job.request_id,
+            RequestState.SUCCEEDED,
+            status_records.ttl_for(self.settings, RequestState.SUCCEEDED),
+            **fields,
         )
         token = at.lock.queue_release(pipe)
         replicas = self.settings.redis_min_replicas
@@ -392,9 +399,13 @@ class Exchanger:
 
     def _status(self, job: Job, state: RequestState, **fields: str) -> None:
         fields.setdefault("humanId", job.human_id)
-        status_records.set_state(
-            self.rt.redis, job.request_id, state, self.settings.status_ttl_s, **fields
-        )
+        pipe = self.rt.redis.pipeline(transaction=False)
+        if state.final:
+            claim = redis_keys.session_claim(session_hash(job.session_token))
+            status_records.queue_mark_claim(pipe, claim, job.request_id, state)
+        ttl = status_records.ttl_for(self.settings, state)
+        status_records.queue_state(pipe, job.request_id, state, ttl, **fields)
+        pipe.execute()
 
 
 def _failed_fields(job: Job, reason: str) -> dict[str, str]:

@@ -23,6 +23,7 @@ RELAY_TASK = "humanconnect.relay_events"
 REPAIR_TASK = "humanconnect.repair_public_tokens"
 RECONCILE_TASK = "humanconnect.reconcile_pending"
 DELIVER_TASK = "humanconnect.deliver_webhooks"
+RETENTION_TASK = "humanconnect.purge_expired"
 # How often beat starts each endpoint's webhook dispatcher (which then runs while any is due).
 WEBHOOK_TICK_S = 1.0
 # How often beat sweeps the outbox for events a worker could not relay itself.
@@ -99,6 +100,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": REPAIR_TASK,
                 "schedule": settings.repair_interval_s,
                 "options": {"expires": settings.repair_interval_s},
+            },
+            "purge-expired": {
+                "task": RETENTION_TASK,
+                "schedule": settings.retention_interval_s,
+                "options": {"expires": settings.retention_interval_s},
             },
             **webhook_schedule(settings),
         },

@@ -44,6 +44,7 @@ BREAKER_OKS = PREFIX + "breaker:oks"
 
 RELAY_LOCK = PREFIX + "lock:relay"
 REPAIR_LOCK = PREFIX + "lock:repair"
+RETENTION_LOCK = PREFIX + "lock:retention"
 
 
 def webhook_lock(endpoint_digest: str) -> str:

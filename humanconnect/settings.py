@@ -102,6 +102,18 @@ class Settings(RedisSettings):
     status_ttl_s: int = Field(
         7 * 24 * 3600, ge=86400, validation_alias=_env("HUMANCONNECT_STATUS_TTL_S")
     )
+    #: A finished request's status record lives this long; `GET /connect/finish/{id}` then
+    #: answers from the `sessions` table. The session's dedupe claim keeps the longer TTL.
+    finished_status_ttl_s: int = Field(
+        3600, gt=0, validation_alias=_env("HUMANCONNECT_FINISHED_STATUS_TTL_S")
+    )
+    #: Finished sessions, relayed outbox rows and settled webhook deliveries older than this
+    #: are deleted (jobs/retention.py); stored tokens never are.
+    retention_s: int = Field(30 * 86400, gt=0, validation_alias=_env("HUMANCONNECT_RETENTION_S"))
+    #: How often beat runs the retention job.
+    retention_interval_s: float = Field(
+        3600.0, gt=0, validation_alias=_env("HUMANCONNECT_RETENTION_INTERVAL_S")
+    )
     #: Apply Alembic migrations when `web` or `worker` starts (under a lock).
     auto_migrate: bool = Field(True, validation_alias=_env("HUMANCONNECT_AUTO_MIGRATE"))
     #: One JSON object per log line.

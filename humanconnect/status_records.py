@@ -4,20 +4,29 @@ The producer writes the first record and the dedupe claim (producer/claims.py); 
 moves the state on from there.
 
 Two keys per session (names in humanconnect/redis_keys.py):
-- the session claim -> JSON `{requestId, humanId}`: the dedupe claim, written with the
-  message in one atomic call.
+- the session claim -> `requestId humanIdDigest [s|f]`: the dedupe claim, written with the
+  message in one atomic call; the last letter, added when the request ends, says how. It
+  lives HUMANCONNECT_STATUS_TTL_S, far longer than a finished request's status record, so
+  it is kept as small as a string key gets (an embedded string, no JSON): a digest of the
+  humanId is enough to refuse a session sent again with another one.
 - the request's status -> a hash with `state`, `humanId`, `clientUserId`, `error`,
   `publicToken` (Fernet ciphertext, never plaintext), `updatedAt`, and while it is
   unfinished the fields of its `ExchangeRequest` (humanconnect/request.py) for a re-send.
+  Once the request has ended it lives only HUMANCONNECT_FINISHED_STATUS_TTL_S; readers then
+  fall back to the database's `sessions` row.
 
 The database's `sessions` table stays the durable truth; these records are fast copies.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import secrets
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.commands.core import Script
@@ -26,10 +35,21 @@ from humanconnect.clock import now
 from humanconnect.redis_keys import PENDING, done_channel, request_status
 from humanconnect.states import RequestState
 
+if TYPE_CHECKING:
+    from humanconnect.settings import Settings
+
 
 def new_request_id() -> str:
     """128 bits of randomness, URL-safe: the status it leads to carries a publicToken."""
     return secrets.token_urlsafe(16)
+
+
+def ttl_for(settings: Settings, state: RequestState | str) -> int:
+    """How long a record in `state` lives: a finished request's only as long as it is likely
+    to be polled, an unfinished one's as long as the claim (a re-send reads its fields)."""
+    if RequestState(state).final:
+        return settings.finished_status_ttl_s
+    return settings.status_ttl_s
 
 
 def set_state(
@@ -115,3 +135,65 @@ def get_state(r: redis.Redis, request_id: str) -> dict[str, str] | None:
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in raw.items()
     }
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    """A session's dedupe claim, read back."""
+
+    request_id: str
+    #: `human_digest` of the humanId the session was first accepted with.
+    human_digest: str
+    #: The request's final state once it ended (and its worker said so), else None.
+    final: RequestState | None = None
+
+    def names(self, human_id: str) -> bool:
+        """True when `human_id` is the one the session was accepted with."""
+        return self.human_digest == human_digest(human_id)
+
+
+#: A claim's last letter once its request ended.
+_FINAL_MARKS = {RequestState.SUCCEEDED: "s", RequestState.FAILED: "f"}
+
+
+def human_digest(human_id: str) -> str:
+    """48 bits of a humanId: only ever compared with the digest of another humanId sent with
+    the same session token, so a collision would need both the token and a crafted id."""
+    digest = hashlib.blake2b(human_id.encode(), digest_size=6).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+def claim_value(request_id: str, human_id: str) -> str:
+    """The claim the accept writes."""
+    return f"{request_id} {human_digest(human_id)}"
+
+
+def read_claim(raw: str | bytes) -> ClaimRecord:
+    """A claim as stored: this compact form, or the JSON `{requestId, humanId}` written
+    before it (still read until those claims expire)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if text.startswith("{"):
+        data = json.loads(text)
+        return ClaimRecord(data["requestId"], human_digest(data["humanId"]))
+    request_id, digest, *mark = text.split(" ")
+    final = next((state for state, m in _FINAL_MARKS.items() if mark == [m]), None)
+    return ClaimRecord(request_id, digest, final)
+
+
+# KEYS: the session claim. ARGV: the requestId, the mark. Only this request's own claim is
+# marked: a claim made since by another request for the token is not this one's to touch.
+MARK_CLAIM_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return 0 end
+local request_id, digest = string.match(v, '^(%S+) (%S+)')
+redis.call('SET', KEYS[1], request_id .. ' ' .. digest .. ' ' .. ARGV[2], 'KEEPTTL')
+return 1
+"""
+
+
+def queue_mark_claim(pipe: Any, claim_key: str, request_id: str, state: RequestState) -> None:
+    """Mark a session's claim with how its request ended, in a pipeline the caller executes:
+    a duplicate finish is then answered truthfully after the status record (and even the
+    `sessions` row) is gone. EVAL, not EVALSHA: a script object in a pipeline costs a SCRIPT
+    EXISTS round trip of its own."""
+    pipe.eval(MARK_CLAIM_SCRIPT, 1, claim_key, request_id, _FINAL_MARKS[RequestState(state)])

@@ -67,6 +67,8 @@ class Accepted:
     """A finish that is safely in the queue (now, or by an earlier request)."""
 
     request_id: str
+    #: The request's state; "" for a duplicate whose status record has expired and whose
+    #: claim does not say how it ended (the caller asks the database).
     state: str
     duplicate: bool
 
@@ -120,7 +122,7 @@ class Acceptor:
             logs.request_id.set(claim.request_id)
             if claim.mine:
                 return Accepted(claim.request_id, RequestState.QUEUED, duplicate=False)
-            if claim.human_id != body.humanId:
+            if not claim.same_human:
                 raise SessionConflict("sessionToken already used with another humanId")
             # Under the same deadline: a duplicate owes its answer as soon as a new finish.
             current = await within(self.claims.state(claim.request_id), deadline - clock()) or {}
@@ -137,7 +139,10 @@ class Acceptor:
             raise RedisFullError("redis is out of memory (maxmemory)") from None
         except (redis.exceptions.RedisError, TimeoutError) as exc:
             raise QueueUnavailableError(f"redis unavailable: {type(exc).__name__}") from None
-        return Accepted(claim.request_id, current.get("state", RequestState.QUEUED), duplicate=True)
+        # A record gone while its claim lasts is a finished request's (an unfinished one's
+        # record outlives its claim): never answered `queued` from here.
+        state = current.get("state") or (claim.final or "")
+        return Accepted(claim.request_id, state, duplicate=True)
 
 
 def _out_of_memory(exc: redis.exceptions.ResponseError) -> bool:

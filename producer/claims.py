@@ -1,7 +1,8 @@
 """Accepting a session in one atomic Redis call: the dedupe claim, the request's status
 record, its pending entry and the exchange task's message, all or nothing.
 
-The session's claim holds `{requestId, humanId}` for the dedupe window. The claim and the
+The session's claim holds its requestId and a digest of its humanId for the dedupe window
+(humanconnect/status_records.py has its form). The claim and the
 enqueue are one script, so there is no moment where a session is claimed but not yet queued.
 The first status record is written in the same call, so a fast worker's `running` is never
 overwritten by the producer's `queued`.
@@ -9,7 +10,6 @@ overwritten by the producer's `queued`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,8 @@ from humanconnect.redis_keys import (
 )
 from humanconnect.redis_settings import wait_seconds
 from humanconnect.request import ExchangeRequest
+from humanconnect.states import RequestState
+from humanconnect.status_records import claim_value, read_claim
 from producer.errors import BacklogFullError, NotReplicatedError, OverLimitError, RedisFullError
 from producer.lanes import WaitingLane
 from producer.memory import MemoryWatch
@@ -139,9 +141,12 @@ class Claim:
     """The outcome of trying to accept a session."""
 
     request_id: str
-    human_id: str
+    #: Whether the session was accepted with the humanId of this call.
+    same_human: bool
     #: True when this call accepted the session (and queued its message).
     mine: bool
+    #: How the claimed request ended, if it has and its worker marked the claim.
+    final: RequestState | None = None
 
 
 class Claims:
@@ -197,7 +202,7 @@ class Claims:
         Raises OverLimitError or BacklogFullError when it refused the finish, and
         NotReplicatedError when too few replicas hold what it found or wrote."""
         self.last_accept = time.monotonic()
-        record = json.dumps({"requestId": request.request_id, "humanId": request.human_id})
+        record = claim_value(request.request_id, request.human_id)
         fields = [v for pair in request.record_fields().items() for v in pair]
         existing, replicated = await self._run(
             [
@@ -241,11 +246,11 @@ class Claims:
         if not replicated:
             raise NotReplicatedError(f"fewer than {self.replicas} replicas hold the accept")
         if not existing:
-            return Claim(request.request_id, request.human_id, mine=True)
-        data = json.loads(existing)
+            return Claim(request.request_id, same_human=True, mine=True)
+        found = read_claim(existing)
         # Our own request id: a retry of this very call whose first reply was lost.
-        mine = data["requestId"] == request.request_id
-        return Claim(data["requestId"], data["humanId"], mine=mine)
+        mine = found.request_id == request.request_id
+        return Claim(found.request_id, found.names(request.human_id), mine, found.final)
 
     @property
     def replica_wait_s(self) -> float:

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -293,6 +294,14 @@ def router(parts_of: Any) -> APIRouter:
                 log.warning("finish shed: %s", exc)
             FINISHES.labels("refused", "redis_oom" if full else "backlog_full").inc()
             return unavailable("too many sessions queued, try again")
+        if not accepted.state:
+            stored = await _record(parts, accepted.request_id)
+            if isinstance(stored, JSONResponse):
+                return stored  # the database is away: the client sends again, still a duplicate
+            # No row either: only a claim written before claims were marked, whose row
+            # retention has deleted.
+            state = (stored or {}).get("state", RequestState.QUEUED)
+            accepted = replace(accepted, state=state)
         FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
         if wait_s is not None:
             return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)
@@ -319,6 +328,8 @@ def router(parts_of: Any) -> APIRouter:
 
 
 async def _record(parts: Parts, request_id: str) -> dict[str, str] | JSONResponse | None:
+    """The request's status record, else (expired, or Redis away) its `sessions` row; a 503
+    when neither store answers."""
     try:
         record = await parts.claims.state(request_id)
     except redis.exceptions.RedisError:
@@ -349,13 +360,13 @@ async def _answer_after_wait(
     record: dict[str, str] | None = None
     async with parts.waiters.waiting(request_id) as done:
         while True:
-            try:
-                record = await parts.claims.state(request_id)
-            except redis.exceptions.RedisError:
-                record = None
+            # The database too: a duplicate's record may have expired with its request
+            # finished (HUMANCONNECT_FINISHED_STATUS_TTL_S).
+            found = await _record(parts, request_id)
+            record = found if isinstance(found, dict) else None
             state = (record or {}).get("state")
             remaining = deadline - time.monotonic()
-            if state in FINAL or remaining <= 0:
+            if state in FINAL or accepted.state in FINAL or remaining <= 0:
                 break
             # Woken by the worker's publish; the one-second slices only cover a missed
             # message (the listener reconnecting), at most N reads of one Redis hash.

@@ -47,7 +47,7 @@ class _StuckRedis:
         if self.stuck_on == "accept":
             await self._hang()
         # A duplicate: an earlier request holds the session, for the same humanId
-        return Claim(request_id="r-earlier", human_id=args[1].human_id, mine=False)
+        return Claim(request_id="r-earlier", same_human=True, mine=False)
 
     async def state(self, request_id: str) -> dict[str, str] | None:
         await self._hang()

@@ -105,8 +105,10 @@ def test_a_queued_finish_only_redis_knows_is_told_it_ended(rt: Runtime) -> None:
     factories.stored_user(rt)
     r = rt.redis
     r.hset("hc:request:queued1", mapping={"state": "queued", "humanId": HUMAN, "x": "y"})
-    r.set("hc:session:h1", json.dumps({"requestId": "queued1", "humanId": HUMAN}))
-    r.set("hc:session:h2", json.dumps({"requestId": "another", "humanId": "d" * 24}))
+    r.set("hc:session:h1", status_records.claim_value("queued1", HUMAN))
+    r.set("hc:session:h2", status_records.claim_value("another", "d" * 24))
+    # A claim in the form written before claims were compact
+    r.set("hc:session:h3", json.dumps({"requestId": "older", "humanId": HUMAN}))
 
     erasure.erase(rt, USER)
 
@@ -114,7 +116,8 @@ def test_a_queued_finish_only_redis_knows_is_told_it_ended(rt: Runtime) -> None:
         "state": "failed",
         "error": erasure.ERASED_ERROR,
     }
-    assert not r.exists("hc:session:h1") and r.exists("hc:session:h2")
+    assert not r.exists("hc:session:h1") and not r.exists("hc:session:h3")
+    assert r.exists("hc:session:h2")
 
 
 def test_the_command_erases_then_finds_nobody_and_refuses_a_malformed_id(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from humanconnect.errors import ConfigError
 from humanconnect.settings import load
 from humanconnect.webhooks.signing import new_secret
+from tests.support.env import ROOT
 
 
 def test_comma_separated_variables_read_as_the_contract_documents(
@@ -134,3 +138,54 @@ def test_sentinels_and_the_primary_s_name_are_read_with_their_passwords(
     assert pool.service_name == "hc-primary"  # type: ignore[attr-defined]
     assert pool.connection_kwargs["password"] == "p@ss/word"
     assert pool.connection_kwargs["db"] == 3
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "HUMANCONNECT_FINISHED_STATUS_TTL_S",
+        "HUMANCONNECT_RETENTION_S",
+        "HUMANCONNECT_RETENTION_INTERVAL_S",
+    ],
+)
+@pytest.mark.parametrize("value", ["-1", "0", "thirty days", ""])
+def test_a_bad_retention_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
+) -> None:
+    """A negative, zero or non-numeric retention value is refused, naming the variable."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}: ") as refused:
+        load()
+    assert "\n" not in str(refused.value)
+
+
+def test_retention_settings_default_as_documented(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Unset: a finished record lasts an hour, retention 30 days, the job every hour."""
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "HUMANCONNECT_FINISHED_STATUS_TTL_S",
+        "HUMANCONNECT_RETENTION_S",
+        "HUMANCONNECT_RETENTION_INTERVAL_S",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    s = load()
+    assert (s.finished_status_ttl_s, s.retention_s, s.retention_interval_s) == (3600, 2592000, 3600)
+
+
+def test_a_process_with_a_bad_retention_setting_stops_at_start(tmp_path: Path) -> None:
+    """A process reading its settings at start exits 2 with one line naming the variable."""
+    env = {**os.environ, "HUMANCONNECT_RETENTION_S": "-5"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from humanconnect.startup import settings_or_exit as s; s()"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("humanconnect: HUMANCONNECT_RETENTION_S: ")

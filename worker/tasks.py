@@ -18,6 +18,7 @@ from humanconnect.crypto import DecryptError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
+from humanconnect.jobs.retention import purge
 from humanconnect.locks import held_or_skip
 from humanconnect.queue import (
     DELIVER_TASK,
@@ -25,6 +26,7 @@ from humanconnect.queue import (
     RECONCILE_TASK,
     RELAY_TASK,
     REPAIR_TASK,
+    RETENTION_TASK,
 )
 from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
 from humanconnect.request import ExchangeRequest, Job
@@ -95,6 +97,9 @@ def exchange_session(
             # Retrying cannot help: the key that sealed it is gone from the configured keys.
             reason = "session token sealed with an encryption key that is no longer configured"
             log.error("cannot open session token request=%s", request_id)
+            # The claim's full term, not a finished record's: no `sessions` row was written
+            # and the claim can't be marked (its key needs the token), so this record is the
+            # only place a duplicate of this session learns that it failed.
             status_records.set_state(
                 rt.redis,
                 request_id,
@@ -213,6 +218,14 @@ def repair_public_tokens() -> int:
     """The scheduled publicToken repair; skipped (and logged) while another run holds the lock."""
     rt = runtime()
     return Repairer(rt, limiter().acquire).run().repaired
+
+
+@app.task(name=RETENTION_TASK, ignore_result=True)
+def purge_expired() -> int:
+    """Delete finished sessions, relayed events and settled deliveries past
+    HUMANCONNECT_RETENTION_S; skipped while another run holds the lock."""
+    report = purge(runtime())
+    return report.sessions + report.deliveries + report.outbox
 
 
 @app.task(name=RECONCILE_TASK, ignore_result=True)
