@@ -25,12 +25,11 @@ from typing import Any
 
 import redis
 from sqlalchemy import delete, func, or_, select, text
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from humanconnect import events, metrics, status_records
 from humanconnect.errors import HumanConnectError
-from humanconnect.redis_keys import PENDING, done_channel, request_status, session_claim
+from humanconnect.redis_keys import request_status, session_claim
 from humanconnect.request import Job
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind, RequestState
@@ -132,7 +131,7 @@ def erase(rt: Runtime, client_user_id: str) -> Erased | None:
         # erasing again finishes the job (what Redis dropped meanwhile were copies of theirs).
         found.erased.redis_keys = _clean_redis(rt, found.erased, rt.settings.events_stream)
         db.commit()
-    _relay(rt, event)
+    events.relay_now(rt, event)
     log.info(
         "user erased sessions=%d events=%d redis_keys=%d",
         found.erased.sessions,
@@ -147,7 +146,6 @@ class _Found:
     erased: Erased
     primary_human_id: str
     user: User | None
-    rows: list[SessionRecord]
 
 
 def _theirs(db: Session, client_user_id: str) -> _Found | None:
@@ -178,7 +176,7 @@ def _theirs(db: Session, client_user_id: str) -> _Found | None:
         session_hashes={r.session_hash for r in rows},
     )
     primary = user.human_id if user is not None else sorted(human_ids or {rows[0].human_id})[0]
-    return _Found(erased, primary, user, rows)
+    return _Found(erased, primary, user)
 
 
 def _delete_rows(db: Session, found: _Found) -> None:
@@ -254,13 +252,9 @@ def _clean_redis(rt: Runtime, erased: Erased, stream: str) -> int:
 
 def end_status(r: redis.Redis, request_id: str, ttl_s: int) -> None:
     """A request of an erased user: its record says `failed`, why, and nothing of them."""
-    key = request_status(request_id)
     pipe = r.pipeline(transaction=False)
-    pipe.delete(key)
-    pipe.hset(key, mapping={"state": str(RequestState.FAILED), "error": ERASED_ERROR})
-    pipe.expire(key, ttl_s)
-    pipe.zrem(PENDING, request_id)
-    pipe.publish(done_channel(request_id), str(RequestState.FAILED))
+    pipe.delete(request_status(request_id))  # every field it had, the humanId first
+    status_records.queue_state(pipe, request_id, RequestState.FAILED, ttl_s, error=ERASED_ERROR)
     pipe.execute()
 
 
@@ -330,14 +324,3 @@ def _delete_stream_entries(
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _relay(rt: Runtime, event: OutboxEvent) -> None:
-    """Send the erasure's event now; with Redis away, the sweep sends it."""
-    try:
-        with rt.db() as db:
-            events.relay_committed(
-                db, rt.redis, rt.settings.events_stream, event, rt.settings.replica_wait
-            )
-    except (redis.exceptions.RedisError, OperationalError) as exc:
-        log.warning("user.erased event left for the sweep: %s", type(exc).__name__)

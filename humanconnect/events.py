@@ -13,16 +13,20 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from humanconnect import metrics
 from humanconnect.clock import now, timestamp
 from humanconnect.storage.models import OutboxEvent, outbox_table
 from humanconnect.webhooks import deliveries
+
+if TYPE_CHECKING:
+    from humanconnect.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,19 @@ def _send(
         return 0
     mark_sent(db, [e.id for e in events])
     return len(events)
+
+
+def relay_now(rt: Runtime, event: OutboxEvent) -> None:
+    """Send an event its caller just committed, and count it; with Redis or the database
+    away, the sweep sends it later."""
+    try:
+        with rt.db() as db:
+            sent = relay_committed(
+                db, rt.redis, rt.settings.events_stream, event, rt.settings.replica_wait
+            )
+        metrics.inc(rt.redis, "events", sent)
+    except (redis.exceptions.RedisError, OperationalError) as exc:
+        log.warning("event left for the sweep: %s", type(exc).__name__)
 
 
 def queue_xadd(pipe: Any, stream: str, events: Sequence[OutboxEvent]) -> None:

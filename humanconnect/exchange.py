@@ -296,7 +296,7 @@ class Exchanger:
             # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
             self._mirror_final(job, row)
             return Outcome(RequestState.SUCCEEDED, upstream_calls=at.calls)
-        self._relay(event)
+        events.relay_now(self.rt, event)
         metrics.inc(self.rt.redis, "exchanges", outcome=kind)
         self._status(job, RequestState.FAILED, error=reason)
         log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
@@ -318,7 +318,7 @@ class Exchanger:
                 db, "connect.failed", targets=self.rt.webhook_targets, **_failed_fields(job, reason)
             )
             db.commit()
-        self._relay(event)
+        events.relay_now(self.rt, event)
         metrics.inc(self.rt.redis, "exchanges", outcome=ErrorKind.INTERNAL)
         self._status(job, RequestState.FAILED, error=reason)
 
@@ -342,14 +342,12 @@ class Exchanger:
             metrics.queue_inc(pipe, "events", 1)
         metrics.queue_inc(pipe, "exchanges", outcome=RequestState.SUCCEEDED)
         Breaker.queue_success(pipe)
-        status_records.queue_mark_claim(
-            pipe, redis_keys.session_claim(at.key), job.request_id, RequestState.SUCCEEDED
-        )
-        status_records.queue_state(
+        status_records.queue_outcome(
             pipe,
+            self.settings,
+            redis_keys.session_claim(at.key),
             job.request_id,
             RequestState.SUCCEEDED,
-            status_records.ttl_for(self.settings, RequestState.SUCCEEDED),
             **fields,
         )
         token = at.lock.queue_release(pipe)
@@ -369,21 +367,6 @@ class Exchanger:
         if event is not None and held:
             self.sent.add([event.id])
 
-    def _relay(self, event: OutboxEvent) -> None:
-        """Send a just-committed event now; if Redis is away the sweep sends it later."""
-        try:
-            with self.rt.db() as db:
-                sent = events.relay_committed(
-                    db,
-                    self.rt.redis,
-                    self.settings.events_stream,
-                    event,
-                    self.settings.replica_wait,
-                )
-            metrics.inc(self.rt.redis, "events", sent)
-        except (redis.exceptions.RedisError, OperationalError) as exc:
-            log.warning("event left for the sweep: %s", type(exc).__name__)
-
     def _mirror_final(self, job: Job, row: SessionRecord) -> None:
         """A duplicate delivery: copy the recorded outcome to this request's status_records."""
         fields: dict[str, str] = {"humanId": row.human_id}
@@ -400,11 +383,8 @@ class Exchanger:
     def _status(self, job: Job, state: RequestState, **fields: str) -> None:
         fields.setdefault("humanId", job.human_id)
         pipe = self.rt.redis.pipeline(transaction=False)
-        if state.final:
-            claim = redis_keys.session_claim(session_hash(job.session_token))
-            status_records.queue_mark_claim(pipe, claim, job.request_id, state)
-        ttl = status_records.ttl_for(self.settings, state)
-        status_records.queue_state(pipe, job.request_id, state, ttl, **fields)
+        claim = redis_keys.session_claim(session_hash(job.session_token))
+        status_records.queue_outcome(pipe, self.settings, claim, job.request_id, state, **fields)
         pipe.execute()
 
 

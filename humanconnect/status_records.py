@@ -63,6 +63,23 @@ def set_state(
     pipe.execute()
 
 
+def queue_outcome(
+    pipe: Any,
+    settings: Settings,
+    claim_key: str,
+    request_id: str,
+    state: RequestState,
+    **fields: str,
+) -> None:
+    """A worker's news of a request, in a pipeline the caller executes: its state and fields,
+    kept as long as a record in that state lives, and once it has ended, the session's claim
+    marked with how."""
+    state = RequestState(state)
+    if state.final:
+        queue_mark_claim(pipe, claim_key, request_id, state)
+    queue_state(pipe, request_id, state, ttl_for(settings, state), **fields)
+
+
 def queue_state(pipe: Any, request_id: str, state: RequestState, ttl_s: int, **fields: str) -> None:
     """`set_state`'s commands, added to a pipeline the caller executes."""
     state = RequestState(state)
