@@ -17,6 +17,8 @@ from sqlalchemy import create_engine, text
 
 from bench import record
 from bench.abuse import abuse_scenario
+from bench.connect import connect_scenario
+from bench.cpu import cpu_scenario
 from bench.harness import body, closed_loop, open_loop, stack
 from bench.knee import knee_scenario
 from bench.repair import repair_scenario
@@ -26,6 +28,7 @@ from bench.step import RATE as STEP_RATE
 from bench.step import SECONDS as STEP_SECONDS
 from bench.step import step_scenario
 from bench.throughput import DEFAULT_MAX_RPS, drain, saturation
+from bench.tracing import print_tracing, tracing_scenario
 from bench.webhooks import webhooks_scenario
 from humanconnect.sandbox.standin import Faults
 
@@ -145,6 +148,9 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "knee": lambda a: knee_scenario(),
     "replicas": lambda a: replicas_scenario(),
     "retention": lambda a: retention_scenario(a.retention_sessions),
+    "connect": lambda a: connect_scenario(),
+    "tracing": lambda a: tracing_scenario(),
+    "cpu": lambda a: cpu_scenario(),
 }
 
 
@@ -283,12 +289,14 @@ def _print_table(results: dict[str, Any]) -> None:
         )
     step = results.get("step")
     if step:
-        st = Table(title=f"step: idle, then {STEP_RATE} finishes/s for {STEP_SECONDS} s")
-        for col in ("variant", "answers", "p99 ms", "p99 ms of each second"):
+        st = Table(title=f"step: idle, then finishes for {STEP_SECONDS} s")
+        for col in ("variant", "rate", "answers", "p99 ms", "p99 ms of each second", "cores"):
             st.add_column(col, justify="right")
         for name, r in step.items():
             per_second = ", ".join(f"{v:.0f}" for v in r["p99_ms_per_second"])
-            st.add_row(name, str(r["codes"]), f"{r['p99_ms']:.1f}", per_second)
+            cores = ", ".join(f"{n} {c:.2f}" for n, c in r.get("cores", {}).items())
+            rate = f"{r.get('rate', STEP_RATE)}/s"
+            st.add_row(name, rate, str(r["codes"]), f"{r['p99_ms']:.1f}", per_second, cores)
         console.print(st)
     rep = Table(title="publicToken repair by one worker process")
     for col in ("run", "users", "seconds", "users/s", "limit", "share of limit", "worker MB"):
@@ -332,6 +340,11 @@ def _print_table(results: dict[str, Any]) -> None:
     replicas = results.get("replicas")
     if replicas:
         _print_replicas(console, replicas)
+    if results.get("tracing"):
+        print_tracing(console, results["tracing"])
+    cpu = results.get("cpu")
+    if cpu:
+        _print_cpu(console, cpu)
     ret = results.get("retention")
     if ret:
         for what, size in ret["redis_bytes_per_session"].items():
@@ -340,6 +353,28 @@ def _print_table(results: dict[str, Any]) -> None:
             f"retention: rows after {ret['accepted']} sessions {ret['rows_when_finished']}, "
             f"after the job {ret['rows_after_retention']}"
         )
+
+
+def _print_cpu(console: Any, cpu: dict[str, Any]) -> None:
+    for suffix, how in (("", "open loop"), (", saturated", "saturated")):
+        web, floor = cpu[f"web{suffix}"], cpu[f"trivial ASGI app{suffix}"]
+        console.print(
+            f"cpu: web ({how}) {web['cpu_ms_per_request']:.3f} ms per accepted finish "
+            f"({web['codes']}), trivial ASGI app {floor['cpu_ms_per_request']:.3f} ms per "
+            f"request: {cpu[f'web vs trivial{suffix}']:.2f}x"
+        )
+    limited = next(v for k, v in cpu.items() if k.startswith("worker, limit"))
+    console.print(
+        f"cpu: worker {cpu['worker, unthrottled']['cpu_s_per_exchange'] * 1000:.2f} ms per "
+        f"exchange unthrottled ({cpu['worker, unthrottled']['rate']:.0f}/s), "
+        f"{limited['cpu_s_per_exchange'] * 1000:.2f} ms at the limit, no-op task "
+        f"{cpu['no-op tasks']['cpu_s_per_task'] * 1000:.2f} ms"
+    )
+    for name, prof in (cpu.get("profiles") or {}).items():
+        for kind in ("self", "ours"):
+            if prof and prof.get(kind):
+                top = ", ".join(f"{f} {share:.0%}" for f, share in prof[kind][:6])
+                console.print(f"cpu profile, {name} ({prof['samples']} samples), {kind}: {top}")
 
 
 def _print_replicas(console: Any, rep: dict[str, Any]) -> None:

@@ -34,6 +34,8 @@ CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
 CLIENT_SECRET = "bench0000bench0000bench0000bench00000000"
 FERNET_KEY = "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg="
 TICKET_KEY = "bench-ticket-key-0123456789abcdef0123"
+#: The service's app on the Procfile's `web` command line (a factory).
+SERVICE_APP = "producer.main:app"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,6 +43,13 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def cpu_s(pid: int) -> float:
+    """The CPU a process has used so far, user and system, all its threads (/proc, seconds)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime: the stat's 14th and 15th fields, the 12th and 13th after the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -82,6 +91,7 @@ class StandInProcess:
             *("--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET),
             *("--latency-ms", str(f.latency_ms), "--p503", str(f.p503), "--p429", str(f.p429)),
             *("--pdrop", str(f.pdrop), "--retry-after-s", str(f.retry_after_s), "--seed", "1"),
+            *("--rate-limit-rps", str(f.rate_limit_rps)),
         ]
         self.process = Process("standin", argv, log=self.workdir / "standin.log")
         wait_http(self.url + "/_standin/stats", self.process)
@@ -120,19 +130,19 @@ class Stack:
         for name, proc in self.procs.items():
             self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss_mb(proc.pid))
 
-    def start_web(self, *extra: str, app: str = "producer.main:app") -> str:
+    def start_web(self, *extra: str, app: str = SERVICE_APP) -> str:
         """The Procfile's `web` command (or another ASGI app on the same command line, for
         the inline baseline); options given again in `extra` override it."""
         port = free_port()
         argv = commands(port, self.workdir)["web"]
-        if app != "producer.main:app":
+        if app != SERVICE_APP:
             # Another module's ready-made app, not the service's factory.
-            argv[argv.index("producer.main:app")] = app
+            argv[argv.index(SERVICE_APP)] = app
             argv.remove("--factory")
         web = self.spawn("web", [*argv, "--log-level", "warning", *extra])
         self.web_url = f"http://127.0.0.1:{port}"
         # The service answers /readyz once its start (the warm-up too) is done.
-        ready = "/readyz" if app == "producer.main:app" else "/openapi.json"
+        ready = "/readyz" if app == SERVICE_APP else "/openapi.json"
         wait_http(self.web_url + ready, web)
         return self.web_url
 
@@ -196,6 +206,7 @@ def stack(
     env.update(
         DATABASE_URL=db_url,
         HUMANAPI_BASE_URL=standin.url,
+        HUMANAPI_AUTH_URL=standin.url,
         HUMANAPI_CLIENT_ID=CLIENT_ID,
         HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
         HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,
@@ -221,16 +232,24 @@ def idle_then_burst(
     bodies: list[dict[str, str]],
     rate: float,
 ) -> dict[str, Any]:
-    """A fresh stack (upstream at 200 ms) running `app`, with a worker beside it if asked,
-    left idle `idle_s`, then `bodies` sent open loop at `rate`: the step and knee scenarios'
-    one measurement."""
+    """A fresh stack (upstream at 200 ms) running `app`, with a worker and beat beside it if
+    asked, left idle `idle_s`, then `bodies` sent open loop at `rate`: the step and knee
+    scenarios' one measurement."""
     s = stack(Faults(latency_ms=200), max_rps=max_rps)
     try:
         if worker:
+            # Beat too, as every deployment runs it: its sweeps share the cores.
             s.start_worker()
+            s.start_beat()
         url = s.start_web(app=app)
         time.sleep(idle_s)
-        return asyncio.run(open_loop(url, bodies, rate))
+        pids = {name: p.pid for name, p in s.procs.items() if name in ("web", "worker", "beat")}
+        cpu0, t0 = {n: cpu_s(pid) for n, pid in pids.items()}, time.perf_counter()
+        result = asyncio.run(open_loop(url, bodies, rate))
+        wall = time.perf_counter() - t0
+        # Cores each process used over the burst: what it took from the other on 2 cores.
+        result["cores"] = {n: (cpu_s(pid) - cpu0[n]) / wall for n, pid in pids.items()}
+        return result
     finally:
         s.close()
 
@@ -349,3 +368,35 @@ async def _open_loop(
         "max_ms": max(latencies),
         "p99_ms_per_second": [round(percentile(seconds[k], 99), 1) for k in sorted(seconds)],
     }
+
+
+def web_pass(
+    s: Stack, url: str, run: str, *, rate: float, seconds: float, requests: int
+) -> dict[str, Any]:
+    """One started web's figures: a warm-up of 200, an open loop at `rate` for `seconds`,
+    then a saturation closed loop of `requests` at concurrency 100 (the replicas and tracing
+    scenarios' pass)."""
+    asyncio.run(closed_loop(url, [body(i, run + "w") for i in range(200)], 100))
+    users = int(rate * seconds)
+    ol = asyncio.run(open_loop(url, [body(i, run + "o") for i in range(users)], rate))
+    sat = asyncio.run(closed_loop(url, [body(i, run + "s") for i in range(requests)], 100))
+    s.sample_rss()
+    return {
+        "open_loop": {k: ol[k] for k in ("codes", "p50_ms", "p99_ms", "max_ms")},
+        "saturation": {
+            "requests": sat["requests"],
+            "seconds": sat["seconds"],
+            "codes": sat["codes"],
+            "accepted_per_s": sat["codes"].get(202, 0) / sat["seconds"],
+            "p99_ms": sat["p99_ms"],
+        },
+    }
+
+
+def summed_codes(rounds: list[dict[str, Any]], part: str) -> dict[int, int]:
+    """Answers by status code over every round's `part` (a `web_pass` result's)."""
+    total: dict[int, int] = {}
+    for r in rounds:
+        for code, n in r[part]["codes"].items():
+            total[code] = total.get(code, 0) + n
+    return dict(sorted(total.items()))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.harness import body, idle_then_burst
+from bench.harness import SERVICE_APP, body, idle_then_burst
 
 STEP = 100
 CEILING = 3000
@@ -34,7 +34,7 @@ SECONDS = 5
 IDLE_S = 2.0
 P99_MS = 50.0
 DESIGNS: dict[str, dict[str, Any]] = {
-    "humanconnect": {"app": "producer.main:app", "worker": True, "accepted": 202},
+    "humanconnect": {"app": SERVICE_APP, "worker": True, "accepted": 202},
     "inline exchange (the guide's design)": {
         "app": "bench.sync_baseline:app",
         "worker": False,

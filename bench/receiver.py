@@ -1,5 +1,7 @@
 """A webhook receiver for the benchmark, in a process of its own: answers 204 at once
-(`--mode ok`), or reads the request and never answers (`--mode hang`).
+(`--mode ok`), or reads the request and never answers (`--mode hang`). The tracing scenario
+uses it as its OTLP receiver too. A GET answers how many requests it read, and their bytes
+(`<requests> <bytes>`), so a scenario can tell that its receiver was used.
 
 A bare asyncio protocol on uvloop rather than a web framework: the benchmark measures the
 service's cost of delivering, and the receiver shares the machine's cores with it, so it
@@ -14,7 +16,13 @@ from typing import cast
 import uvloop
 
 NO_CONTENT = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
-ALIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+#: Requests read (GETs aside) and their bodies' bytes, across connections.
+READ = {"requests": 0, "bytes": 0}
+
+
+def _alive() -> bytes:
+    text = f"{READ['requests']} {READ['bytes']}".encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
 
 
 class Receiver(asyncio.Protocol):
@@ -42,8 +50,11 @@ class Receiver(asyncio.Protocol):
                 return
             self.buffer = self.buffer[end + 4 + length :]
             if head.startswith(b"get "):
-                self.transport.write(ALIVE)
-            elif not self.hang:
+                self.transport.write(_alive())
+                continue
+            READ["requests"] += 1
+            READ["bytes"] += length
+            if not self.hang:
                 self.transport.write(NO_CONTENT)
 
 

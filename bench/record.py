@@ -142,6 +142,8 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
         per_second = ", ".join(f"{v:.0f}" for v in r.get("p99_ms_per_second", []))
         _row(rows, "step", f"{variant}: p99 of each second", per_second or None, "ms")
         _row(rows, "step", f"{variant}: answers", r.get("codes"), "")
+        for proc, cores in r.get("cores", {}).items():
+            _row(rows, "step", f"{variant}: {proc}'s cores over the burst", cores, "")
     knee = results.get("knee")
     if knee:
         for design, r in knee.items():
@@ -157,6 +159,12 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
     rep = results.get("replicas")
     if rep:
         _replicas_rows(rows, rep)
+    tr = results.get("tracing")
+    if tr:
+        _tracing_rows(rows, tr)
+    cpu = results.get("cpu")
+    if cpu:
+        _cpu_rows(rows, cpu)
     ret = results.get("retention")
     if ret:
         for what, size in ret.get("redis_bytes_per_session", {}).items():
@@ -164,10 +172,44 @@ def figures(results: dict[str, Any]) -> list[dict[str, Any]]:
         for table, n in ret.get("rows_after_retention", {}).items():
             done = ret.get("rows_when_finished", {}).get(table)
             _row(rows, "retention", f"{table} rows, finished → after the job", f"{done} → {n}", "")
+    for design, r in results.get("connect", {}).items():
+        if not isinstance(r, dict):
+            continue
+        name = design.split(" (")[0]
+        _row(rows, "connect", f"{name}: wait for the token, p50", r.get("wait_p50_s"), "s")
+        _row(rows, "connect", f"{name}: p99", r.get("wait_p99_s"), "s")
+        _row(rows, "connect", f"{name}: served of {r.get('users')}", r.get("served"), "")
+        _row(rows, "connect", f"{name}: requests the people made", r.get("asks"), "")
+        _row(rows, "connect", f"{name}: calls the provider got", r.get("provider_calls"), "")
+        _row(rows, "connect", f"{name}: refused by the provider (429)", r.get("provider_429s"), "")
     for stack_name, r in results.get("accept_burst", {}).items():
         _row(rows, "accept_burst", f"{stack_name}: finishes", r.get("rate"), "/s")
         _row(rows, "accept_burst", f"{stack_name}: p99", r.get("p99_ms"), "ms")
     return rows
+
+
+def _cpu_rows(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> None:
+    """The CPU scenario's figures (bench/cpu.py): each process's CPU per unit of work beside
+    its floor, and the top of each profile."""
+    for name, r in cpu.items():
+        if not isinstance(r, dict) or name == "profiles":
+            if not isinstance(r, dict):
+                _row(rows, "cpu", name, r, "×")
+            continue
+        if "cpu_ms_per_request" in r:
+            unit = "accepted finish" if name == "web" else "request"
+            _row(rows, "cpu", f"{name}: CPU per {unit}", r["cpu_ms_per_request"], "ms")
+            _row(rows, "cpu", f"{name}: answers", r.get("codes"), "")
+        else:
+            each = "task" if "cpu_s_per_task" in r else "exchange"
+            seconds = r.get("cpu_s_per_exchange", r.get("cpu_s_per_task"))
+            _row(rows, "cpu", f"{name}: CPU per {each}", _ms(seconds), "ms")
+            _row(rows, "cpu", f"{name}: drained", r.get("rate"), "/s")
+    for name, prof in (cpu.get("profiles") or {}).items():
+        for kind, what in (("self", "top self"), ("ours", "top of this project's functions")):
+            if prof and prof.get(kind):
+                top = ", ".join(f"{f} {share:.0%}" for f, share in prof[kind][:6])
+                _row(rows, "cpu", f"profile, {name}: {what} ({prof['samples']} samples)", top, "")
 
 
 def _replicas_rows(rows: list[dict[str, Any]], rep: dict[str, Any]) -> None:
@@ -197,6 +239,25 @@ def _replicas_rows(rows: list[dict[str, Any]], rep: dict[str, Any]) -> None:
                 fo["runs_without_a_202"],
                 "",
             )
+
+
+def _tracing_rows(rows: list[dict[str, Any]], tr: dict[str, Any]) -> None:
+    """The tracing scenario's figures (bench/tracing.py): each variant's open-loop latency
+    and saturation, what the receiver got, and the ratios."""
+    at = f"at {(tr.get('sizes') or {}).get('rate', 300):g}/s"
+    for variant, r in tr.items():
+        if isinstance(r, dict) and "saturation_per_s" in r:
+            _row(rows, "tracing", f"{variant}: p50 {at}", r.get("p50_ms"), "ms")
+            _row(rows, "tracing", f"{variant}: p99 {at}", r.get("p99_ms"), "ms")
+            _row(rows, "tracing", f"{variant}: answers {at}", r.get("open_loop_codes"), "")
+            _row(rows, "tracing", f"{variant}: saturation", r.get("saturation_per_s"), "/s")
+            received = r.get("received")
+            if received:
+                exports = f"{received['export_requests']:,} ({received['bytes'] / 1e6:.1f} MB)"
+                _row(rows, "tracing", f"{variant}: exports the receiver got", exports, "")
+    for pair in ("on / off", "off / previous release"):
+        for figure, ratio in (tr.get(pair) or {}).items():
+            _row(rows, "tracing", f"{pair}: {figure}", ratio, "×")
 
 
 def _pct(share: float | None) -> float | None:

@@ -33,7 +33,15 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import Stack, body, closed_loop, open_loop, stack, ticket_headers
+from bench.harness import (
+    Stack,
+    body,
+    closed_loop,
+    stack,
+    summed_codes,
+    ticket_headers,
+    web_pass,
+)
 from humanconnect.cli.procs import wait_ready
 from humanconnect.cli.redis_group import RedisGroup
 from humanconnect.sandbox.standin import Faults
@@ -84,37 +92,13 @@ def _measure(
     _use(s, _variant_env(group, variant))
     url = s.start_web()
     try:
-        asyncio.run(closed_loop(url, [body(i, run + "w") for i in range(WARM)], CONCURRENCY))
-        users = int(rate * seconds)
-        ol = asyncio.run(open_loop(url, [body(i, run + "o") for i in range(users)], rate))
-        sat = asyncio.run(
-            closed_loop(url, [body(i, run + "s") for i in range(requests)], CONCURRENCY)
-        )
-        s.sample_rss()
+        return web_pass(s, url, run, rate=rate, seconds=seconds, requests=requests)
     finally:
         s.stop("web")
-    return {
-        "open_loop": {k: ol[k] for k in ("codes", "p50_ms", "p99_ms", "max_ms")},
-        "saturation": {
-            "requests": sat["requests"],
-            "seconds": sat["seconds"],
-            "codes": sat["codes"],
-            "accepted_per_s": sat["codes"].get(202, 0) / sat["seconds"],
-            "p99_ms": sat["p99_ms"],
-        },
-    }
 
 
 def _mean(rounds: list[dict[str, Any]], part: str, key: str) -> float:
     return statistics.fmean(r[part][key] for r in rounds)
-
-
-def _codes(rounds: list[dict[str, Any]], part: str) -> dict[int, int]:
-    total: dict[int, int] = {}
-    for r in rounds:
-        for code, n in r[part]["codes"].items():
-            total[code] = total.get(code, 0) + n
-    return dict(sorted(total.items()))
 
 
 def _cost(
@@ -130,9 +114,9 @@ def _cost(
         out[variant] = {
             "p50_ms": _mean(measured, "open_loop", "p50_ms"),
             "p99_ms": _mean(measured, "open_loop", "p99_ms"),
-            "open_loop_codes": _codes(measured, "open_loop"),
+            "open_loop_codes": summed_codes(measured, "open_loop"),
             "saturation_per_s": _mean(measured, "saturation", "accepted_per_s"),
-            "saturation_codes": _codes(measured, "saturation"),
+            "saturation_codes": summed_codes(measured, "saturation"),
             "rounds": measured,
         }
     rep, unrep, url = out[REPLICATED], out[UNREPLICATED], out[URL_BASELINE]

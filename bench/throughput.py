@@ -4,15 +4,16 @@ the plain-Celery figure it is measured against."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from bench.harness import BIN, Stack, body, closed_loop, count, stack
+from bench.harness import BIN, Stack, body, closed_loop, count, cpu_s, stack
+from bench.profile import Profile
 from humanconnect.cli.procs import ALONE
 from humanconnect.crypto import Cipher
 from humanconnect.queue import EXCHANGE_TASK, sender
@@ -26,11 +27,6 @@ KWARGS = {
     "client_id": "c" * 40,
     "received_us": 1,
 }
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sender(s: Stack) -> Celery:
@@ -79,11 +75,13 @@ def drain_one(
     beat: bool = False,
     prepare: Callable[[Stack], None] | None = None,
     after: Callable[[Stack, float, int], dict[str, Any]] | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Queue `sessions` through the web, then start a worker (and beat, if asked) and time
     until all are stored, at the upstream limit `max_rps`. `prepare` adjusts the stack before
     the web starts; `after` adds figures once the drain is done (given the stack, when the
-    drain started and how many sessions it drained).
+    drain started and how many sessions it drained); `profile`, py-spy's samples of the
+    worker while it drains (bench/profile.py).
 
     Rate and CPU count from the first session stored: the worker's own start (imports, about
     1.5 s of CPU) is no exchange's cost, and would swamp a small drain's figure."""
@@ -103,13 +101,14 @@ def drain_one(
         spawned = time.monotonic()
         while (first := _stored(s.env["DATABASE_URL"])) == 0 and time.monotonic() - spawned < 60:
             time.sleep(0.01)
-        cpu0 = _cpu_s(worker.pid)
-        started = time.monotonic()
-        while _stored(s.env["DATABASE_URL"]) < sessions and time.monotonic() - started < 300:
-            s.sample_rss()
-            time.sleep(0.25)
-        elapsed = time.monotonic() - started
-        cpu = _cpu_s(worker.pid) - cpu0
+        with Profile(worker.pid, profile) if profile else nullcontext():
+            cpu0 = cpu_s(worker.pid)
+            started = time.monotonic()
+            while _stored(s.env["DATABASE_URL"]) < sessions and time.monotonic() - started < 300:
+                s.sample_rss()
+                time.sleep(0.25)
+            elapsed = time.monotonic() - started
+            cpu = cpu_s(worker.pid) - cpu0
         timed = sessions - first
         result = {
             "sessions": sessions,
@@ -125,8 +124,9 @@ def drain_one(
         s.close()
 
 
-def _drain_noop(sessions: int) -> dict[str, Any]:
-    """The same number of no-op tasks through a worker with the same settings."""
+def drain_noop(sessions: int, profile: Path | None = None) -> dict[str, Any]:
+    """The same number of no-op tasks through a worker with the same settings (`profile`:
+    py-spy's samples of it while it drains)."""
     import redis
 
     s = stack(Faults())
@@ -142,16 +142,18 @@ def _drain_noop(sessions: int) -> dict[str, Any]:
         while r.llen(QUEUE) == sessions and time.monotonic() - spawned < 60:
             time.sleep(0.005)
         left = r.llen(QUEUE) + r.hlen(UNACKED)
-        cpu0 = _cpu_s(proc.pid)
-        started = time.monotonic()
-        while (r.llen(QUEUE) or r.hlen(UNACKED)) and time.monotonic() - started < 120:
-            time.sleep(0.05)
-        elapsed = time.monotonic() - started
+        with Profile(proc.pid, profile) if profile else nullcontext():
+            cpu0 = cpu_s(proc.pid)
+            started = time.monotonic()
+            while (r.llen(QUEUE) or r.hlen(UNACKED)) and time.monotonic() - started < 120:
+                time.sleep(0.05)
+            elapsed = time.monotonic() - started
+            cpu = cpu_s(proc.pid) - cpu0
         return {
             "sessions": sessions,
             "seconds": elapsed,
             "rate": left / elapsed,
-            "cpu_s_per_task": (_cpu_s(proc.pid) - cpu0) / left,
+            "cpu_s_per_task": cpu / left,
         }
     finally:
         s.close()
@@ -169,7 +171,7 @@ def drain(sessions: int = 5000) -> dict[str, Any]:
     zero = drain_one(0, sessions)
     hundred = drain_one(100, sessions)
     limited = drain_one(200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS)
-    noop = _drain_noop(sessions)
+    noop = drain_noop(sessions)
     return {
         "0 ms": zero,
         "100 ms": hundred,

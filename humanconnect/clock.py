@@ -2,6 +2,8 @@
 
 from datetime import UTC, datetime
 
+import redis
+
 
 def now() -> datetime:
     """The current time, timezone-aware UTC."""
@@ -22,3 +24,15 @@ def timestamp(stamp: datetime) -> float:
 def now_us() -> int:
     """`now()` in microseconds since the epoch."""
     return to_us(now().timestamp())
+
+
+def iso_from_us(us: int) -> str:
+    """µs since the epoch as ISO 8601, UTC."""
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC).isoformat()
+
+
+def redis_us(r: redis.Redis) -> int:
+    """Redis's clock, in µs since the epoch: the one clock every host shares (receive times,
+    erasure marks)."""
+    seconds, micros = r.time()
+    return int(seconds) * 1_000_000 + int(micros)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import bindparam, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from humanconnect import events, metrics, status_records
+from humanconnect.clock import redis_us
 from humanconnect.errors import HumanConnectError
-from humanconnect.redis_keys import request_status, session_claim
+from humanconnect.redis_clients import as_text
+from humanconnect.redis_keys import access_claim, connect_token, request_status, session_claim
 from humanconnect.request import Job
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind, RequestState
@@ -77,17 +79,26 @@ def serialize(db: Session, client_user_id: str) -> None:
         db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key - (1 << 63)})
 
 
+#: `marked`'s query, built once: every exchange asks it twice, and building it anew (the
+#: IN over a list, its cache key) cost more CPU than running it.
+_MARKED = (
+    select(func.count())
+    .select_from(Erasure)
+    .where(
+        Erasure.mark.in_(bindparam("marks", expanding=True)),
+        Erasure.erased_us >= bindparam("since"),
+    )
+)
+
+
 def marked(db: Session, identifiers: Iterable[str | None], received_us: int) -> bool:
     """Whether any of these ids (clientUserId, humanId) was erased after `received_us`."""
     keys = [mark(i) for i in identifiers if i]
     if not keys:
         return False
-    found = db.scalar(
-        select(func.count())
-        .select_from(Erasure)
-        .where(Erasure.mark.in_(keys), Erasure.erased_us >= received_us)
-    )
-    return bool(found)
+    # Core on the session's connection (same transaction): the ORM's execute path cost more
+    # than the query (an exchange asks it twice).
+    return bool(db.connection().scalar(_MARKED, {"marks": keys, "since": received_us}))
 
 
 def erased_since(rt: Runtime, job: Job) -> bool:
@@ -111,12 +122,15 @@ def erase(rt: Runtime, client_user_id: str) -> Erased | None:
     """Erase the user everywhere; None when the service holds nothing of them. Emits one
     `user.erased` event (and its webhooks). Raises a database or Redis error with the user
     still in the database (call again)."""
-    redis_now = _redis_us(rt.redis)
+    redis_now = redis_us(rt.redis)
     with rt.db() as db:
         serialize(db, client_user_id)
         found = _theirs(db, client_user_id)
         if found is None:
             db.rollback()
+            # Nothing stored, but a Connect token may be kept for them (opened, never
+            # finished): it goes all the same.
+            rt.redis.delete(connect_token(client_user_id), access_claim(client_user_id))
             return None
         _delete_rows(db, found)
         _leave_marks(db, found, redis_now)
@@ -224,11 +238,6 @@ def _leave_marks(db: Session, found: _Found, erased_us: int) -> None:
     db.add_all(Erasure(mark=k, erased_us=erased_us) for k in keys)
 
 
-def _redis_us(r: redis.Redis) -> int:
-    seconds, micros = r.time()
-    return int(seconds) * 1_000_000 + int(micros)
-
-
 def _clean_redis(rt: Runtime, erased: Erased, stream: str) -> int:
     """Their status records, claims and stream entries: those of the sessions the database
     had, and those of finishes still queued that no worker has recorded yet (found by their
@@ -241,6 +250,8 @@ def _clean_redis(rt: Runtime, erased: Erased, stream: str) -> int:
         pipe.delete(request_status(request_id))
     for key in erased.session_hashes:
         pipe.delete(session_claim(key))
+    # The current flow's: a finish claim to coalesce into, a Connect token kept for them.
+    pipe.delete(access_claim(erased.client_user_id), connect_token(erased.client_user_id))
     removed += sum(int(n) for n in pipe.execute())
     for request_id in _records_of(r, erased.human_ids):
         end_status(r, request_id, status_records.ttl_for(rt.settings, RequestState.FAILED))
@@ -278,8 +289,8 @@ def _records_of(r: redis.Redis, human_ids: set[str]) -> list[str]:
         for key in keys:
             pipe.hget(key, "humanId")
         for key, human in zip(keys, pipe.execute(), strict=True):
-            if human is not None and _text(human) in human_ids:
-                found.append(_text(key)[len(prefix) :])
+            if human is not None and as_text(human) in human_ids:
+                found.append(as_text(key)[len(prefix) :])
     return found
 
 
@@ -313,14 +324,12 @@ def _delete_stream_entries(
         doomed = [
             entry_id
             for entry_id, fields in entries
-            if _names({_text(k): _text(v) for k, v in fields.items()}, client_user_id, human_ids)
+            if _names(
+                {as_text(k): as_text(v) for k, v in fields.items()}, client_user_id, human_ids
+            )
         ]
         if doomed:
             removed += int(r.xdel(stream, *doomed))
         if len(entries) < SCAN_BATCH:
             return removed
-        start = "(" + _text(entries[-1][0])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        start = "(" + as_text(entries[-1][0])

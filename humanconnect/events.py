@@ -20,7 +20,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from humanconnect import metrics
+from humanconnect import metrics, tracing
 from humanconnect.clock import now, timestamp
 from humanconnect.storage.models import OutboxEvent, outbox_table
 from humanconnect.webhooks import deliveries
@@ -50,6 +50,8 @@ def _row(type_: str, fields: dict[str, str], stamp: datetime) -> dict[str, objec
         raise ValueError(f"events never carry {sorted(leaked)}")
     event_id = str(uuid.uuid4())
     body = {"type": type_, "eventId": event_id, "occurredAt": stamp.isoformat(), **fields}
+    # With tracing on, the finish's trace, for a later relay or webhook attempt (not sent).
+    body.update(tracing.carrier())
     return {"event_id": event_id, "fields": json.dumps(body), "created_at": stamp}
 
 
@@ -127,11 +129,18 @@ def relay_now(rt: Runtime, event: OutboxEvent) -> None:
         log.warning("event left for the sweep: %s", type(exc).__name__)
 
 
+def payload(fields: str) -> tuple[dict[str, Any], str | None]:
+    """An outbox row's event as it is sent (stream, webhooks), and the traceparent of the
+    finish that wrote it, which is stored beside it and never sent."""
+    event = json.loads(fields)
+    return event, event.pop(tracing.CONTEXT_FIELD, None)
+
+
 def queue_xadd(pipe: Any, stream: str, events: Sequence[OutboxEvent]) -> None:
     """The stream entries for `events`, added to a pipeline the caller executes; call
     `mark_sent` once it has."""
     for event in events:
-        pipe.xadd(stream, json.loads(event.fields), maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.xadd(stream, payload(event.fields)[0], maxlen=STREAM_MAXLEN, approximate=True)
 
 
 def mark_sent(db: Session, ids: Sequence[int]) -> None:
@@ -223,7 +232,11 @@ def relay_pending(
         # Two sweepers never take the same rows.
         query = query.with_for_update(skip_locked=True)
     events = [e for e in db.scalars(query).all() if timestamp(e.created_at) <= cutoff]
-    return _send(db, r, stream, events, wait)
+    if not events:
+        return 0
+    # Later and in a batch: linked to each event's finish, not a part of one.
+    with tracing.relay(payload(e.fields)[1] for e in events):
+        return _send(db, r, stream, events, wait)
 
 
 def replicas_keeping_up(r: redis.Redis) -> int:

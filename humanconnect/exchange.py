@@ -2,8 +2,9 @@
 
 Plain functions and one class, testable without Celery. The task only maps an `Outcome` to
 "done" or "retry later". The `sessions` record (humanconnect/storage/sessions.py) makes a delivery
-idempotent, the session lock (humanconnect/locks.py) keeps two deliveries apart, and every
-upstream call goes through the guard (humanconnect/upstream/guard.py).
+idempotent, the session lock (humanconnect/locks.py) keeps two deliveries apart, every
+upstream call goes through the guard (humanconnect/upstream/guard.py), and a failure is
+written down by humanconnect/failure_record.py.
 """
 
 from __future__ import annotations
@@ -11,38 +12,31 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import redis
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_random_exponential,
-)
+from sqlalchemy.orm import Session
+from tenacity import RetryCallState
 
-from humanconnect import erasure, events, metrics, redis_keys, status_records
+from humanconnect import erasure, events, metrics, redis_keys
+from humanconnect.announce import Announcer
 from humanconnect.clock import now_us, to_us
 from humanconnect.crypto import session_hash
 from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from humanconnect.failure_record import FailureRecord, store_retrying
 from humanconnect.locks import SessionLock
-from humanconnect.request import Job
+from humanconnect.minting import Minter
+from humanconnect.request import Flow, Job
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind, RequestState
 from humanconnect.storage import sessions
-from humanconnect.storage.models import OutboxEvent, SessionRecord
-from humanconnect.storage.tokens import save_tokens, sealed_public_token
-from humanconnect.upstream.breaker import Breaker
+from humanconnect.storage.models import OutboxEvent
+from humanconnect.storage.tokens import save_tokens
 from humanconnect.upstream.client import Tokens, exchange_tokens
 from humanconnect.upstream.guard import AcquireSlot, UpstreamGuard
 from humanconnect.upstream.retry import backoff, retry_cause
 
 log = logging.getLogger(__name__)
 
-#: How long the store step keeps trying through a database outage. The upstream has
-#: consumed the session token by then: giving up would lose the user.
-STORE_PATIENCE_S = 600.0
 # Pause before looking again at a session another delivery is working on.
 BUSY_COUNTDOWN_S = 5.0
 MISMATCH_REASON = (
@@ -90,7 +84,10 @@ class Exchanger:
         self.rt = rt
         self.settings = rt.settings
         self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)
-        self.sent = events.SentMarks(rt.db)
+        #: An access finish's fetch (the provider's current flow).
+        self.minter = Minter(rt, acquire_slot)
+        self.announce = Announcer(rt)
+        self.failures = FailureRecord(rt, self.announce)
 
     def run(self, job: Job, *, retries: int = 0) -> Outcome:
         """Exchange `job` unless it is already done or being done by another delivery."""
@@ -107,6 +104,7 @@ class Exchanger:
             if not erasure.erased_since(self.rt, job):
                 raise
             erasure.end_finish(self.rt, job.request_id, key)
+            self.announce.release_access_claim(job)
             return Outcome(RequestState.FAILED, error=erasure.ERASED_ERROR)
         finally:
             lock.release_quietly(job.request_id)  # else released with the success's round trip
@@ -124,6 +122,7 @@ class Exchanger:
                 received_us=job.received_us,
                 sealed_session_token=self.rt.cipher.seal(job.session_token),
                 expected_client_user_id=job.expected_client_user_id,
+                connected_sources=job.connected_sources,
             )
             if erasure.marked(db, (job.human_id, job.expected_client_user_id), job.received_us):
                 raise erasure.ErasedMeanwhile(job.request_id)  # the row created is rolled back
@@ -133,18 +132,25 @@ class Exchanger:
                 row.ambiguous or (row.state == RequestState.RUNNING and row.attempts > 0)
             )
             if not first and not finished:
+                # An access token can be fetched again, so unlike a single-use session
+                # token the record is asked too (sessions.attempt_under_way says why).
+                lock_s = self.settings.session_lock_s
+                if job.flow is Flow.ACCESS and sessions.attempt_under_way(row, lock_s):
+                    db.rollback()
+                    return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
                 sessions.begin_attempt(row)
             db.commit()
         if finished:
             # Outside that session: SQLite runs on one pooled connection per process.
-            self._mirror_final(job, row)
+            self.announce.mirror_final(job, row)
             return Outcome(row.state, error=row.error)
 
         try:
             tokens = self._exchange_inline(at)
         except PermanentUpstreamError as exc:
             self._observe(at)
-            lost = ambiguous_before or at.ambiguous
+            # Only a session token is single-use: an access fetch refused is just refused.
+            lost = (ambiguous_before or at.ambiguous) and job.flow is Flow.TOKENS
             kind = ErrorKind.ANSWER_LOST if lost else ErrorKind.PERMANENT
             return self._fail(at, exc.reason, kind)
         except TransientUpstreamError as exc:
@@ -161,7 +167,7 @@ class Exchanger:
                 return self._fail(at, reason, ErrorKind.TRANSIENT)
             with self.rt.db() as db:
                 sessions.mark_retrying(db, at.key, exc.reason, at.ambiguous)
-            self._status(job, RequestState.RETRYING)
+            self.announce.status(job, RequestState.RETRYING)
             metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="queue")
             return Outcome(
                 RequestState.RETRYING, retry_in=pause, error=exc.reason, upstream_calls=at.calls
@@ -171,14 +177,14 @@ class Exchanger:
         if expected is not None and tokens.client_user_id != expected:
             # Someone opened Connect as another user: none of this answer is kept.
             self._observe(at)
-            return self._fail(at, MISMATCH_REASON, ErrorKind.CLIENT_USER_MISMATCH)
+            return self._fail(at, MISMATCH_REASON, ErrorKind.CLIENT_USER_MISMATCH, answered=True)
 
         try:
             applied, event = self._store(at, tokens)
         except PermanentUpstreamError as exc:
             self._observe(at)
             return self._fail(at, exc.reason, ErrorKind.PERMANENT)
-        self._announce_success(at, tokens, event)
+        self.announce.success(job, tokens, event, at.lock, at.timings)
         log.info(
             "exchange succeeded request=%s calls=%d newest=%s", job.request_id, at.calls, applied
         )
@@ -207,6 +213,16 @@ class Exchanger:
                 exc.reason if isinstance(exc, UpstreamError) else type(exc).__name__,
             )
 
+        if job.flow is Flow.ACCESS:
+            return self.minter.fetch_access(
+                job.expected_client_user_id or "",
+                None,
+                at.timings,
+                before=before,
+                before_sleep=note,
+                priority=job.waiting,
+            )
+
         def call() -> Tokens:
             return exchange_tokens(
                 s.base_url,
@@ -230,19 +246,15 @@ class Exchanger:
         user, so this step retries far longer than the others, renewing the lock each time.
         """
         job = at.job
-        for attempt in Retrying(
-            retry=retry_if_exception_type((OperationalError, PoolTimeout)),
-            stop=stop_after_delay(STORE_PATIENCE_S),
-            wait=wait_random_exponential(multiplier=0.2, max=5.0),
-            reraise=True,
-        ):
-            at.lock.renew_if_reachable()
+        for attempt in store_retrying(before=at.lock.renew_if_reachable):
             with attempt, self.rt.db() as db:
                 erasure.serialize(db, tokens.client_user_id)
                 # Only a session not yet succeeded: if a connection broke while an earlier
                 # attempt's COMMIT was in flight, that commit may have landed, and its
                 # event must stay the only one.
-                landed = not sessions.mark_succeeded(db, at.key, tokens.client_user_id)
+                landed = not sessions.mark_succeeded(
+                    db, at.key, tokens.client_user_id, job.human_id or tokens.human_id
+                )
                 # Read after that first write: on SQLite it holds the write lock by now, so
                 # an erasure is wholly before this or wholly after.
                 ids = (tokens.client_user_id, tokens.human_id, job.human_id)
@@ -254,16 +266,8 @@ class Exchanger:
                         "store had landed before its connection broke request=%s", job.request_id
                     )
                     return False, None
-                applied = save_tokens(
-                    db,
-                    self.rt.cipher,
-                    human_id=tokens.human_id,
-                    client_user_id=tokens.client_user_id,
-                    access_token=tokens.access_token,
-                    public_token=tokens.public_token,
-                    received_us=job.received_us,
-                    session_hash=at.key,
-                )
+                applied = self._save(db, at, tokens)
+                extra = {"connectedSources": job.connected_sources} if job.connected_sources else {}
                 event = events.record(
                     db,
                     "connect.completed",
@@ -271,126 +275,55 @@ class Exchanger:
                     humanId=tokens.human_id,
                     clientUserId=tokens.client_user_id,
                     requestId=job.request_id,
+                    **extra,
                 )
                 db.commit()
                 return applied, event
         raise RuntimeError("the store's retries ended without an outcome")  # pragma: no cover
 
-    def _fail(self, at: _Attempt, reason: str, kind: ErrorKind) -> Outcome:
-        job = at.job
+    def _save(self, db: Session, at: _Attempt, tokens: Tokens) -> bool:
+        """The tokens into the user's row: a session's whole set, or an access finish's
+        token and its expiry."""
+        return save_tokens(
+            db,
+            self.rt.cipher,
+            human_id=tokens.human_id,
+            client_user_id=tokens.client_user_id,
+            access_token=tokens.access_token,
+            public_token=tokens.public_token,
+            received_us=at.job.received_us,
+            session_hash=at.key,
+            access_expires_us=tokens.access_expires_us,
+        )
+
+    def _fail(
+        self, at: _Attempt, reason: str, kind: ErrorKind, *, answered: bool = False
+    ) -> Outcome:
+        """Record the session failed (humanconnect/failure_record.py). `answered`: the
+        upstream consumed the token, so the record rides out a database outage."""
         if kind is ErrorKind.ANSWER_LOST:
             reason = ANSWER_LOST_REASON.format(reason=reason)
-        with self.rt.db() as db:
-            row = sessions.locked(db, at.key)
-            stored = row.state == RequestState.SUCCEEDED
-            if not stored:
-                sessions.mark_failed(row, reason, kind)
-                event = events.record(
-                    db,
-                    "connect.failed",
-                    targets=self.rt.webhook_targets,
-                    **_failed_fields(job, reason),
-                )
-            db.commit()
-        if stored:
-            # A delivery whose lock had lapsed stored the tokens meanwhile: that stands.
-            self._mirror_final(job, row)
+        state = self.failures.record(at.job, at.key, at.lock, reason, kind, answered=answered)
+        if state == RequestState.SUCCEEDED:
             return Outcome(RequestState.SUCCEEDED, upstream_calls=at.calls)
-        events.relay_now(self.rt, event)
-        metrics.inc(self.rt.redis, "exchanges", outcome=kind)
-        self._status(job, RequestState.FAILED, error=reason)
-        log.warning("exchange failed request=%s kind=%s reason=%s", job.request_id, kind, reason)
         return Outcome(RequestState.FAILED, error=reason, upstream_calls=at.calls)
+
+    def note_outage(self, job: Job, reason: str) -> None:
+        """An access finish's delivery stopped by our own Redis or database: its record says
+        it is no longer running, so its retry is not taken for another delivery under way
+        (`sessions.attempt_under_way`). Best effort: with the database away too, the retry waits
+        out the lock's term instead."""
+        if job.flow is not Flow.ACCESS:
+            return  # a session's `running` record is what marks a call maybe unanswered
+        try:
+            with self.rt.db() as db:
+                sessions.pause_running(db, session_hash(job.session_token), reason)
+        except (OperationalError, PoolTimeout):
+            pass
 
     def fail_internal(self, job: Job, reason: str) -> None:
         """Record a failure that is ours, not the upstream's (retries of a bug ran out)."""
-        key = session_hash(job.session_token)
-        if erasure.erased_since(self.rt, job):
-            erasure.end_finish(self.rt, job.request_id, key)
-            return
-        with self.rt.db() as db:
-            row = db.get(SessionRecord, key)
-            if row is not None and RequestState(row.state).final:
-                return
-            if row is not None:
-                sessions.mark_failed(row, reason, ErrorKind.INTERNAL)
-            event = events.record(
-                db, "connect.failed", targets=self.rt.webhook_targets, **_failed_fields(job, reason)
-            )
-            db.commit()
-        events.relay_now(self.rt, event)
-        metrics.inc(self.rt.redis, "exchanges", outcome=ErrorKind.INTERNAL)
-        self._status(job, RequestState.FAILED, error=reason)
+        self.failures.internal(job, reason)
 
     def _observe(self, at: _Attempt) -> None:
         metrics.observe_many(self.rt.redis, "upstream_seconds", at.timings, endpoint="tokens")
-
-    def _announce_success(self, at: _Attempt, tokens: Tokens, event: OutboxEvent | None) -> None:
-        """The event, the counters, the request's status and the lock's release in one
-        Redis round trip, then the event marked sent (in a batch, within half a second). If
-        Redis fails here the outbox sweep sends the event and the task's retry finds the
-        session done and writes the status_records."""
-        job = at.job
-        fields = {"clientUserId": tokens.client_user_id, "humanId": tokens.human_id}
-        if tokens.public_token:
-            fields["publicToken"] = self.rt.cipher.seal(tokens.public_token)
-        # No MULTI: each command stands alone, and a transaction costs two more replies.
-        pipe = self.rt.redis.pipeline(transaction=False)
-        metrics.queue_observe(pipe, "upstream_seconds", at.timings, endpoint="tokens")
-        if event is not None:  # else the landed attempt's event is in the outbox, for the sweep
-            events.queue_xadd(pipe, self.settings.events_stream, [event])
-            metrics.queue_inc(pipe, "events", 1)
-        metrics.queue_inc(pipe, "exchanges", outcome=RequestState.SUCCEEDED)
-        Breaker.queue_success(pipe)
-        status_records.queue_outcome(
-            pipe,
-            self.settings,
-            redis_keys.session_claim(at.key),
-            job.request_id,
-            RequestState.SUCCEEDED,
-            **fields,
-        )
-        token = at.lock.queue_release(pipe)
-        replicas = self.settings.redis_min_replicas
-        if replicas:
-            # The event counts as sent once the replicas hold it: a failover right after
-            # must not take it away. Fewer in time, the sweep sends it again (same eventId).
-            pipe.execute_command("WAIT", *self.settings.replica_wait)
-        try:
-            replies = pipe.execute()
-        except redis.exceptions.RedisError:
-            at.lock.restore(token)
-            raise
-        released, held = (replies[-2], replies[-1] >= replicas) if replicas else (replies[-1], True)
-        if not released:
-            log.warning("session lock expired before release request=%s", job.request_id)
-        if event is not None and held:
-            self.sent.add([event.id])
-
-    def _mirror_final(self, job: Job, row: SessionRecord) -> None:
-        """A duplicate delivery: copy the recorded outcome to this request's status_records."""
-        fields: dict[str, str] = {"humanId": row.human_id}
-        if row.state == RequestState.SUCCEEDED and row.client_user_id:
-            fields["clientUserId"] = row.client_user_id
-            with self.rt.db() as db:
-                sealed = sealed_public_token(db, row.human_id)
-            if sealed:
-                fields["publicToken"] = sealed
-        if row.state == RequestState.FAILED and row.error:
-            fields["error"] = row.error
-        self._status(job, RequestState(row.state), **fields)
-
-    def _status(self, job: Job, state: RequestState, **fields: str) -> None:
-        fields.setdefault("humanId", job.human_id)
-        pipe = self.rt.redis.pipeline(transaction=False)
-        claim = redis_keys.session_claim(session_hash(job.session_token))
-        status_records.queue_outcome(pipe, self.settings, claim, job.request_id, state, **fields)
-        pipe.execute()
-
-
-def _failed_fields(job: Job, reason: str) -> dict[str, str]:
-    """A connect.failed event's fields; with a ticket, the user it vouched for."""
-    fields = {"humanId": job.human_id, "requestId": job.request_id, "error": reason}
-    if job.expected_client_user_id is not None:
-        fields["clientUserId"] = job.expected_client_user_id
-    return fields

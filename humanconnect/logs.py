@@ -11,6 +11,8 @@ from contextvars import ContextVar
 
 from celery.app import trace
 
+from humanconnect import tracing
+
 # celery.beat's line for each task it sends (a literal there, not a constant).
 BEAT_SENDING = "Scheduler: Sending due task"
 
@@ -41,11 +43,13 @@ def request_context(rid: str) -> Iterator[None]:
 
 
 class RedactingFilter(logging.Filter):
-    """Replace known secret values and token-shaped fields in every record."""
+    """Replace known secret values and token-shaped fields in every record; with tracing on,
+    tag it with the current trace (`trace_id` after the message, or `traceId` in JSON)."""
 
-    def __init__(self, secrets: Iterable[str] = ()):
+    def __init__(self, secrets: Iterable[str] = (), *, as_json: bool = False):
         super().__init__()
         self._secrets = [s for s in secrets if s and len(s) >= 8]
+        self._as_json = as_json
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -61,6 +65,12 @@ class RedactingFilter(logging.Filter):
         record.msg = self.redact(message)
         record.args = None
         record.request_id = request_id.get()
+        ids = tracing.log_ids()
+        # Once per record, though every handler runs this filter.
+        if ids is not None and getattr(record, "trace_id", None) is None:
+            record.trace_id, record.span_id = ids
+            if not self._as_json:
+                record.msg = f"{record.msg} trace_id={ids[0]}"
         if record.exc_text:
             record.exc_text = self.redact(record.exc_text)
         return True
@@ -106,6 +116,10 @@ class JsonFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None)
         if rid:
             out["requestId"] = rid
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            out["traceId"] = trace_id
+            out["spanId"] = getattr(record, "span_id", "")
         if record.exc_text:
             out["exc"] = record.exc_text
         return json.dumps(out)
@@ -113,7 +127,7 @@ class JsonFormatter(logging.Formatter):
 
 def install(secrets: Iterable[str] = (), *, as_json: bool = False) -> None:
     """Put the redaction filter on every handler of the root logger (and JSON if asked)."""
-    filt = RedactingFilter(secrets)
+    filt = RedactingFilter(secrets, as_json=as_json)
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO)

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from humanconnect.redis_keys import METRICS as KEY
+from humanconnect.states import ErrorKind, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,22 @@ COUNTERS = {
         "Exchanges by outcome (succeeded, failed, answer_lost, ...)",
     ),
     "retries": ("humanconnect_retries", "Upstream retries by cause"),
+    "mints": (
+        "humanconnect_mints",
+        "Current-flow token mints by kind (connect, access) and outcome (ok, unavailable, refused)",
+    ),
     "repairs": ("humanconnect_repairs", "publicToken repairs by outcome"),
     "events": ("humanconnect_events_relayed", "Events relayed to the stream"),
     "webhooks": (
         "humanconnect_webhook_attempts",
         "Webhook delivery attempts by outcome (delivered, retrying, failed)",
     ),
+}
+#: Label values a counter shows from the start, at 0 until counted: Prometheus sees no
+#: increase in a series' first sample, so an alert on the first answer_lost needs it there.
+KNOWN = {
+    "exchanges": ("outcome", (RequestState.SUCCEEDED, *ErrorKind)),
+    "webhooks": ("outcome", ("delivered", "retrying", "failed")),
 }
 HISTOGRAMS = {
     "upstream_seconds": ("humanconnect_upstream_seconds", "Upstream call latency in seconds"),
@@ -131,6 +142,9 @@ class RedisCollector(Collector):
             series = [
                 (labels, v) for f, v in values.items() for n, labels in [_parse(f)] if n == key
             ]
+            label, known = KNOWN.get(key, ("", ()))
+            seen = {labels.get(label) for labels, _ in series}
+            series += [({label: str(v)}, 0.0) for v in known if v not in seen]
             names = sorted({k for labels, _ in series for k in labels})
             family = CounterMetricFamily(metric, help_, labels=names)
             for labels, v in series:

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from humanconnect import redis_clients
+from humanconnect import redis_clients, tracing
 from humanconnect.redis_keys import CONSUMED, PREFIX, QUEUE, WEBHOOK_QUEUE
 from humanconnect.request import ExchangeRequest
 from humanconnect.settings import Settings
@@ -24,6 +24,7 @@ REPAIR_TASK = "humanconnect.repair_public_tokens"
 RECONCILE_TASK = "humanconnect.reconcile_pending"
 DELIVER_TASK = "humanconnect.deliver_webhooks"
 RETENTION_TASK = "humanconnect.purge_expired"
+MINT_TASK = "humanconnect.mint_token"
 # How often beat starts each endpoint's webhook dispatcher (which then runs while any is due).
 WEBHOOK_TICK_S = 1.0
 # How often beat sweeps the outbox for events a worker could not relay itself.
@@ -135,5 +136,7 @@ def sender(settings: Settings, name: str = "humanconnect-sender") -> Celery:
 
 def send_exchange(celery: Celery, request: ExchangeRequest) -> None:
     """Queue one exchange through `celery`, its task id the request id (the reconciler's and
-    `failed --retry`'s path; the web queues its own inside the accept script)."""
-    celery.send_task(EXCHANGE_TASK, kwargs=request.task_kwargs(), task_id=request.request_id)
+    `failed --retry`'s path; the web queues its own inside the accept script), in the trace
+    of the finish it re-sends when the request remembers one."""
+    with tracing.resumed(request.trace_context):
+        celery.send_task(EXCHANGE_TASK, kwargs=request.task_kwargs(), task_id=request.request_id)

@@ -178,3 +178,8 @@ def redbeat(settings: Settings) -> tuple[str, dict[str, Any]]:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply as text, from a client that decodes (the web's) or one that doesn't."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -52,12 +52,41 @@ def webhook_lock(endpoint_digest: str) -> str:
     return f"{PREFIX}lock:webhook:{endpoint_digest}"
 
 
+def user_digest(client_user_id: str) -> str:
+    """A user in a key name: a user id may be an email address, and keys show in every
+    Redis tool."""
+    return hashlib.blake2b(client_user_id.encode(), digest_size=12).hexdigest()
+
+
 def finish_limit(source: str, who: str) -> str:
     """A source's finish limit (its next due time, µs): a client address, or a ticket's user
-    by digest (a user id may be an email address, and keys show in every Redis tool)."""
+    by digest."""
     if source == "user":
-        who = hashlib.blake2b(who.encode(), digest_size=12).hexdigest()
+        who = user_digest(who)
     return f"{PREFIX}limit:{source}:{who}"
+
+
+def connect_token(client_user_id: str) -> str:
+    """The user's last minted Connect token (a hash: sealed token, type, expiry, humanId),
+    kept until 60 s before it expires."""
+    return f"{PREFIX}connect-token:{user_digest(client_user_id)}"
+
+
+def mint_flight(token_type: str, client_user_id: str) -> str:
+    """Held (the mint's id) while a mint of this type for this user is queued or running:
+    concurrent asks wait for that one instead of minting again."""
+    return f"{PREFIX}mint:flight:{token_type}:{user_digest(client_user_id)}"
+
+
+def mint_result(mint_id: str) -> str:
+    """How a mint ended (a hash: state, error), for a minute."""
+    return f"{PREFIX}mint:{mint_id}"
+
+
+def access_claim(client_user_id: str) -> str:
+    """The current flow's finish claim of one user: its requestId while its access fetch is
+    queued or running (a second finish coalesces into it), in `session_claim`'s form."""
+    return f"{PREFIX}access-claim:{user_digest(client_user_id)}"
 
 
 def session_claim(session_hash: str) -> str:

@@ -11,7 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
+
+
+class Flow(StrEnum):
+    """Which Connect flow a finish came through (the contract's two)."""
+
+    #: The provider's guide: the browser hands back a sessionTokenObject to exchange.
+    TOKENS = "tokens"
+    #: The provider's current flow: the server fetches a `type: "access"` token for the
+    #: ticket's user. No session token exists: the request's stands in for one.
+    ACCESS = "access"
+
+
+#: What stands in for the session token of an access finish, sealed in its message like a
+#: real one: unique per request (its lock and `sessions` row are per finish), and never a
+#: real token (those are `[A-Za-z0-9_-]`; a `:` can't occur in one).
+ACCESS_TOKEN_PREFIX = "access:"
 
 
 @dataclass(frozen=True)
@@ -28,6 +45,11 @@ class ExchangeRequest:
     window_start_us: int | None = None
     #: The clientUserId the finish's connect ticket vouched for, if it carried one.
     expected_client_user_id: str | None = None
+    #: An access finish's connected sources' names, comma-separated (for its event).
+    connected_sources: str = ""
+    #: The W3C traceparent of the finish's accept, with tracing on: a re-send continues its
+    #: trace (humanconnect/tracing.py). Kept in the status record, never a task argument.
+    trace_context: str | None = None
 
     def task_kwargs(self) -> dict[str, Any]:
         """The task's keyword arguments; the optional ones only when set, as older messages
@@ -43,6 +65,8 @@ class ExchangeRequest:
             kwargs["window_start_us"] = self.window_start_us
         if self.expected_client_user_id is not None:
             kwargs["expected_client_user_id"] = self.expected_client_user_id
+        if self.connected_sources:
+            kwargs["connected_sources"] = self.connected_sources
         return kwargs
 
     def record_fields(self) -> dict[str, str]:
@@ -57,6 +81,10 @@ class ExchangeRequest:
             fields["windowStartUs"] = str(self.window_start_us)
         if self.expected_client_user_id is not None:
             fields["expectedClientUserId"] = self.expected_client_user_id
+        if self.connected_sources:
+            fields["connectedSources"] = self.connected_sources
+        if self.trace_context is not None:
+            fields["traceparent"] = self.trace_context
         return fields
 
     @classmethod
@@ -73,12 +101,19 @@ class ExchangeRequest:
                 received_us=int(record["receivedUs"]),
                 window_start_us=int(window) if window else None,
                 expected_client_user_id=record.get("expectedClientUserId") or None,
+                connected_sources=record.get("connectedSources", ""),
+                trace_context=record.get("traceparent") or None,
             )
         except (KeyError, ValueError):
             return None
 
     def __repr__(self) -> str:
         return f"ExchangeRequest(request_id={self.request_id!r}, human_id={self.human_id!r})"
+
+
+def access_token_for(request_id: str) -> str:
+    """The stand-in session token of an access finish."""
+    return ACCESS_TOKEN_PREFIX + request_id
 
 
 @dataclass(frozen=True)
@@ -97,10 +132,12 @@ class Job:
     #: A person waits on this finish (it came through the waiting queue): its upstream
     #: calls take the process's next rate-limit slots.
     waiting: bool = False
+    connected_sources: str = ""
 
     @classmethod
     def opened(cls, request: ExchangeRequest, session_token: str, *, waiting: bool = False) -> Job:
-        """The job of a queued request whose session token has been opened."""
+        """The job of a queued request whose session token has been opened (an access
+        finish's is `access_token_for` its request)."""
         return cls(
             request_id=request.request_id,
             human_id=request.human_id,
@@ -110,7 +147,16 @@ class Job:
             window_start_us=request.window_start_us,
             expected_client_user_id=request.expected_client_user_id,
             waiting=waiting,
+            connected_sources=request.connected_sources,
         )
+
+    @property
+    def flow(self) -> Flow:
+        """Read from the token, so every path that rebuilds a job (a retry of a failure, the
+        reconciler) keeps its flow."""
+        if self.session_token.startswith(ACCESS_TOKEN_PREFIX):
+            return Flow.ACCESS
+        return Flow.TOKENS
 
     def __repr__(self) -> str:
         return f"Job(request_id={self.request_id!r}, human_id={self.human_id!r})"

@@ -27,6 +27,7 @@ MIN_TICKET_KEY_BYTES = 32
 # sessionTokenObject finishes as-is against the local stand-in.
 SANDBOX_CLIENT_ID = "2e9574ecd415c99346879d07689ec1c732c11036"
 DEFAULT_BASE_URL = "https://user.humanapi.co"
+DEFAULT_AUTH_URL = "https://auth.humanapi.co"
 
 
 class Settings(RedisSettings):
@@ -40,6 +41,8 @@ class Settings(RedisSettings):
     client_secret: SecretStr | None = Field(None, validation_alias=_env("HUMANAPI_CLIENT_SECRET"))
     #: Upstream root.
     base_url: str = Field(DEFAULT_BASE_URL, validation_alias=_env("HUMANAPI_BASE_URL"))
+    #: The current Connect flow's root: `POST {auth_url}/v1/connect/token` mints tokens.
+    auth_url: str = Field(DEFAULT_AUTH_URL, validation_alias=_env("HUMANAPI_AUTH_URL"))
     #: Any SQLAlchemy URL; SQLite and PostgreSQL (psycopg 3) are supported.
     database_url: str = Field(
         "sqlite:///var/humanconnect.db", validation_alias=_env("DATABASE_URL")
@@ -199,7 +202,7 @@ class Settings(RedisSettings):
             return None
         return value
 
-    @field_validator("base_url")
+    @field_validator("base_url", "auth_url")
     @classmethod
     def _base_url_shape(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):

@@ -69,13 +69,18 @@ def queue_outcome(
     claim_key: str,
     request_id: str,
     state: RequestState,
+    *,
+    release: bool = False,
     **fields: str,
 ) -> None:
     """A worker's news of a request, in a pipeline the caller executes: its state and fields,
     kept as long as a record in that state lives, and once it has ended, the session's claim
-    marked with how."""
+    marked with how (with `release`, kept only a minute more: an access finish's claim, see
+    humanconnect/exchange.py)."""
     state = RequestState(state)
-    if state.final:
+    if state.final and release:
+        queue_release_claim(pipe, claim_key, request_id, state)
+    elif state.final:
         queue_mark_claim(pipe, claim_key, request_id, state)
     queue_state(pipe, request_id, state, ttl_for(settings, state), **fields)
 
@@ -214,3 +219,31 @@ def queue_mark_claim(pipe: Any, claim_key: str, request_id: str, state: RequestS
     `sessions` row) is gone. EVAL, not EVALSHA: a script object in a pipeline costs a SCRIPT
     EXISTS round trip of its own."""
     pipe.eval(MARK_CLAIM_SCRIPT, 1, claim_key, request_id, _FINAL_MARKS[RequestState(state)])
+
+
+# KEYS: the claim. ARGV: the requestId, the mark, the seconds it is kept. Only this
+# request's own claim is marked and shortened.
+RELEASE_CLAIM_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return 0 end
+if ARGV[2] == 'f' then return redis.call('DEL', KEYS[1]) end
+local request_id, digest = string.match(v, '^(%S+) (%S+)')
+redis.call('SET', KEYS[1], request_id .. ' ' .. digest .. ' ' .. ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+#: How long an access finish's claim outlives its request when it succeeded: a client that
+#: got a `503` while its finish was taken all the same sends the same payload again within
+#: seconds, and is answered with that finish rather than fetching the token a second time
+#: (another payload is a new finish: producer/accept.py). A failed one's goes at once, so
+#: trying again is a new finish.
+RELEASED_CLAIM_TTL_S = 60
+
+
+def queue_release_claim(
+    pipe: Any, claim_key: str, request_id: str, state: RequestState = RequestState.FAILED
+) -> None:
+    """Mark a claim with how its request succeeded and let it lapse soon, or delete it if the
+    request failed, if it is still `request_id`'s, in a pipeline the caller executes (an
+    access finish's claim: the user's next finish after that fetches again)."""
+    mark = _FINAL_MARKS[RequestState(state)]
+    pipe.eval(RELEASE_CLAIM_SCRIPT, 1, claim_key, request_id, mark, RELEASED_CLAIM_TTL_S)

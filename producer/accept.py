@@ -9,10 +9,10 @@ from typing import TypeVar
 
 import redis
 
-from humanconnect import logs
+from humanconnect import logs, tracing
 from humanconnect.crypto import Cipher, session_hash
-from humanconnect.redis_keys import WAITING_QUEUE
-from humanconnect.request import ExchangeRequest
+from humanconnect.redis_keys import WAITING_QUEUE, access_claim, session_claim
+from humanconnect.request import ExchangeRequest, access_token_for
 from humanconnect.states import RequestState
 from humanconnect.status_records import new_request_id
 from producer.body import FinishBody
@@ -33,6 +33,9 @@ from producer.message import RECEIVED_PLACEHOLDER, MessageBuilder
 ACCEPT_DEADLINE_S = 1.0
 
 T = TypeVar("T")
+#: Marks what an access finish's claim names: its connected sources, not a humanId.
+ACCESS_PAYLOAD = "sources:"
+
 # Calls given up on and still cancelling: held so the loop does not collect them mid-way.
 _abandoned: set[asyncio.Task[object]] = set()
 
@@ -81,6 +84,7 @@ class Acceptor:
         self.messages = messages
         self.cipher = cipher
 
+    @tracing.accept_span
     async def accept(
         self,
         body: FinishBody,
@@ -102,27 +106,81 @@ class Acceptor:
             # Redis's clock, set by the accept script: one clock for every web host.
             received_us=RECEIVED_PLACEHOLDER,
             expected_client_user_id=expected_client_user_id,
+            trace_context=tracing.traceparent(),
         )
+        claim_key = session_claim(session_hash(body.sessionToken))
+        return await self._accept(request, claim_key, waiting=waiting, client=client)
+
+    @tracing.accept_span
+    async def accept_access(
+        self,
+        client_user_id: str,
+        client_id: str,
+        connected_sources: str,
+        *,
+        waiting: bool = False,
+    ) -> Accepted:
+        """Queue the access fetch of a current-flow finish, or answer with the one of this
+        user still queued or running (one claim per user: finishes coalesce)."""
+        request_id = new_request_id()
+        request = ExchangeRequest(
+            request_id=request_id,
+            human_id="",  # the provider names it when the token is fetched
+            client_id=client_id,
+            sealed_session_token=self.cipher.seal(access_token_for(request_id)),
+            received_us=RECEIVED_PLACEHOLDER,
+            expected_client_user_id=client_user_id,
+            connected_sources=connected_sources,
+            trace_context=tracing.traceparent(),
+        )
+        # The claim names what was connected: a resend of this payload after its fetch ended
+        # is the same finish; another payload then is a new one.
+        return await self._accept(
+            request,
+            access_claim(client_user_id),
+            waiting=waiting,
+            client="",
+            claim_names=ACCESS_PAYLOAD + connected_sources,
+        )
+
+    async def _accept(
+        self,
+        request: ExchangeRequest,
+        claim_key: str,
+        *,
+        waiting: bool,
+        client: str,
+        claim_names: str | None = None,
+    ) -> Accepted:
+        expected_client_user_id = request.expected_client_user_id
         message = self.messages.exchange(request)
         waiting_message = self.messages.exchange(request, WAITING_QUEUE) if waiting else None
         clock = asyncio.get_running_loop().time
         deadline = clock() + ACCEPT_DEADLINE_S + self.claims.replica_wait_s
         try:
-            claim = await within(
-                self.claims.accept(
-                    session_hash(body.sessionToken),
-                    request,
-                    message,
-                    waiting_message,
-                    client=client,
-                    user=expected_client_user_id,
-                ),
-                deadline - clock(),
-            )
+            for attempt in range(2):
+                claim = await within(
+                    self.claims.accept(
+                        claim_key,
+                        request,
+                        message,
+                        waiting_message,
+                        client=client,
+                        user=expected_client_user_id,
+                        claim_names=claim_names,
+                    ),
+                    deadline - clock(),
+                )
+                ended_elsewise = claim_names is not None and claim.final and not claim.same_human
+                if not ended_elsewise or attempt:
+                    break
+                # An access finish of another payload after this user's last one ended:
+                # a new finish. That claim goes (only if it is still the one read).
+                await within(self.claims.drop(claim_key, claim.raw), deadline - clock())
             logs.request_id.set(claim.request_id)
             if claim.mine:
                 return Accepted(claim.request_id, RequestState.QUEUED, duplicate=False)
-            if not claim.same_human:
+            if not claim.same_human and claim_names is None:
                 raise SessionConflict("sessionToken already used with another humanId")
             # Under the same deadline: a duplicate owes its answer as soon as a new finish.
             current = await within(self.claims.state(claim.request_id), deadline - clock()) or {}

@@ -20,8 +20,9 @@ from humanconnect.queue import sender
 from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings, get_settings
 from humanconnect.storage import migrate
-from producer import browser, finish, ops, users, warm
+from producer import browser, connect_token, direct, finish, ops, users, warm
 from producer.body import FinishBody
+from producer.close_payload import ClosePayload
 from producer.cors import BrowserCORS
 from producer.state import Parts
 
@@ -80,10 +81,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     api = FastAPI(title="humanconnect", version="0.1.0", lifespan=lifespan)
     api.add_exception_handler(StarletteHTTPException, _with_every_allowed_method)
-    api.include_router(finish.router(_parts))
+    finish_routes = finish.router(_parts)
+    api.include_router(finish_routes)
+    api.include_router(connect_token.router(_parts))
     api.include_router(users.router(_parts))
     api.include_router(ops.router(_parts, ops.registry_for(rt)))
     api.include_router(browser.router(_parts, settings))
+    # Innermost of the middleware (added first): CORS and the proxy headers still apply.
+    finish_endpoint = direct.endpoint_of(finish_routes.routes, "POST", "/connect/finish")
+    api.add_middleware(
+        direct.DirectRoute, method="POST", path="/connect/finish", endpoint=finish_endpoint
+    )
     if settings.cors_origins:
         api.add_middleware(BrowserCORS, origins=settings.cors_origins)
     if settings.trusted_proxies:
@@ -108,6 +116,10 @@ def _document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     # The finish handler reads the raw body itself (to enforce the size limit), so FastAPI
     # knows nothing of it.
     components.setdefault("schemas", {})["FinishBody"] = _finish_schema(settings)
+    # The current flow's body, with its nested models as components of their own.
+    close = ClosePayload.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["schemas"].update(close.pop("$defs", {}))
+    components["schemas"]["ClosePayload"] = close
     components.setdefault("securitySchemes", {}).update(users.SECURITY_SCHEMES)
     _drop_default_422(schema)
     for operations in schema.get("paths", {}).values():

@@ -27,7 +27,6 @@ from humanconnect.redis_keys import (
     WAITING_QUEUE,
     finish_limit,
     request_status,
-    session_claim,
 )
 from humanconnect.redis_settings import wait_seconds
 from humanconnect.request import ExchangeRequest
@@ -35,6 +34,7 @@ from humanconnect.states import RequestState
 from humanconnect.status_records import claim_value, read_claim
 from producer.errors import BacklogFullError, NotReplicatedError, OverLimitError, RedisFullError
 from producer.lanes import WaitingLane
+from producer.lean_script import LeanScript
 from producer.memory import MemoryWatch
 from producer.message import RECEIVED_MARKER
 
@@ -126,6 +126,12 @@ redis.call('LPUSH', queue, message)
 return false
 """
 
+# KEYS: a claim. ARGV: its value as read.
+_DROP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: What the accept script returns when the backlog is at its cap.
 BACKLOG_FULL = 0
 #: The first item of what it returns when a source is over its limit.
@@ -147,6 +153,8 @@ class Claim:
     mine: bool
     #: How the claimed request ended, if it has and its worker marked the claim.
     final: RequestState | None = None
+    #: The claim as stored ("" for one this call wrote).
+    raw: str = ""
 
 
 class Claims:
@@ -173,8 +181,9 @@ class Claims:
         #: Replicas that must hold an accept before it is answered, and how long to wait for
         #: them (Redis WAIT's arguments); (0, _): none.
         self.replicas, self.replica_timeout_ms = replica_wait
-        # EVALSHA, falling back to EVAL: the script body crosses the wire once per server.
-        self._accept = r.register_script(_ACCEPT)
+        # EVALSHA, loading the script again when Redis lost it: the body crosses the wire once
+        # per server. Called lean: the one Redis call of every finish (producer/lean_script.py).
+        self._accept = LeanScript(r, _ACCEPT)
         #: When the last accept began (time.monotonic()): the connection keeper waits for a
         #: quiet moment after it.
         self.last_accept = 0.0
@@ -182,19 +191,21 @@ class Claims:
     async def preload(self) -> None:
         """Load the accept script into Redis, so no finish meets NOSCRIPT (a restarted Redis
         has none)."""
-        await self.r.script_load(_ACCEPT)
+        await self._accept.load()
 
     async def accept(
         self,
-        session_hash: str,
+        claim_key: str,
         request: ExchangeRequest,
         message: str,
         waiting_message: str | None = None,
         *,
         client: str = "",
         user: str | None = None,
+        claim_names: str | None = None,
     ) -> Claim:
-        """Claim the session and queue `message` for `request` (or `waiting_message` on the
+        """Claim the session (`claim_key`: its `session_claim`, or an access finish's
+        `access_claim`) and queue `message` for `request` (or `waiting_message` on the
         waiting queue, while its lane has room), or return the claim that exists. `user` (a
         valid ticket's) is counted against the per-user limit; without one, `client` (its
         address) against the per-address limit.
@@ -202,11 +213,13 @@ class Claims:
         Raises OverLimitError or BacklogFullError when it refused the finish, and
         NotReplicatedError when too few replicas hold what it found or wrote."""
         self.last_accept = time.monotonic()
-        record = claim_value(request.request_id, request.human_id)
+        # The claim's digest is of the humanId, or of what `claim_names` gives instead (an
+        # access finish's connected sources).
+        record = claim_value(request.request_id, claim_names or request.human_id)
         fields = [v for pair in request.record_fields().items() for v in pair]
         existing, replicated = await self._run(
             [
-                session_claim(session_hash),
+                claim_key,
                 request_status(request.request_id),
                 PENDING,
                 QUEUE,
@@ -250,7 +263,12 @@ class Claims:
         found = read_claim(existing)
         # Our own request id: a retry of this very call whose first reply was lost.
         mine = found.request_id == request.request_id
-        return Claim(found.request_id, found.names(request.human_id), mine, found.final)
+        names = found.names(claim_names or request.human_id)
+        return Claim(found.request_id, names, mine, found.final, str(existing))
+
+    async def drop(self, claim_key: str, raw: str) -> None:
+        """Delete a claim if it still reads `raw`."""
+        await self.r.eval(_DROP, 1, claim_key, raw)
 
     @property
     def replica_wait_s(self) -> float:
@@ -260,7 +278,7 @@ class Claims:
     async def _run(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         """The accept script's reply, and whether enough replicas hold what it wrote."""
         if not self.replicas:
-            return await self._accept(keys=keys, args=args), True
+            return await self._accept(keys, args), True
         # WAIT counts the replicas holding the writes of the connection it is sent on: a
         # pipeline sends both on one. EVALSHA by hand, not through the Script object, whose
         # pipeline path asks SCRIPT EXISTS first (a round trip on every finish).

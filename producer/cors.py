@@ -7,7 +7,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 #: The paths a listed origin may call.
-BROWSER_PATHS = ("/connect/finish", "/humanconnect.js")
+BROWSER_PATHS = ("/connect/finish", "/connect/token", "/humanconnect.js")
 ALLOW_HEADERS = ["Content-Type", "Authorization", "Prefer"]
 EXPOSE_HEADERS = ["Location", "Preference-Applied", "Retry-After"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
@@ -23,16 +23,16 @@ from humanconnect.runtime import Runtime
 from humanconnect.states import FINAL, RequestState
 from humanconnect.storage import sessions, tokens
 from humanconnect.tickets import TicketError
-from producer import schemas
 from producer.accept import Accepted
 from producer.body import (
-    MAX_BODY_BYTES,
     BadRequest,
+    FinishBody,
     check_content_type,
     decode,
     read_limited,
     validate,
 )
+from producer.close_payload import ClosePayload, is_close_payload, validate_close
 from producer.errors import (
     BacklogFullError,
     NotReplicatedError,
@@ -43,7 +43,7 @@ from producer.errors import (
     error,
     unavailable,
 )
-from producer.schemas import header
+from producer.finish_doc import FINISH_OPENAPI, FINISH_RESPONSES, STATUS_RESPONSES
 from producer.state import Parts
 from producer.waiters import requested_wait
 
@@ -58,6 +58,20 @@ FINISHES = Counter(
     ["outcome", "reason"],
     registry=None,
 )
+#: Shown at 0 from a web's start: Prometheus sees no increase in a series' first sample, so
+#: an alert on the first refusal of a kind needs the series there before it.
+FINISH_SERIES = [("accepted", ""), ("duplicate", "")] + [
+    ("refused", r)
+    for r in ("queue_unavailable", "backlog_full", "redis_oom", "limit_ip", "limit_user", "ticket")
+]
+# The two series every finish counts, looked up once.
+_ACCEPTED, _DUPLICATES = FINISHES.labels("accepted", ""), FINISHES.labels("duplicate", "")
+ACCEPT_SECONDS = Histogram(
+    "humanconnect_accept_seconds",
+    "From a finish's arrival to its accept (before any Prefer: wait), in seconds",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=None,
+)
 
 
 def status_body(record: dict[str, str], request_id: str, cipher: Cipher) -> dict[str, Any]:
@@ -65,7 +79,8 @@ def status_body(record: dict[str, str], request_id: str, cipher: Cipher) -> dict
     body: dict[str, Any] = {
         "requestId": request_id,
         "status": record.get("state", RequestState.QUEUED),
-        "humanId": record.get("humanId"),
+        # An access finish learns its humanId only from the provider.
+        "humanId": record.get("humanId") or None,
     }
     if body["status"] == RequestState.SUCCEEDED:
         body["clientUserId"] = record.get("clientUserId")
@@ -113,52 +128,11 @@ def _refused(status_code: int, reason: str, body: dict[str, Any], **headers: str
     return JSONResponse(body, status_code=status_code, headers=headers or None)
 
 
-def _applied(description: str, *, required: bool = False) -> dict[str, Any]:
-    return header(description, required=required, example="wait=5")
-
-
-FINISH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    201: {
-        "model": schemas.Succeeded,
-        "description": "With `Prefer: wait=N`: the exchange succeeded within the wait",
-        "headers": {"Preference-Applied": _applied("The wait applied", required=True)},
-    },
-    202: {
-        "model": schemas.Accepted,
-        "description": "Queued (or a duplicate of a session already accepted): poll `Location`",
-        "headers": {
-            "Location": header("The status URL, as in `statusUrl`", required=True),
-            "Preference-Applied": _applied("With `Prefer: wait=N`: the wait, which ran out"),
-        },
-    },
-    400: schemas.error("Not a JSON object with valid fields, or a broken body"),
-    401: schemas.error(
-        "With HUMANCONNECT_TICKET_KEY set: the connect ticket is missing (`ticket missing`), "
-        "expired (`ticket expired`) or otherwise not valid (`ticket invalid`)",
-        {"WWW-Authenticate": header("`Bearer`", required=True)},
-    ),
-    409: schemas.error("The sessionToken was already used with another humanId"),
-    429: schemas.error(
-        "Over a finish limit: this ticket user's (HUMANCONNECT_FINISH_LIMIT_PER_USER) or, "
-        "for a finish without a valid ticket, this client address's "
-        "(HUMANCONNECT_FINISH_LIMIT_PER_IP); a duplicate is never refused",
-        {"Retry-After": header("Seconds until a finish from this source is taken", required=True)},
-    ),
-    413: schemas.error(f"The body is over {MAX_BODY_BYTES} bytes"),
-    415: schemas.error("Content-Type is not application/json"),
-    422: {
-        "model": schemas.Error | schemas.Failed,
-        "description": "clientId is not this app's (an Error); or, with `Prefer: wait=N`, "
-        "the exchange failed within the wait (the request's status)",
-        "headers": {"Preference-Applied": _applied("With `Prefer: wait=N`: the wait")},
-    },
-    503: schemas.unavailable("The queue is unavailable, or full (HUMANCONNECT_MAX_BACKLOG)"),
-}
-STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"model": schemas.FinishStatus, "description": "The request's status"},
-    404: schemas.error("No request has this id"),
-    503: schemas.unavailable("Not in Redis (or Redis is down), and the database is unavailable"),
-}
+def _no_ticket(reason: str) -> JSONResponse:
+    """The 401 of a finish without a valid ticket where it needs one."""
+    return _refused(
+        401, "ticket", {"error": reason, "fields": {}}, **{"WWW-Authenticate": "Bearer"}
+    )
 
 
 def router(parts_of: Any) -> APIRouter:
@@ -171,42 +145,7 @@ def router(parts_of: Any) -> APIRouter:
         status_code=202,
         summary="Finish a Human Connect session: validate, enqueue, answer at once",
         responses=FINISH_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/FinishBody"}}
-                },
-            },
-            "parameters": [
-                {
-                    "name": "Prefer",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "example": "wait=5"},
-                    "description": "RFC 7240 `wait=N`, in seconds (at most 30; 10 when larger "
-                    "or unreadable): 201, or 422, if the exchange ends within the wait, else "
-                    "202 as without it. Other preferences are ignored",
-                },
-                {
-                    "name": "wait",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string", "example": "25"},
-                    "description": "The same as `Prefer: wait=N`, for clients that can't send "
-                    "the header (the provider's iOS and Android SDKs post to a fixed authURL); "
-                    "the header wins when both are given",
-                },
-                {
-                    "name": "ticket",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string"},
-                    "description": "A connect ticket, for clients that can't send "
-                    "`Authorization: Bearer` (the provider's mobile SDKs)",
-                },
-            ],
-        },
+        openapi_extra=FINISH_OPENAPI,
     )
     async def finish(request: Request) -> JSONResponse:
         started = time.monotonic()
@@ -224,30 +163,48 @@ def router(parts_of: Any) -> APIRouter:
         try:
             user = parts.tickets.user(request, decoded if isinstance(decoded, dict) else None)
         except TicketError as exc:
-            return _refused(
-                401, "ticket", {"error": exc.reason, "fields": {}}, **{"WWW-Authenticate": "Bearer"}
-            )
+            return _no_ticket(exc.reason)
         try:
             check_content_type(request)
             if isinstance(decoded, BadRequest):
                 raise decoded
-            body = validate(decoded)
+            body: FinishBody | ClosePayload = (
+                validate_close(decoded) if is_close_payload(decoded) else validate(decoded)
+            )
         except BadRequest as exc:
             return _refused(exc.status, str(exc.status), exc.body)
-        if body.clientId != parts.settings.effective_client_id:
+        # The query string parsed only when there is one (most finishes carry none).
+        query_wait = request.query_params.get("wait") if request.scope.get("query_string") else None
+        wait_s = requested_wait(request.headers.get("prefer"), query_wait)
+        if isinstance(body, ClosePayload):
+            # The provider's current flow: the ticket is the only word on whose it is.
+            if user is None:
+                return _no_ticket("ticket missing")
+            if body.nothing_connected:
+                FINISHES.labels("nothing_connected", "").inc()
+                return JSONResponse({"status": "nothing_connected"})
+            accepting = parts.acceptor.accept_access(
+                user,
+                parts.settings.effective_client_id,
+                body.connected_names(),
+                waiting=bool(wait_s),
+            )
+        elif body.clientId != parts.settings.effective_client_id:
             return _refused(
                 422,
                 "client_id",
                 {"error": "clientId is not this app's", "fields": {"clientId": "does not match"}},
             )
-        wait_s = requested_wait(request.headers.get("prefer"), request.query_params.get("wait"))
-        try:
-            accepted = await parts.acceptor.accept(
+        else:
+            accepting = parts.acceptor.accept(
                 body,
                 expected_client_user_id=user,
                 waiting=bool(wait_s),
-                client=client_address(request),
+                # Only a finish without a ticket counts against its address (claims.py).
+                client=client_address(request) if not user else "",
             )
+        try:
+            accepted = await accepting
         except SessionConflict:
             return _refused(
                 409,
@@ -302,7 +259,8 @@ def router(parts_of: Any) -> APIRouter:
             # retention has deleted.
             state = (stored or {}).get("state", RequestState.QUEUED)
             accepted = replace(accepted, state=state)
-        FINISHES.labels("duplicate" if accepted.duplicate else "accepted", "").inc()
+        (_DUPLICATES if accepted.duplicate else _ACCEPTED).inc()
+        ACCEPT_SECONDS.observe(time.monotonic() - started)
         if wait_s is not None:
             return await _answer_after_wait(parts, accepted, started + wait_s, wait_s)
         return _accepted(accepted.request_id, accepted.state)

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 
-from humanconnect.queue import EXCHANGE_TASK
-from humanconnect.redis_keys import QUEUE
+from humanconnect import tracing
+from humanconnect.clock import now
+from humanconnect.minting import FLIGHT_TTL_S
+from humanconnect.queue import EXCHANGE_TASK, MINT_TASK
+from humanconnect.redis_keys import QUEUE, WAITING_QUEUE
 from humanconnect.request import ExchangeRequest
 
 _TEMPLATE_ID = "template"
@@ -58,11 +62,32 @@ class MessageBuilder:
         """The JSON to LPUSH onto `queue` for one exchange task, its id the request id (the
         queue is named in it too: Kombu puts an unacknowledged message back there, and the
         task learns from it whether a person waits)."""
-        kwargs: dict[str, Any] = request.task_kwargs()
-        task_id = request.request_id
+        kwargs = request.task_kwargs()
+        return self._message(EXCHANGE_TASK, kwargs, "request_id", kwargs["request_id"], queue)
+
+    def mint(self, mint_id: str, user: str, kind: str, email: str | None = None) -> str:
+        """The JSON to LPUSH onto the waiting queue for one `mint_token` task (a person
+        waits on it: humanconnect/minting.py)."""
+        kwargs: dict[str, Any] = {"mint_id": mint_id, "user": user, "kind": kind}
+        if email:
+            kwargs["email"] = email
+        # Nobody waits for a mint past its flight: a worker that takes it later (a redelivery
+        # after a crash, a long queue) drops it rather than minting for someone long gone.
+        expires = (now() + timedelta(seconds=FLIGHT_TTL_S)).isoformat()
+        return self._message(MINT_TASK, kwargs, "mint_id", mint_id, WAITING_QUEUE, expires=expires)
+
+    def _message(
+        self,
+        task: str,
+        kwargs: dict[str, Any],
+        id_name: str,
+        task_id: str,
+        queue: str,
+        expires: str | None = None,
+    ) -> str:
         # Our own argument reprs: Celery shows them in logs and monitors, and they must never
-        # show the sealed session token.
-        kwargsrepr = f"{{'request_id': {task_id!r}}}"
+        # show the sealed session token (nor a user's email address): only the id.
+        kwargsrepr = f"{{{id_name!r}: {task_id!r}}}"
         body = json.dumps([[], kwargs, _EMBED])
         return json.dumps(
             {
@@ -71,7 +96,11 @@ class MessageBuilder:
                 "content-type": "application/json",
                 "headers": {
                     **self._headers,
+                    "task": task,
+                    # The trace context, where Celery's instrumentation reads it (none when off).
+                    **tracing.headers(),
                     "id": task_id,
+                    "expires": expires,
                     "root_id": task_id,
                     "kwargsrepr": kwargsrepr,
                 },

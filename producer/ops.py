@@ -15,12 +15,12 @@ from starlette.concurrency import run_in_threadpool
 
 from humanconnect import events
 from humanconnect.metrics import RedisCollector
-from humanconnect.redis_keys import QUEUES, UNACKED, WAITING_QUEUE
+from humanconnect.redis_keys import BREAKER_OPEN, QUEUES, UNACKED, WAITING_QUEUE
 from humanconnect.runtime import Runtime
 from humanconnect.webhooks import deliveries
 from humanconnect.webhooks.sender import safe_url
 from producer import schemas
-from producer.finish import FINISHES
+from producer.finish import ACCEPT_SECONDS, FINISH_SERIES, FINISHES
 from producer.state import Parts
 
 
@@ -32,6 +32,9 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
         MultiProcessCollector(registry)
     else:
         registry.register(FINISHES)
+        registry.register(ACCEPT_SECONDS)
+    for outcome, reason in FINISH_SERIES:
+        FINISHES.labels(outcome, reason)
 
     def outbox_backlog() -> float:
         with rt.db() as db:
@@ -58,6 +61,14 @@ def registry_for(rt: Runtime) -> CollectorRegistry:
                 "humanconnect_queue_unacked": (
                     "Messages delivered to workers and not yet acknowledged",
                     lambda: float(rt.redis.hlen(UNACKED)),
+                ),
+                "humanconnect_breaker_open": (
+                    "1 while the upstream circuit breaker is open (calls paused), else 0",
+                    lambda: float(rt.redis.pttl(BREAKER_OPEN) > 0),
+                ),
+                "humanconnect_upstream_limit_rps": (
+                    "HUMANAPI_MAX_RPS: upstream calls per second, shared by every worker",
+                    lambda: rt.settings.max_rps,
                 ),
                 "humanconnect_outbox_backlog": ("Events not yet relayed", outbox_backlog),
                 "humanconnect_webhook_backlog": (

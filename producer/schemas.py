@@ -43,7 +43,9 @@ class FinishStatus(_Body):
 
     requestId: str
     status: RequestState
-    humanId: str
+    humanId: str | None = Field(
+        description="null while an access finish (the current flow) has not fetched its token"
+    )
     clientUserId: str | None = Field(None, description="Present once `succeeded`")
     publicToken: str | None = Field(None, description="Present (possibly null) once `succeeded`")
     error: str | None = Field(None, description="Present once `failed`: why")
@@ -64,8 +66,35 @@ class Failed(_Body):
 
     requestId: str
     status: Literal[RequestState.FAILED]
-    humanId: str
+    humanId: str | None
     error: str
+
+
+class NothingConnected(_Body):
+    """The current flow's Connect closed with no source connected: nothing was queued."""
+
+    status: Literal["nothing_connected"]
+
+
+class ConnectToken(_Body):
+    """A token to open the provider's Connect with (`data-hapi-token`)."""
+
+    token: str = Field(description="The session or id token")
+    tokenType: Literal["session", "id"] = Field(
+        description="`session` for a user not stored here yet, `id` for one who is"
+    )
+    expiresIn: int = Field(description="Seconds the token has left")
+    humanId: str | None = Field(description="The provider's id of the user, where it named one")
+
+
+class AccessToken(_Body):
+    """A user's valid access token (the current flow's, or the original flow's)."""
+
+    accessToken: str
+    expiresAt: str | None = Field(
+        description="ISO 8601, UTC; null for an original-flow token, which states no expiry"
+    )
+    humanId: str
 
 
 class UserTokens(_Body):
@@ -77,6 +106,9 @@ class UserTokens(_Body):
     publicToken: str | None
     # Not `format: date-time`: a SQLite-backed deployment gives it without a UTC offset.
     updatedAt: str = Field(description="ISO 8601, UTC, when the tokens were last stored")
+    accessTokenExpiresAt: str | None = Field(
+        None, description="ISO 8601, UTC: present where the access token's expiry is known"
+    )
 
 
 class Health(_Body):

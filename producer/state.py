@@ -15,6 +15,7 @@ from producer.claims import Claims
 from producer.lanes import WaitingLane
 from producer.memory import MemoryWatch
 from producer.message import MessageBuilder
+from producer.mints import Mints
 from producer.tickets import TicketCheck
 from producer.waiters import Waiters
 from producer.warm import WarmPool
@@ -31,6 +32,7 @@ class Parts:
     tickets: TicketCheck
     memory: MemoryWatch
     warm: WarmPool
+    mints: Mints
 
     @classmethod
     async def start(cls, settings: Settings, rt: Runtime, celery: Celery) -> Parts:
@@ -52,16 +54,18 @@ class Parts:
         # Last, so its connections are open when the server starts taking finishes.
         warm = WarmPool(aredis, prepare=claims.preload, last_use=lambda: claims.last_accept)
         await warm.start()
+        messages = MessageBuilder(celery)
         return cls(
             settings,
             rt,
             aredis,
             claims,
-            Acceptor(claims, MessageBuilder(celery), rt.cipher),
+            Acceptor(claims, messages, rt.cipher),
             waiters,
             TicketCheck(settings),
             memory,
             warm,
+            Mints(aredis, messages, waiters),
         )
 
     async def stop(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from humanconnect.settings import Settings
-from humanconnect.tickets import verify
+from humanconnect.tickets import Ticket, TicketError, read, verify
 from producer.bearer import bearer_token
 
 
@@ -44,6 +44,13 @@ class TicketCheck:
         if ticket is None and not self.required:
             return None
         return verify(self.key, ticket)
+
+    def ticket(self, request: Request, data: dict[str, Any] | None) -> Ticket:
+        """The valid ticket a request carries, for a route that always needs one (the
+        current flow's `POST /connect/token`); TicketError when it has none or a bad one."""
+        if self.key is None:
+            raise TicketError("ticket missing")
+        return read(self.key, find(request, data))
 
 
 def find(request: Request, data: dict[str, Any] | None) -> str | None:

@@ -12,11 +12,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
+from humanconnect.clock import iso_from_us
 from humanconnect.erasure import erase
+from humanconnect.minting import MintKind, fresh
+from humanconnect.storage.tokens import StoredUser
 from humanconnect.users import read_user, valid_client_user_id
 from producer import schemas
 from producer.bearer import bearer_token
 from producer.errors import error, unavailable
+from producer.mints import MintRefused, MintUnavailable
 from producer.state import Parts
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -56,6 +60,25 @@ USER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+ACCESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": schemas.AccessToken,
+        "description": "A valid access token: the stored one while it has 5 minutes or more "
+        "left, else one minted now",
+        "headers": schemas.NO_STORE,
+    },
+    401: USER_RESPONSES[401],
+    404: USER_RESPONSES[404],
+    409: schemas.error(
+        "The provider refused an access token (a user with no connected source): connect again"
+    ),
+    503: schemas.unavailable(
+        "No valid token stored, and none minted within 10 s (the provider, Redis or the "
+        "database is unavailable)"
+    ),
+}
+
+
 ERASE_RESPONSES: dict[int | str, dict[str, Any]] = {
     204: {"description": "Erased: nothing of the user is left, but one `user.erased` event"},
     401: USER_RESPONSES[401],
@@ -78,6 +101,18 @@ def _refusal(parts: Parts, request: Request) -> JSONResponse | None:
     return None
 
 
+async def _stored(parts: Parts, request: Request, client_user_id: str) -> StoredUser | JSONResponse:
+    """The user's stored tokens, or the refusal: 404/401 (`_refusal`), 503 with the
+    database away, 404 for an unknown user."""
+    if (refused := _refusal(parts, request)) is not None:
+        return refused
+    try:
+        user = await run_in_threadpool(read_user, parts.rt, client_user_id)
+    except OperationalError:
+        return unavailable("database unavailable")
+    return user if user is not None else error(404, "unknown user", headers=NO_STORE)
+
+
 def router(parts_of: Any) -> APIRouter:
     api = APIRouter()
 
@@ -90,24 +125,49 @@ def router(parts_of: Any) -> APIRouter:
     )
     async def get_user(client_user_id: str, request: Request) -> JSONResponse:
         parts: Parts = parts_of(request)
-        if (refused := _refusal(parts, request)) is not None:
-            return refused
-        try:
-            user = await run_in_threadpool(read_user, parts.rt, client_user_id)
-        except OperationalError:
-            return unavailable("database unavailable")
-        if user is None:
-            return error(404, "unknown user", headers=NO_STORE)
-        return JSONResponse(
-            {
-                "clientUserId": user.client_user_id,
-                "humanId": user.human_id,
-                "accessToken": user.access_token,
-                "publicToken": user.public_token,
-                "updatedAt": user.updated_at.isoformat(),
-            },
-            headers=NO_STORE,
-        )
+        user = await _stored(parts, request, client_user_id)
+        if isinstance(user, JSONResponse):
+            return user
+        body = {
+            "clientUserId": user.client_user_id,
+            "humanId": user.human_id,
+            "accessToken": user.access_token,
+            "publicToken": user.public_token,
+            "updatedAt": user.updated_at.isoformat(),
+        }
+        if user.access_expires_us is not None:
+            body["accessTokenExpiresAt"] = iso_from_us(user.access_expires_us)
+        return JSONResponse(body, headers=NO_STORE)
+
+    @api.get(
+        "/users/{client_user_id}/access-token",
+        operation_id="getAccessToken",
+        summary="A valid access token for the user, minted when the stored one is about to "
+        "expire (bearer token required)",
+        responses=ACCESS_RESPONSES,
+        openapi_extra={"security": [{SECURITY_SCHEME: []}]},
+    )
+    async def get_access_token(client_user_id: str, request: Request) -> JSONResponse:
+        parts: Parts = parts_of(request)
+        stored = await _stored(parts, request, client_user_id)
+        if isinstance(stored, JSONResponse):
+            return stored
+        user: StoredUser | None = stored
+        if not fresh(stored.access_expires_us):
+            try:
+                await parts.mints.mint(client_user_id, MintKind.ACCESS)
+                user = await run_in_threadpool(read_user, parts.rt, client_user_id)
+            except MintRefused as exc:
+                return error(409, f"the provider refused an access token: {exc}")
+            except (MintUnavailable, OperationalError):
+                pass  # no new one: the stored one while it is valid at all
+            if user is None:
+                return error(404, "unknown user", headers=NO_STORE)  # erased meanwhile
+            # Just minted (or the stored one): handed out while it is valid at all, whatever
+            # the provider gave it to live.
+            if not fresh(user.access_expires_us, margin_s=0):
+                return unavailable("no valid access token, and none minted in time")
+        return JSONResponse(_access_body(user or stored), headers=NO_STORE)
 
     @api.delete(
         "/users/{client_user_id}",
@@ -136,3 +196,12 @@ def router(parts_of: Any) -> APIRouter:
         return Response(status_code=204)
 
     return api
+
+
+def _access_body(user: StoredUser) -> dict[str, Any]:
+    expires = user.access_expires_us
+    return {
+        "accessToken": user.access_token,
+        "expiresAt": iso_from_us(expires) if expires is not None else None,
+        "humanId": user.human_id,
+    }

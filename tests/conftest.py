@@ -31,6 +31,7 @@ from tests.support.env import (
     deployment_env,
 )
 from tests.support.hooks import SCHEDULE, SECRET
+from tests.support.otlp import OtlpReceiver
 from tests.support.processes import Deployment, Process, start_web, start_worker
 from tests.support.receiver import Receiver
 from tests.support.servers import RedisServer, flushed, fresh_database, pg_or_skip
@@ -186,14 +187,24 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    """An OTLP/HTTP trace receiver listening on a port, collecting every exported span."""
+    running = OtlpReceiver().start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
 def hooked(make_settings: Callable[..., Settings], db_url: str, receiver: Receiver) -> Runtime:
-    """A runtime whose events go to `receiver`, three attempts with no wait between them."""
+    """A runtime whose events go to `receiver`, three attempts with no wait between them. A
+    5 s timeout: a receiver in this process answers in milliseconds when the machine is quiet,
+    and may take a good part of a second when it is not (the hang test sets its own)."""
     return Runtime(
         make_settings(
             DATABASE_URL=db_url,
             HUMANCONNECT_WEBHOOK_URLS=receiver.url,
             HUMANCONNECT_WEBHOOK_SECRET=SECRET,
-            HUMANCONNECT_WEBHOOK_TIMEOUT_S="0.5",
+            HUMANCONNECT_WEBHOOK_TIMEOUT_S="5",
             HUMANCONNECT_WEBHOOK_RETRY_SCHEDULE=SCHEDULE,
         )
     )
@@ -251,4 +262,8 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 @pytest.fixture
 def runtime(make_settings: Callable[..., Settings], db_url: str, standin: Running) -> Runtime:
     """A runtime on the shared Redis, a fresh database and the stand-in."""
-    return Runtime(make_settings(DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url))
+    return Runtime(
+        make_settings(
+            DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url, HUMANAPI_AUTH_URL=standin.url
+        )
+    )

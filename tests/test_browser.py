@@ -126,6 +126,35 @@ def test_sandbox_forgery_is_refused_and_the_victim_keeps_their_tokens(
     assert len(stored_users(d.db_url)) == 1
 
 
+def test_sandbox_page_runs_the_current_flow(
+    deploy: Callable[..., Deployment], standin: Running, context: BrowserContext
+) -> None:
+    """The provider's current flow: the page has the service mint a session token, Connect
+    opens with it and closes with one source connected, and the service fetches and stores
+    the user's access token."""
+    d = deploy(sandbox_web=True)
+    page = context.new_page()
+    page.goto(d.url + "/?user=nora%40example.com")
+    with page.expect_popup() as opened:
+        page.click("#connect-current")
+    popup = opened.value
+    popup.wait_for_selector("#connect-source")
+    _shot(popup, "current-1-connect-popup")
+    popup.click("#connect-source")
+    page.wait_for_selector("#result.ok, #result.bad")
+    _shot(page, "current-2-succeeded")
+    steps = [s.strip() for s in page.locator("#trail li").all_inner_texts()]
+    assert page.get_attribute("#result", "class") == "ok", (steps, page.inner_text("#result"))
+    assert steps[:2] == ["token minted: session", "connect closed: 1 source(s) connected"]
+    assert steps[-1] == "succeeded", steps
+    auth = standin.state.auth
+    assert auth.mints == {"session:nora@example.com": 1, "access:nora@example.com": 1}
+    stored = stored_users(d.db_url)[human_id_for("nora@example.com")]
+    assert stored.client_user_id == "nora@example.com"
+    assert stored.access_token == auth.newest_access["nora@example.com"]
+    assert stored.access_expires_us is not None
+
+
 APP_PAGE = """<!doctype html><html><body><p id="ready">app on another origin</p>
 <script type="module">
 import finishConnect from "{web}/humanconnect.js";

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -29,6 +31,38 @@ def session_row(rt: Runtime, job: Job) -> SessionRecord:
         row = db.get(SessionRecord, session_hash(job.session_token))
         assert row is not None
         return row
+
+
+@contextmanager
+def commit_lands_but_breaks() -> Iterator[list[bool]]:
+    """The first COMMIT after the exchange records an event applies, then raises as if the
+    connection broke before its answer came back; yields whether that happened."""
+    from unittest import mock
+
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    from humanconnect import events
+
+    real_commit, real_record = Session.commit, events.record
+    armed: list[bool] = []
+    fired: list[bool] = []
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        armed.append(True)
+        return real_record(*args, **kwargs)
+
+    def commit(self: Session) -> None:
+        real_commit(self)
+        if armed and not fired:
+            fired.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    with (
+        mock.patch("humanconnect.exchange.events.record", side_effect=record),
+        mock.patch.object(Session, "commit", commit),
+    ):
+        yield fired
 
 
 def test_success_stores_encrypted_tokens_and_status(
@@ -257,35 +291,12 @@ def test_a_commit_that_landed_but_lost_its_answer_yields_one_event(
     """The connection breaks while the store's COMMIT is in flight, after the database applied
     it: the retry must find the session stored and not record a second event (the chaos
     test's PostgreSQL cut produced two connect.completed for one session before this)."""
-    from unittest import mock
-
-    from sqlalchemy.exc import OperationalError
-    from sqlalchemy.orm import Session
-
-    from humanconnect import events
     from humanconnect.storage.models import OutboxEvent
 
-    real_commit, real_record = Session.commit, events.record
-    armed: list[bool] = []
-    fired: list[bool] = []
-
-    def record(*args, **kwargs):
-        armed.append(True)
-        return real_record(*args, **kwargs)
-
-    def commit(self):
-        real_commit(self)
-        if armed and not fired:  # the first store commit only: it lands, its answer is lost
-            fired.append(True)
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
-
     job = factories.job()
-    with (
-        mock.patch("humanconnect.exchange.events.record", side_effect=record),
-        mock.patch.object(Session, "commit", commit),
-    ):
+    with commit_lands_but_breaks() as fired:
         outcome = exchanger(runtime).run(job)
-    assert outcome.state == "succeeded"
+    assert fired and outcome.state == "succeeded"
     with runtime.db() as db:
         recorded = db.scalars(select(OutboxEvent.fields)).all()
     assert len(recorded) == 1 and job.human_id in recorded[0]
@@ -364,3 +375,91 @@ def test_the_lock_is_released_with_the_success_or_after_a_failed_announce(
     # Then the run's own release still frees the session for the task's retry
     assert not runtime.redis.exists(lock_key(second))
     assert session_row(runtime, second).state == "succeeded"
+
+
+def test_a_mismatch_recorded_through_a_locked_database_stays_a_mismatch(
+    runtime: Runtime, standin: Running
+) -> None:
+    """The upstream answers for another user than the ticket vouched for, and the failure's
+    first two tries meet a locked database (before they write anything): the record waits
+    it out in this run, so the session ends client_user_mismatch after one call, not
+    answer_lost on a redelivery that finds its token used (seen in CI under SQLite's lock
+    with 32 threads)."""
+    from unittest import mock
+
+    from sqlalchemy.exc import OperationalError
+
+    from humanconnect.states import ErrorKind
+    from humanconnect.storage import sessions
+
+    job = factories.job(expected_client_user_id="someone-else")
+    real = sessions.mark_failed
+    tries: list[int] = []
+
+    def locked_twice(*args, **kwargs):
+        tries.append(1)
+        if len(tries) <= 2:
+            raise OperationalError("UPDATE sessions", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    with mock.patch("humanconnect.exchange.sessions.mark_failed", side_effect=locked_twice):
+        outcome = exchanger(runtime).run(job)
+    assert outcome.state == "failed"
+    assert len(tries) == 3
+    row = session_row(runtime, job)
+    assert (row.state, row.error_kind) == ("failed", ErrorKind.CLIENT_USER_MISMATCH)
+    assert standin.state.exchanges[job.session_token] == 1
+    assert standin.state.calls["tokens:used"] == 0
+
+
+def test_failed_retry_requeues_a_finish_with_its_connected_sources(
+    make_settings, db_url: str, standin: Running, redis_client
+) -> None:
+    """A finish carrying the Connect client's sources fails for the whole window; `failed
+    --retry` queues it again with the same sources, in its message and in the status record
+    the reconciler re-sends from (before, both had none, and so had the retried finish's
+    connect.completed, which `exchange.py` builds from the job's sources)."""
+    from humanconnect.jobs.failures import requeue_transient
+    from humanconnect.request import ExchangeRequest
+
+    rt = Runtime(
+        make_settings(
+            DATABASE_URL=db_url, HUMANAPI_BASE_URL=standin.url, HUMANCONNECT_RETRY_WINDOW_S="1"
+        )
+    )
+    standin.state.faults = Faults(down=True)
+    job = factories.job(
+        received_us=factories.now_us() - 5_000_000, connected_sources="Fitbit,Withings"
+    )
+    assert exchanger(rt).run(job).state == "failed"
+    sent: list[ExchangeRequest] = []
+    assert requeue_transient(rt, sent.append) == 1
+    (again,) = sent
+    assert again.request_id == job.request_id
+    assert again.connected_sources == "Fitbit,Withings"
+    # And the status record the reconciler re-sends from carries them too.
+    record = status_records.get_state(redis_client, job.request_id) or {}
+    assert record.get("connectedSources") == "Fitbit,Withings"
+
+
+def test_a_mismatch_whose_failure_commit_landed_but_lost_its_answer_yields_one_event(
+    runtime: Runtime, standin: Running, redis_client
+) -> None:
+    """The connection breaks while the mismatch's failure COMMIT is in flight, after the
+    database applied it: the next try finds the session failed and writes no second
+    connect.failed (webhook receivers would get two, under different eventIds)."""
+    from humanconnect.states import ErrorKind
+    from humanconnect.storage.models import OutboxEvent
+
+    job = factories.job(expected_client_user_id="someone-else")
+    with commit_lands_but_breaks() as fired:
+        outcome = exchanger(runtime).run(job)
+    assert fired and outcome.state == "failed"
+    with runtime.db() as db:
+        recorded = db.scalars(select(OutboxEvent.fields)).all()
+    assert len(recorded) == 1 and '"connect.failed"' in recorded[0], recorded
+    row = session_row(runtime, job)
+    assert (row.state, row.error_kind) == ("failed", ErrorKind.CLIENT_USER_MISMATCH)
+    record_ = status_records.get_state(redis_client, job.request_id) or {}
+    assert record_.get("state") == "failed"
+    assert standin.state.exchanges[job.session_token] == 1

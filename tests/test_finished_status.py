@@ -59,7 +59,7 @@ def finish_and_exchange(d: Deployed, body: dict[str, str]) -> str:
     )
     exchanger = Exchanger(rt, factories.free_slot)
     exchanger.run(job)
-    exchanger.sent.flush()  # its relayed mark, before the test's database goes
+    exchanger.announce.sent.flush()  # its relayed mark, before the test's database goes
     return request_id
 
 
@@ -201,7 +201,7 @@ def test_a_duplicate_delivery_after_expiry_leaves_a_finished_record(
 
     exchanger = Exchanger(rt, factories.free_slot)
     outcome: Any = exchanger.run(job)
-    exchanger.sent.flush()
+    exchanger.announce.sent.flush()
 
     assert outcome.state == "succeeded" and outcome.upstream_calls == 0
     assert sum(standin.state.exchanges.values()) == 1

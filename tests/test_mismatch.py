@@ -100,7 +100,8 @@ def test_a_worker_killed_mid_burst_never_stores_a_forged_user(
     deploy: Callable[..., Deployment], standin: Running, redis_client: redis.Redis, tmp_path
 ) -> None:
     """Forged finishes queued, their worker SIGKILLed part-way and a new one started: every
-    session ends failed (client_user_mismatch, or answer_lost for a call the kill cut off),
+    session ends failed (client_user_mismatch, or answer_lost for a call whose answer was not
+    kept),
     none is stored, and the victim's row is untouched."""
     d = deploy(
         HUMANCONNECT_TICKET_KEY=TICKET_KEY,
@@ -140,7 +141,12 @@ def test_a_worker_killed_mid_burst_never_stores_a_forged_user(
         beat.stop()
     kinds = [session_kinds(d.db_url)[r][1] for r in requests]
     assert set(kinds) <= {ErrorKind.CLIENT_USER_MISMATCH, ErrorKind.ANSWER_LOST}, kinds
-    assert kinds.count(ErrorKind.CLIENT_USER_MISMATCH) >= len(requests) - 16
+    # answer_lost only where an earlier call's answer was not kept (the kill, or a read
+    # timeout on a busy machine retried and refused as used): each one a re-use the stand-in
+    # refused. How many is the machine's pace (CI once had 19 of 40, a quiet run 12), not
+    # the service's.
+    lost = [r for r, k in zip(requests, kinds, strict=True) if k == ErrorKind.ANSWER_LOST]
+    assert len(lost) <= standin.state.calls["tokens:used"], standin.state.calls
     assert stored_users(d.db_url) == before
     issued = [
         standin.state.by_session[b["sessionToken"]]

@@ -18,15 +18,20 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
+from sqlalchemy import text
 
 from humanconnect import status_records
 from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.settings import Settings
 from humanconnect.states import RequestState
+from humanconnect.storage.db import session_factory
+from humanconnect.tickets import mint
 from producer.app import create_app
 from producer.body import MAX_BODY_BYTES, FinishBody
 from tests import factories
-from tests.support.env import CLIENT_ID, TICKET_KEY
+from tests.support.env import CLIENT_ID, ROOT, TICKET_KEY, deployment_env
+from tests.support.processes import start_worker
 from tests.support.servers import RedisServer
 
 API_TOKEN = "openapi-read-back-token-0123456789"
@@ -62,7 +67,12 @@ def test_the_finish_body_schema_is_the_models_with_this_apps_client_id(
         assert field["pattern"] == "^[A-Za-z0-9_-]+$"
     operation = doc["paths"]["/connect/finish"]["post"]
     body = operation["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/FinishBody"}
+    assert body == {
+        "oneOf": [
+            {"$ref": "#/components/schemas/FinishBody"},
+            {"$ref": "#/components/schemas/ClosePayload"},
+        ]
+    }
 
 
 def test_no_route_documents_fastapis_validation_error(
@@ -162,10 +172,10 @@ class Answers:
     def delete(self, template: str, path: str, **kwargs: Any) -> Response:
         return self.conforms("delete", template, self.client.delete(path, **kwargs))
 
-    def post(self, **kwargs: Any) -> Response:
-        return self.conforms(
-            "post", "/connect/finish", self.client.post("/connect/finish", **kwargs)
-        )
+    def post(
+        self, template: str = "/connect/finish", path: str = "/connect/finish", **kwargs: Any
+    ) -> Response:
+        return self.conforms("post", template, self.client.post(path, **kwargs))
 
     def conforms(self, method: str, template: str, resp: Response) -> Response:
         label = f"{method.upper()} {template} -> {resp.status_code}: {resp.text[:200]}"
@@ -255,10 +265,36 @@ def _users_and_ops(answers: Answers, client_user_id: str) -> None:
     answers.get("/humanconnect.js", "/humanconnect.js")
 
 
+def _current_flow(answers: Answers, standin: Running, stored_user: str, db_url: str) -> None:
+    """The current flow's answers, with a worker minting (the caller runs one)."""
+    ticket = {"Authorization": f"Bearer {mint(TICKET_KEY, 'new@example.com')}"}
+    json_type = {"Content-Type": "application/json"}
+    nothing = {"sessionResults": {"connectedSources": []}, "currentConnections": []}
+    answers.post(json=nothing, headers=ticket)  # 200: nothing connected
+    token = "/connect/token"
+    answers.post(token, token, headers=ticket)  # 200: a session token minted
+    answers.post(token, token)  # 401: no ticket
+    answers.post(token, token, content=b" " * (MAX_BODY_BYTES + 1), headers=json_type)  # 413
+    standin.state.faults = Faults(refuse_status=401)
+    other = {"Authorization": f"Bearer {mint(TICKET_KEY, 'refused@example.com')}"}
+    answers.post(token, token, headers=other)  # 502: the provider refused
+    standin.state.faults = Faults()
+    access = "/users/{client_user_id}/access-token"
+    answers.get(access, f"/users/{stored_user}/access-token", headers=BEARER)  # 200: no expiry
+    answers.get(access, f"/users/{stored_user}/access-token")  # 401
+    answers.get(access, "/users/nobody/access-token", headers=BEARER)  # 404
+    with session_factory(db_url)() as db:  # expired; the provider knows no source of theirs
+        db.execute(text("UPDATE users SET access_expires_us = 1"))
+        db.commit()
+    answers.get(access, f"/users/{stored_user}/access-token", headers=BEARER)  # 409
+
+
 def test_every_documented_answer_is_given_as_documented(
     app_settings: Settings,
     stored_user: str,
     own_redis: RedisServer,
+    standin: Running,
+    sqlite_url: str,
     tmp_path: Path,
 ) -> None:
     """Each route, driven to each of its answers (Redis and the database up, the database
@@ -279,11 +315,21 @@ def test_every_documented_answer_is_given_as_documented(
         answers.get("/users/{client_user_id}", f"/users/{stored_user}", headers=BEARER)  # 503
         answers.delete("/users/{client_user_id}", "/users/someone", headers=BEARER)  # 503
         answers.get("/readyz", "/readyz")  # 503
+        access = "/users/{client_user_id}/access-token"
+        answers.get(access, f"/users/{stored_user}/access-token", headers=BEARER)  # 503
 
     ticketed = app_settings.model_copy(update={"ticket_key": SecretStr(TICKET_KEY)})
-    with TestClient(create_app(ticketed)) as c:
-        answers = Answers(c, seen)
-        answers.post(json=factories.finish_body())  # 401: no ticket
+    env = deployment_env(own_redis.url, sqlite_url, standin.url)
+    worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=4)
+    try:
+        with TestClient(create_app(ticketed)) as c:
+            answers = Answers(c, seen)
+            answers.post(json=factories.finish_body())  # 401: no ticket
+            # The user `_users_and_ops` erased, stored again.
+            again = factories.stored_user(Runtime(ticketed))
+            _current_flow(answers, standin, again, sqlite_url)
+    finally:
+        worker.stop()
 
     limited = app_settings.model_copy(update={"finish_limit_per_ip_text": "1/minute"})
     with TestClient(create_app(limited)) as c:
@@ -293,9 +339,14 @@ def test_every_documented_answer_is_given_as_documented(
 
     with TestClient(create_app(app_settings)) as c:
         answers = Answers(c, seen)
+        answers.post("/connect/token", "/connect/token")  # 404: tickets are off
         own_redis.kill()
         answers.post(json=factories.finish_body())  # 503
         answers.get("/readyz", "/readyz")  # 503 (again)
+    with TestClient(create_app(ticketed)) as c:  # Redis still down
+        answers = Answers(c, seen)
+        ticket = {"Authorization": f"Bearer {mint(TICKET_KEY, 'late@example.com')}"}
+        answers.post("/connect/token", "/connect/token", headers=ticket)  # 503
 
     documented = {
         (method, path, code)

@@ -148,6 +148,29 @@ def test_metrics_expose_what_operators_alert_on(
     assert "# TYPE humanconnect_upstream_seconds histogram" in client.get("/metrics").text
 
 
+def test_metrics_show_accept_latency_the_breaker_and_the_upstream_limit(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    """An accepted finish is one accept-latency observation; the breaker's gauge follows its
+    Redis key; the limit is HUMANAPI_MAX_RPS; the series alerts watch are there at 0."""
+    from humanconnect.redis_keys import BREAKER_OPEN
+
+    count = "humanconnect_accept_seconds_count"
+    before = _samples(client.get("/metrics").text)
+    assert before["humanconnect_breaker_open"] == 0
+    assert before["humanconnect_upstream_limit_rps"] == 1000  # conftest's HUMANAPI_MAX_RPS
+    # Never counted yet, shown all the same: an alert on increase() sees the first one.
+    assert 'humanconnect_exchanges_total{outcome="answer_lost"}' in before
+    assert 'humanconnect_webhook_attempts_total{outcome="failed"}' in before
+    assert 'humanconnect_finishes_total{outcome="refused",reason="redis_oom"}' in before
+    client.post("/connect/finish", json=factories.finish_body())
+    client.post("/connect/finish", json={"humanId": "x"})
+    redis_client.set(BREAKER_OPEN, "1", px=60_000)
+    after = _samples(client.get("/metrics").text)
+    assert after[count] - before.get(count, 0.0) == 1  # the refused one is not an accept
+    assert after["humanconnect_breaker_open"] == 1
+
+
 def _samples(text: str) -> dict[str, float]:
     """Prometheus text as {series: value}."""
     out = {}

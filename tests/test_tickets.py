@@ -4,6 +4,8 @@ valid one (401, nothing queued) and hands the ticket's user on with the request.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import subprocess
 import time
@@ -13,10 +15,12 @@ import jwt
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from humanconnect import redis_keys
 from humanconnect.redis_keys import QUEUE
-from humanconnect.tickets import TicketError, mint, verify
+from humanconnect.tickets import TicketError, _plain_claims, mint, verify
 from tests import factories
 from tests.support.env import BIN, TICKET_KEY, service_env
 from tests.support.scan import assert_no_secrets, task_kwargs
@@ -213,3 +217,88 @@ def test_ticket_command_prints_a_ticket_the_service_accepts() -> None:
     assert verify(TICKET_KEY, ticket) == "bob@example.com"
     claims = jwt.decode(ticket, TICKET_KEY, algorithms=["HS256"])
     assert 110 <= claims["exp"] - time.time() <= 121
+
+
+_OFFSETS = st.sampled_from([-200, -40, -20, 0, 60, 3500, 3700, 7200])
+_ODD_VALUES = st.one_of(st.none(), st.booleans(), st.text(max_size=4), st.floats(0, 2e9))
+
+
+def _segment(data: dict[str, object], separators: tuple[str, str]) -> str:
+    raw = json.dumps(data, separators=separators, sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@st.composite
+def _any_ticket(draw: st.DrawFn) -> str:
+    """A ticket as `mint` writes it, or one that differs from it in a few ways: a claim
+    missing, of another type or out of time, another claim or header, another key or
+    algorithm, an odd encoding signed all the same, a flipped character."""
+
+    def odd() -> bool:  # each way of differing, one time in ten
+        return draw(st.integers(0, 9)) == 0
+
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": "user-1", "exp": now + 600}
+    for name in ("sub", "exp"):
+        if odd():
+            del claims[name]
+        elif odd():
+            claims[name] = draw(_ODD_VALUES)
+    if odd():
+        claims["exp"] = now + draw(_OFFSETS)
+    if draw(st.booleans()):
+        claims["iat"] = now + draw(st.sampled_from([-100, 0, 20, 40, 100]))
+        if odd():
+            claims["iat"] = draw(_ODD_VALUES)
+    if draw(st.booleans()):
+        claims["email"] = draw(st.one_of(st.just("a@example.com"), _ODD_VALUES))
+    if odd():
+        claims[draw(st.sampled_from(["nbf", "aud", "iss", "jti", "x"]))] = draw(
+            st.one_of(_OFFSETS.map(lambda o: now + o), st.text(max_size=4))
+        )
+    header: dict[str, object] = {"alg": "HS256", "typ": "JWT"}
+    if odd():
+        header.update(draw(st.sampled_from([{"kid": "1"}, {"typ": "at+jwt"}, {"alg": "HS384"}])))
+    key = "another-key-0123456789abcdef0123" if odd() else TICKET_KEY
+    # Signed by hand, as any library might: PyJWT's own encode refuses some of these claims.
+    separators = (", ", ": ") if odd() else (",", ":")
+    payload = _segment(claims, separators)
+    # An odd encoding, signed all the same by the key's holder.
+    if odd():
+        payload += "=" * (-len(payload) % 4 or 4)
+    elif odd():
+        payload = payload[:3] + "!" + payload[3:]
+    signing_input = f"{_segment(header, separators)}.{payload}"
+    digest = hashlib.sha384 if header["alg"] == "HS384" else hashlib.sha256
+    mac = hmac.new(key.encode(), signing_input.encode(), digest).digest()
+    signature = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    # Damage on the way.
+    if odd():
+        signature = signature[:-1] + ("A" if signature[-1] != "A" else "B")
+    elif odd():
+        signing_input = ("e" if signing_input[0] != "e" else "f") + signing_input[1:]
+    return f"{signing_input}.{signature}"
+
+
+@given(_any_ticket())
+@settings(max_examples=600, deadline=None)
+def test_the_short_way_reads_only_what_pyjwt_accepts_and_as_it_does(ticket: str) -> None:
+    """Whatever the ticket, the short way either leaves it to PyJWT or reads the very claims
+    PyJWT reads from it: it never takes one PyJWT refuses."""
+    short = _plain_claims(TICKET_KEY, ticket)
+    try:
+        theirs = jwt.decode(
+            ticket, TICKET_KEY, algorithms=["HS256"], options={"require": ["exp", "sub"]}, leeway=30
+        )
+    except jwt.PyJWTError:
+        theirs = None
+    event("short way" if short is not None else "left to PyJWT")
+    assert short is None or short == theirs
+
+
+def test_a_minted_ticket_is_read_the_short_way() -> None:
+    """What `mint` writes (with an email or without) never needs PyJWT to be read."""
+    for email in (None, "a@example.com"):
+        claims = _plain_claims(TICKET_KEY, mint(TICKET_KEY, "user-1", 600, email=email))
+        assert claims is not None and claims["sub"] == "user-1"
+        assert claims.get("email") == email

@@ -13,13 +13,14 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from humanconnect.sandbox.standin import Running
+from humanconnect.sandbox.standin import Running, no_collection
 from humanconnect.storage.db import session_factory
 from humanconnect.upstream.limiter import slot_interval
 from producer.lanes import BURST_S, SHARE, WaitingLane
 from tests import factories
 from tests.support import figures
 from tests.support.env import HANG_GUARD, timed, wait_for
+from tests.support.lag import LoopLag
 from tests.support.processes import Deployment
 from tests.support.scan import state_counts
 from tests.support.traffic import burst, sdk_post
@@ -61,20 +62,11 @@ def _finished_at(db_url: str, request_ids: list[str]) -> list[datetime]:
     return [d if isinstance(d, datetime) else datetime.fromisoformat(d) for d in done]
 
 
-def test_sdk_finishes_are_served_ahead_of_a_100s_backlog(
-    deploy: Callable[..., Deployment], standin: Running, db_url: str
-) -> None:
-    """2,000 finishes without a wait queued at 20 calls/s (a 100-second backlog), then 20
-    finishes shaped as the iOS and Android SDKs send them: each answers 201 with its
-    publicToken before the backlog has drained, while the backlog keeps draining, never
-    above the limit, none twice. How long they took is a figure for the benchmark page.
-
-    The test watches part of that drain, not all 100 s: what the rest would show (queued
-    sessions are all stored) every chaos scenario checks at full size."""
-    d = deploy(HUMANAPI_MAX_RPS=str(MAX_RPS))
-    posting_from = time.time()
-    _queue(d, 2000)
-    queued_at, quiet_from = time.time(), time.monotonic()
+def _sdks_while_draining(d: Deployment, standin: Running, db_url: str) -> tuple[list[float], int]:
+    """20 finishes shaped as the iOS and Android SDKs send them, at once, on a deployment
+    draining a backlog; then a few seconds more of the drain. Each got its publicToken with
+    its 201 before the backlog drained. Returns how long each took (sorted), and how many
+    were stored when the last answered."""
 
     def sdk(i: int) -> tuple[float, int, dict, dict[str, str]]:
         body = factories.finish_body()
@@ -103,7 +95,30 @@ def test_sdk_finishes_are_served_ahead_of_a_100s_backlog(
         interval=1,
         what="the backlog to keep draining",
     )
-    watched_s = time.monotonic() - quiet_from
+    return took, stored_when_answered
+
+
+def test_sdk_finishes_are_served_ahead_of_a_100s_backlog(
+    deploy: Callable[..., Deployment], standin: Running, db_url: str
+) -> None:
+    """2,000 finishes without a wait queued at 20 calls/s (a 100-second backlog), then 20
+    finishes shaped as the iOS and Android SDKs send them: each answers 201 with its
+    publicToken before the backlog has drained, while the backlog keeps draining, never
+    above the limit, none twice. How long they took is a figure for the benchmark page.
+
+    The test watches part of that drain, not all 100 s: what the rest would show (queued
+    sessions are all stored) every chaos scenario checks at full size."""
+    d = deploy(HUMANAPI_MAX_RPS=str(MAX_RPS))
+    # The stand-in stamps in this process: what held its loop is measured throughout, and
+    # no collection of the test's heap holds it while the test watches the drain.
+    with LoopLag(standin) as whole_lag:
+        posting_from = time.time()
+        _queue(d, 2000)
+        queued_at = time.time()
+        with no_collection(), LoopLag(standin) as watching_lag:
+            quiet_from = time.monotonic()
+            took, stored_when_answered = _sdks_while_draining(d, standin, db_url)
+            watched_s = time.monotonic() - quiet_from
     stored = state_counts(db_url).get("succeeded", 0)
     since_posting_s = time.time() - posting_from
     # Never faster than the limit since the first finish was posted.
@@ -120,17 +135,19 @@ def test_sdk_finishes_are_served_ahead_of_a_100s_backlog(
         worst_second_after_posting=figures.most_in_window(
             [t for t in standin.state.call_times if t >= quiet_from]
         ),
+        stand_in_lag_ms=[round(whole_lag.worst * 1000), round(watching_lag.worst * 1000)],
     )
     assert max(standin.state.exchanges.values()) == 1
-    # The limiter's slots are spaced over 1/MAX_RPS; the stand-in stamps calls in this
-    # process, on one GIL with the load it generates, and on a busy machine a late stamp
-    # lands in the next second (up to 24 in a second seen while posting). Over five-second
-    # windows, after the posting, a stamp a few hundred ms late still counts where it
-    # belongs. The strict check of the pace is the limiter's own (tests/test_ratelimit.py).
+    # The limiter's slots are spaced over 1/MAX_RPS, so calls that left on them span at least
+    # (n - 1) / PACE. The stand-in stamps their arrival on its loop in this process, and a
+    # stamp trails the arrival by at most what the loop lost (up to 24 in a second seen while
+    # posting; 103 in five seconds after it, a CI run that held the loop about 0.4 s). The
+    # strict check of the pace is the limiter's own (tests/test_ratelimit.py).
     stamps = sorted(standin.state.call_times)
-    assert len(stamps) / (stamps[-1] - stamps[0]) <= MAX_RPS
+    assert (len(stamps) - 1) / (stamps[-1] - stamps[0] + whole_lag.worst) <= MAX_RPS
     after = [t for t in stamps if t >= quiet_from]
-    assert figures.most_in_window(after, 5.0) <= 5 * MAX_RPS + 2
+    worst_5s = figures.most_in_window(after, 5.0)
+    assert worst_5s <= 5 * MAX_RPS + 2 + PACE * watching_lag.worst, (worst_5s, watching_lag.worst)
 
 
 #: Sessions a worker may have in hand at once: the deployment's threads (conftest.py), with

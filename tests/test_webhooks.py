@@ -18,12 +18,14 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from humanconnect import events
 from humanconnect.clock import now
 from humanconnect.errors import ConfigError
+from humanconnect.redis_keys import webhook_lock
 from humanconnect.runtime import Runtime
 from humanconnect.settings import Settings, load
 from humanconnect.storage.models import WebhookDelivery
 from humanconnect.webhooks import deliveries, signing
 from humanconnect.webhooks.deliveries import Result, Targets
 from humanconnect.webhooks.sender import safe_url
+from tests.support.env import wait_for
 from tests.support.hooks import SECRET, completed, dispatcher, rows
 from tests.support.receiver import Receiver
 
@@ -186,7 +188,7 @@ def test_a_redirect_is_not_followed_and_a_hang_times_out(
     finally:
         elsewhere.stop()
     receiver.status, receiver.delay_s = 200, 2.0
-    assert dispatcher(hooked).run() == {"retrying": 1}
+    assert dispatcher(hooked, timeout_s=0.5).run() == {"retrying": 1}
     [row] = rows(hooked)
     assert (row.attempts, row.last_error, row.last_status) == (2, "timeout", None)
 
@@ -208,11 +210,14 @@ def test_a_receiver_that_is_down_is_retried_and_its_dispatcher_stops_early(
 
 def test_one_dispatcher_per_endpoint_at_a_time(hooked: Runtime, receiver: Receiver) -> None:
     completed(hooked, 8)
-    receiver.delay_s = 0.3
+    receiver.delay_s = 0.5
     d1, d2 = dispatcher(hooked), dispatcher(hooked)
+    lock = webhook_lock(deliveries.endpoint_digest(hooked.settings.webhook_urls[0]))
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(d1.run)
-        time.sleep(0.1)
+        # The second starts once the first holds the endpoint's lock (its deliveries take
+        # two rounds of 0.5 s).
+        wait_for(lambda: hooked.redis.exists(lock), 10, interval=0.01, what="d1's lock")
         second = pool.submit(d2.run)
         assert second.result() == {}
         assert first.result() == {"delivered": 8}
@@ -223,11 +228,11 @@ def test_a_lapsed_claim_is_sent_again(hooked: Runtime, receiver: Receiver) -> No
     """A dispatcher that died after claiming: its deliveries come back when the lease ends."""
     [event_id] = completed(hooked)
     with hooked.db() as db:
-        [due] = deliveries.claim(db, hooked.settings.webhook_urls[0], limit=10, lease_s=0.2)
+        [due] = deliveries.claim(db, hooked.settings.webhook_urls[0], limit=10, lease_s=2)
     assert due.attempts == 1
     d = dispatcher(hooked)
     assert d.run() == {}
-    time.sleep(0.25)
+    time.sleep(2.1)
     assert d.run() == {"delivered": 1}
     assert receiver.delivered_ids() == {event_id}
     [row] = rows(hooked)

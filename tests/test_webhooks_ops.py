@@ -33,7 +33,7 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, hooked: Runtime, redis_url: str) ->
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("HUMANCONNECT_WEBHOOK_URLS", hooked.settings.webhook_urls[0])
     monkeypatch.setenv("HUMANCONNECT_WEBHOOK_SECRET", SECRET)
-    monkeypatch.setenv("HUMANCONNECT_WEBHOOK_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("HUMANCONNECT_WEBHOOK_TIMEOUT_S", "5")
     return hooked
 
 

@@ -13,22 +13,24 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from humanconnect import events, logs, metrics, redis_clients, status_records
+from humanconnect import events, logs, metrics, redis_clients, status_records, tracing
 from humanconnect.crypto import DecryptError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
 from humanconnect.jobs.retention import purge
 from humanconnect.locks import held_or_skip
+from humanconnect.minting import Minter, MintKind
 from humanconnect.queue import (
     DELIVER_TASK,
     EXCHANGE_TASK,
+    MINT_TASK,
     RECONCILE_TASK,
     RELAY_TASK,
     REPAIR_TASK,
     RETENTION_TASK,
 )
-from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
+from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE, access_claim
 from humanconnect.request import ExchangeRequest, Job
 from humanconnect.runtime import Runtime
 from humanconnect.settings import get_settings
@@ -76,8 +78,10 @@ def exchange_session(
     received_us: int,
     window_start_us: int | None = None,
     expected_client_user_id: str | None = None,
+    connected_sources: str = "",
 ) -> None:
-    """Exchange one accepted session for tokens, store them, or schedule the next try.
+    """Exchange one accepted session for tokens (or, for an access finish, fetch the user's
+    access token), store them, or schedule the next try.
 
     The arguments are `ExchangeRequest.task_kwargs()` (humanconnect/request.py)."""
     request = ExchangeRequest(
@@ -88,8 +92,10 @@ def exchange_session(
         received_us=received_us,
         window_start_us=window_start_us,
         expected_client_user_id=expected_client_user_id,
+        connected_sources=connected_sources,
     )
     with logs.request_context(request_id):
+        tracing.tag(request_id)
         rt = runtime()
         try:
             session_token = rt.cipher.open(request.sealed_session_token)
@@ -108,10 +114,30 @@ def exchange_session(
                 humanId=human_id,
                 error=reason,
             )
+            if expected_client_user_id:  # an access finish's claim, if it is one: let go
+                pipe = rt.redis.pipeline(transaction=False)
+                status_records.queue_release_claim(
+                    pipe, access_claim(expected_client_user_id), request_id
+                )
+                pipe.execute()
             return
         # A person waits on a finish that came through the waiting queue (its retries don't).
         waiting = (self.request.delivery_info or {}).get("routing_key") == WAITING_QUEUE
         _run(self, rt, Job.opened(request, session_token, waiting=waiting))
+
+
+def minter() -> Minter:
+    """The exchanger's: one guard and breaker handle per process for mints and fetches."""
+    return exchanger().minter
+
+
+@app.task(name=MINT_TASK, ignore_result=True)
+def mint_token(mint_id: str, user: str, kind: str, email: str | None = None) -> str:
+    """Mint a current-flow token for a person waiting on the web (humanconnect/minting.py).
+    Never retried by Celery: the person has an answer within 10 s either way, and asking
+    again starts a new mint."""
+    with logs.request_context(mint_id):
+        return minter().run(mint_id, user, MintKind(kind), email)
 
 
 def _run(self: Task, rt: Runtime, job: Job) -> None:
@@ -139,6 +165,7 @@ def _run(self: Task, rt: Runtime, job: Job) -> None:
             # parameters, which SQLAlchemy's message carries.
             str(getattr(exc, "orig", None) or exc)[:200],
         )
+        exchanger().note_outage(job, f"infrastructure error: {type(exc).__name__}")
         raise _retry(self, pause, exc) from None
     except Exception as exc:
         # Unforeseen: a few tries, then a recorded failure rather than a silent ack.
@@ -240,6 +267,7 @@ def reconcile_pending() -> int:
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
     settings = ready_settings_or_exit(secret=True, at_once=True)
+    tracing.install("worker", settings)
     priority.nice_session_group()
     if settings.auto_migrate:
         migrate.upgrade(settings.database_url)
@@ -267,12 +295,12 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 def _on_worker_shutdown(**_: Any) -> None:
     # Marks still batched would leave their events to the sweep, to be sent twice.
     if exchanger.cache_info().currsize:
-        exchanger().sent.flush()
+        exchanger().announce.sent.flush()
 
 
 @signals.beat_init.connect
 def _on_beat_init(**_: Any) -> None:
-    ready_settings_or_exit(secret=False, at_once=True)
+    tracing.install("beat", ready_settings_or_exit(secret=False, at_once=True))
 
 
 @signals.after_setup_logger.connect

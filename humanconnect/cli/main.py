@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     p_ticket.add_argument(
         "--ttl", type=int, default=600, help="seconds the ticket lives (at most 3600; 600)"
     )
+    p_ticket.add_argument(
+        "--email", help="the user's email (the current flow sends it when it mints a session)"
+    )
     p_users = sub.add_parser("users", help="users")
     users = p_users.add_subparsers(dest="action", required=True)
     p_erase = users.add_parser(
@@ -111,7 +114,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if not 0 < args.ttl <= MAX_TTL_S:
             raise ConfigError(f"--ttl must be between 1 and {MAX_TTL_S}")
         key = settings.ticket_key.get_secret_value()
-        sys.stdout.write(mint(key, args.client_user_id, args.ttl) + "\n")
+        sys.stdout.write(mint(key, args.client_user_id, args.ttl, email=args.email) + "\n")
         return 0
     if args.command == "webhooks":
         from humanconnect.cli import webhooks

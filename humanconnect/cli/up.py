@@ -93,6 +93,8 @@ def up(settings: Settings, *, port: int | None = None, webhook_echo: bool = Fals
             client_id = settings.client_id or SANDBOX_CLIENT_ID
             base_env["HUMANAPI_CLIENT_ID"] = client_id
             base_env["HUMANAPI_BASE_URL"] = f"http://127.0.0.1:{standin_port}"
+            # The stand-in serves the current Connect flow's auth host too.
+            base_env["HUMANAPI_AUTH_URL"] = base_env["HUMANAPI_BASE_URL"]
             worker_env = {**base_env, "HUMANAPI_CLIENT_SECRET": sandbox_secret}
             children.append(
                 Process(

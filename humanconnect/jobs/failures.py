@@ -58,6 +58,7 @@ def requeue_transient(rt: Runtime, send: Callable[[ExchangeRequest], None]) -> i
                 received_us=row.received_us,
                 window_start_us=now_us(),
                 expected_client_user_id=row.expected_client_user_id,
+                connected_sources=row.connected_sources or "",
             )
             # The same re-send fields the producer keeps, so the reconciler covers this
             # enqueue too (humanconnect/jobs/reconcile.py).

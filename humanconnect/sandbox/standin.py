@@ -1,8 +1,9 @@
 """A local stand-in of the Human API's two Connect endpoints, written from the provider's guide.
 
 It serves the tests and the sandbox, never a deployment with a real clientSecret. It can add
-latency and faults (503, 429 with Retry-After, hangs, dropped connections) and treats every
-session token as single-use, like the real one. `/_standin/*` lets tests read what it issued.
+latency and faults (`faults.py`: 503, 429 with Retry-After, hangs, dropped connections) and
+treats every session token as single-use, like the real one. `/_standin/*` lets tests read
+what it issued.
 """
 
 from __future__ import annotations
@@ -22,33 +23,10 @@ from typing import Any
 
 from aiohttp import web
 
-from humanconnect.sandbox import connect
+from humanconnect.sandbox import auth, connect
+from humanconnect.sandbox.faults import Faults, apply_fault, drop_connection
 
 log = logging.getLogger("humanconnect.sandbox.standin")
-
-
-@dataclass
-class Faults:
-    """Per-request fault odds and delays. Faults happen before the token is consumed,
-    except `drop_after`, which consumes it and then drops the answer (the lost-answer case)."""
-
-    latency_ms: float = 0.0
-    p503: float = 0.0
-    p429: float = 0.0
-    retry_after_s: float = 1.0
-    pdrop: float = 0.0
-    phang: float = 0.0
-    hang_s: float = 30.0
-    drop_after: float = 0.0
-    #: Refuse every call with this status (e.g. 401), or 0 for none.
-    refuse_status: int = 0
-    #: Answer only 503 while this is true (an outage).
-    down: bool = False
-    #: Refuse (400, as for a forged session) every session token starting with this.
-    refuse_token_prefix: str = ""
-    #: Hold every call whose session token starts with this until `State.release` is set
-    #: (at most `hang_s`), before the token is used: an exchange a test can catch running.
-    hold_token_prefix: str = ""
 
 
 @dataclass
@@ -84,6 +62,10 @@ class State:
     connect_users: dict[str, str] = field(default_factory=dict)
     #: Lets the calls held by `Faults.hold_token_prefix` go on (set from any thread).
     release: threading.Event = field(default_factory=threading.Event)
+    #: The current Connect flow's auth host (humanconnect/sandbox/auth.py).
+    auth: auth.AuthState = field(default_factory=auth.AuthState)
+    #: The calls `Faults.rate_limit_rps` let through in the current second, and which second.
+    allowed: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
 
 def client_user_id_for(human_id: str) -> str:
@@ -107,46 +89,17 @@ class StandIn:
             [
                 web.post("/v1/connect/tokens", self.tokens),
                 web.post("/v1/connect/publictokens", self.publictokens),
+                web.post(auth.TOKEN_PATH, self.connect_token),
                 web.get("/_standin/stats", self.stats),
                 web.get("/_standin/issued/{human_id}", self.issued),
                 web.post("/_standin/faults", self.set_faults),
                 web.post("/_standin/humans", self.seed_humans),
+                web.get("/_standin/auth", self.auth_stats),
+                web.post("/_standin/auth", self.auth_control),
             ]
         )
         connect.add_routes(self.app, self.state)
-
-    # -- faults --------------------------------------------------------------------------
-    async def _fault(self, request: web.Request, endpoint: str) -> web.StreamResponse | None:
-        f = self.state.faults
-        self.state.call_times.append(asyncio.get_running_loop().time())
-        if f.latency_ms:
-            await asyncio.sleep(f.latency_ms / 1000)
-        if f.down:
-            self.state.calls[f"{endpoint}:503"] += 1
-            return web.json_response({"error": "service unavailable"}, status=503)
-        roll = self.state.rng.random()
-        for name, odds in (("drop", f.pdrop), ("hang", f.phang), ("503", f.p503), ("429", f.p429)):
-            if roll < odds:
-                self.state.calls[f"{endpoint}:{name}"] += 1
-                if name == "drop":
-                    _drop(request)
-                    raise asyncio.CancelledError
-                if name == "hang":
-                    await asyncio.sleep(f.hang_s)
-                    _drop(request)
-                    raise asyncio.CancelledError
-                if name == "503":
-                    return web.json_response({"error": "service unavailable"}, status=503)
-                return web.json_response(
-                    {"error": "too many requests"},
-                    status=429,
-                    headers={"Retry-After": f"{f.retry_after_s:g}"},
-                )
-            roll -= odds
-        if f.refuse_status:
-            self.state.calls[f"{endpoint}:{f.refuse_status}"] += 1
-            return web.json_response({"error": "refused"}, status=f.refuse_status)
-        return None
+        auth.add_routes(self.app, self.state)
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
         if request.content_type != "application/json":
@@ -165,7 +118,7 @@ class StandIn:
 
     # -- endpoints -----------------------------------------------------------------------
     async def tokens(self, request: web.Request) -> web.StreamResponse:
-        faulted = await self._fault(request, "tokens")
+        faulted = await apply_fault(request, self.state, "tokens")
         if faulted is not None:
             return faulted
         body = await self._body(request)
@@ -201,7 +154,7 @@ class StandIn:
         self.state.exchanges[token] += 1
         if self.state.rng.random() < self.state.faults.drop_after:
             self.state.calls["tokens:drop_after"] += 1
-            _drop(request)
+            drop_connection(request)
             raise asyncio.CancelledError
         self.state.calls["tokens:201"] += 1
         return web.json_response(
@@ -216,7 +169,7 @@ class StandIn:
         )
 
     async def publictokens(self, request: web.Request) -> web.StreamResponse:
-        faulted = await self._fault(request, "publictokens")
+        faulted = await apply_fault(request, self.state, "publictokens")
         if faulted is not None:
             return faulted
         body = await self._body(request)
@@ -227,7 +180,9 @@ class StandIn:
         if isinstance(human_id, str):
             self.state.public_calls[human_id] += 1
         if not isinstance(human_id, str) or (
-            human_id not in self.state.by_human and human_id not in self.state.known_humans
+            human_id not in self.state.by_human
+            and human_id not in self.state.known_humans
+            and human_id not in auth.connected_humans(self.state.auth)
         ):
             self.state.calls["publictokens:404"] += 1
             return web.json_response({"error": "unknown humanId"}, status=404)
@@ -237,6 +192,22 @@ class StandIn:
             self.state.by_human[human_id].public_token = token
         self.state.calls["publictokens:200"] += 1
         return web.json_response({"humanId": human_id, "publicToken": token})
+
+    async def connect_token(self, request: web.Request) -> web.StreamResponse:
+        """The current flow's mint (`HUMANAPI_AUTH_URL`): the same faults as the others."""
+        faulted = await apply_fault(request, self.state, "token")
+        if faulted is not None:
+            return faulted
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self.state.calls["token:400"] += 1
+            return web.json_response({"statusCode": 400, "error": "invalid JSON"}, status=400)
+        answer = auth.mint(self.state, body)
+        self.state.calls[f"token:{answer.status}"] += 1
+        return answer
 
     # -- test controls -------------------------------------------------------------------
     async def stats(self, _: web.Request) -> web.Response:
@@ -261,16 +232,27 @@ class StandIn:
         self.state.faults = Faults(**data)
         return web.json_response(asdict(self.state.faults))
 
+    async def auth_stats(self, _: web.Request) -> web.Response:
+        a = self.state.auth
+        return web.json_response(
+            {"mints": dict(a.mints), "refusals": dict(a.refusals), "sources": a.sources}
+        )
+
+    async def auth_control(self, request: web.Request) -> web.Response:
+        """`{"lifetimes": {...}}` shortens token lifetimes; `{"connect": {user: [names]}}`
+        connects sources as the popup would."""
+        data = await request.json()
+        a = self.state.auth
+        if "lifetimes" in data:
+            a.lifetimes = auth.Lifetimes(**data["lifetimes"])
+        for user, names in (data.get("connect") or {}).items():
+            a.connect(user, names)
+        return web.json_response({"lifetimes": asdict(a.lifetimes)})
+
     async def seed_humans(self, request: web.Request) -> web.Response:
         data = await request.json()
         self.state.known_humans.update(data.get("humanIds", []))
         return web.json_response({"known": len(self.state.known_humans)})
-
-
-def _drop(request: web.Request) -> None:
-    """Close the connection without an answer."""
-    if request.transport is not None:
-        request.transport.abort()
 
 
 class Running:
@@ -292,6 +274,11 @@ class Running:
     @property
     def state(self) -> State:
         return self.standin.state
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop it serves on (its stamps are this loop's time)."""
+        return self._loop
 
     def start(self) -> Running:
         self._thread.start()
@@ -355,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hang-s", type=float, default=30.0)
     parser.add_argument("--retry-after-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--rate-limit-rps", type=float, default=0.0)
     args = parser.parse_args(argv)
     faults = Faults(
         latency_ms=args.latency_ms,
@@ -364,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         phang=args.phang,
         hang_s=args.hang_s,
         retry_after_s=args.retry_after_s,
+        rate_limit_rps=args.rate_limit_rps,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
     log.info("Human API STAND-IN (not the real upstream) on http://%s:%d", args.host, args.port)

@@ -6,7 +6,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+import sqlalchemy
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
@@ -51,15 +52,19 @@ def engine_for(url: str) -> Engine:
 
 
 def _create(url: str) -> Engine:
+    # `sqlalchemy.create_engine` looked up now, not imported: with tracing on, SQLAlchemy's
+    # instrumentation has patched it to trace the engine's statements (humanconnect/otel.py).
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sqlalchemy.create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(
+    return sqlalchemy.create_engine(
         url,
         pool_size=10,
         max_overflow=40,

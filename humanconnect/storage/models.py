@@ -54,6 +54,9 @@ class User(Base):
     repair_after_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     #: Set when the upstream refused for good (404, 401): not retried until an operator asks.
     repair_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: When the access token expires (µs since the epoch): the provider's current flow's
+    #: tokens live 24 hours; null for the original flow's, which state no expiry.
+    access_expires_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         Index(
@@ -87,6 +90,9 @@ class SessionRecord(Base):
     error_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
     #: The clientUserId the finish's connect ticket vouched for (kept for `failed --retry`).
     expected_client_user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: An access finish's connected sources, as queued (kept for `failed --retry`: its
+    #: connect.completed names them).
+    connected_sources: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: The session token, Fernet-sealed, kept until the session succeeds so that

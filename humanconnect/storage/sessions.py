@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from humanconnect.clock import now
+from humanconnect.clock import now, now_us, timestamp, to_us
 from humanconnect.errors import HumanConnectError
 from humanconnect.states import ErrorKind, RequestState
 from humanconnect.storage.models import SessionRecord, sessions_table
@@ -33,6 +33,7 @@ _MARK_SUCCEEDED = (
     )
     .values(
         state=RequestState.SUCCEEDED,
+        human_id=bindparam("human_id"),
         client_user_id=bindparam("client_user_id"),
         error=None,
         error_kind=None,
@@ -63,6 +64,7 @@ def load_or_create(
     received_us: int,
     sealed_session_token: str,
     expected_client_user_id: str | None = None,
+    connected_sources: str = "",
 ) -> tuple[SessionRecord, bool]:
     """The session's record, and whether this call created it. A first delivery creates it
     already `running` with one attempt, in one statement (a race-free insert); a later one
@@ -77,6 +79,7 @@ def load_or_create(
         "attempts": 1,
         "sealed_session_token": sealed_session_token,
         "expected_client_user_id": expected_client_user_id,
+        "connected_sources": connected_sources or None,
         "ambiguous": False,
         "created_at": stamp,
         "updated_at": stamp,
@@ -91,6 +94,17 @@ def load_or_create(
     return row, False
 
 
+def attempt_under_way(row: SessionRecord, lock_s: float) -> bool:
+    """Whether the record says another delivery began within a lock's term. The session lock
+    keeps two deliveries apart, but a Redis restarted from its append-only file may have lost
+    that lock while bringing the message back: for a token that can be fetched again (an
+    access finish's), the record is asked as well. A delivery that died frees it once the
+    term has passed."""
+    if row.state != RequestState.RUNNING:
+        return False
+    return now_us() - to_us(timestamp(row.updated_at)) < to_us(lock_s)
+
+
 def begin_attempt(row: SessionRecord) -> None:
     """Another delivery starts on an unfinished session."""
     row.state = RequestState.RUNNING
@@ -98,11 +112,13 @@ def begin_attempt(row: SessionRecord) -> None:
     row.updated_at = now()
 
 
-def mark_succeeded(db: Session, key: str, client_user_id: str) -> bool:
-    """Mark the session succeeded in the caller's transaction; False when it already was (an
-    earlier attempt's COMMIT landed although its connection broke)."""
+def mark_succeeded(db: Session, key: str, client_user_id: str, human_id: str) -> bool:
+    """Mark the session succeeded in the caller's transaction, with the humanId it was for (an
+    access finish learns it only now); False when it already was (an earlier attempt's COMMIT
+    landed although its connection broke)."""
     result = db.connection().execute(
-        _MARK_SUCCEEDED, {"key": key, "client_user_id": client_user_id, "now": now()}
+        _MARK_SUCCEEDED,
+        {"key": key, "client_user_id": client_user_id, "human_id": human_id, "now": now()},
     )
     return bool(result.rowcount)
 
@@ -132,6 +148,20 @@ def mark_retrying(db: Session, key: str, reason: str, ambiguous: bool) -> None:
     row.error = reason
     row.error_kind = None
     row.updated_at = now()
+    db.commit()
+
+
+def pause_running(db: Session, key: str, reason: str) -> None:
+    """A `running` session stopped by an outage of our own is `retrying`; any other state is
+    left alone (a success committed before the outage stays one). Commits."""
+    db.execute(
+        update(sessions_table)
+        .where(
+            sessions_table.c.session_hash == key,
+            sessions_table.c.state == RequestState.RUNNING,
+        )
+        .values(state=RequestState.RETRYING, error=reason, updated_at=now())
+    )
     db.commit()
 
 

@@ -36,6 +36,9 @@ class Tokens:
     client_user_id: str
     access_token: str
     public_token: str | None
+    #: When the access token expires (µs since the epoch), where the provider states a
+    #: lifetime (the current flow's `access` tokens); None for the original flow's.
+    access_expires_us: int | None = None
 
     def __repr__(self) -> str:
         return f"Tokens(human_id={self.human_id!r}, client_user_id={self.client_user_id!r})"

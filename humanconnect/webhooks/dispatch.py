@@ -9,7 +9,6 @@ tick instead of holding a worker, and the other endpoints' dispatchers never wai
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from humanconnect import metrics
+from humanconnect import events, metrics, tracing
 from humanconnect.clock import now, timestamp
 from humanconnect.locks import held_or_skip
 from humanconnect.redis_keys import webhook_lock
@@ -100,9 +99,11 @@ class Dispatcher:
 
     def attempt(self, due: Due) -> Result:
         """Sign and send one delivery, stamped with this attempt's time."""
-        body = signing.body(json.loads(due.fields))
+        event, parent = events.payload(due.fields)
+        body = signing.body(event)
         headers = self.signer.headers(due.event_id, body, now())
-        return self.sender.send(self.endpoint, body, headers)
+        with tracing.webhook_attempt(parent, event, due.attempts):
+            return self.sender.send(self.endpoint, body, headers)
 
     def _record(self, due: list[Due], results: list[Result], counts: Counter[str]) -> None:
         stamp = now().timestamp()

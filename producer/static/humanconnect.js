@@ -14,6 +14,14 @@
 // deadline passes. Resolves with the final status body ({requestId, status: "succeeded",
 // humanId, clientUserId, publicToken}); rejects with a HumanConnectError that says which
 // HTTP status and why. No dependencies, no build step.
+//
+// The provider's current flow (the server mints the token Connect opens with):
+//
+//   import finishConnect, { connectToken } from ".../humanconnect.js";
+//   const { token } = await connectToken({ ticket });      // data-hapi-token
+//   // ... Connect's close callback hands over its payload:
+//   const status = await finishConnect(closePayload, { ticket });
+//   // status.status: "succeeded" (the access token is stored) or "nothing_connected"
 
 export class HumanConnectError extends Error {
   constructor(message, { status = 0, body = null } = {}) {
@@ -70,8 +78,12 @@ export async function finishConnect(sessionTokenObject, options = {}) {
   const headers = { "Content-Type": "application/json" };
   if (ticket) headers.Authorization = `Bearer ${ticket}`;
   if (wait > 0) headers.Prefer = `wait=${Math.min(Math.floor(wait), 30)}`;
+  // Only what the service reads: the close payload's two parts, or the session's three.
+  const { sessionResults, currentConnections } = sessionTokenObject;
   const { humanId, clientId, sessionToken } = sessionTokenObject;
-  const body = JSON.stringify({ humanId, clientId, sessionToken });
+  const body = JSON.stringify(
+    sessionResults ? { sessionResults, currentConnections } : { humanId, clientId, sessionToken },
+  );
 
   let response;
   let pause = 500;
@@ -90,7 +102,7 @@ export async function finishConnect(sessionTokenObject, options = {}) {
     break;
   }
   const answer = await readJson(response);
-  if (response.status === 201) {
+  if (response.status === 201 || (response.status === 200 && answer)) {
     onStatus(answer);
     return answer;
   }
@@ -139,6 +151,38 @@ async function followStatus(url, deadline, onStatus) {
     }
   }
   throw new HumanConnectError("the session had not ended by the deadline", { body: last });
+}
+
+/**
+ * The current flow: a token to open Connect with, for the ticket's user. Resolves with
+ * {token, tokenType: "session" | "id", expiresIn, humanId}; a 503 (the provider busy) is
+ * asked again after its Retry-After until the deadline.
+ * @param {{ticket: string, baseUrl?: string, deadlineMs?: number}} options
+ */
+export async function connectToken({ ticket, baseUrl = moduleBase(), deadlineMs = 30000 } = {}) {
+  const deadline = Date.now() + deadlineMs;
+  for (;;) {
+    let response;
+    try {
+      response = await fetch(`${baseUrl}/connect/token`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${ticket}` },
+      });
+    } catch (err) {
+      throw new HumanConnectError(`could not reach humanconnect: ${err.message}`);
+    }
+    const answer = await readJson(response);
+    if (response.status === 200) return answer;
+    if (response.status === 503 && Date.now() < deadline) {
+      await sleep(retryAfterMs(response, 1000));
+      continue;
+    }
+    const reason = (answer && answer.error) || response.statusText || "refused";
+    throw new HumanConnectError(`token refused with ${response.status}: ${reason}`, {
+      status: response.status,
+      body: answer,
+    });
+  }
 }
 
 export default finishConnect;

@@ -118,6 +118,7 @@ class Chaos:
             **self.redis_env(),
             DATABASE_URL=database_url or self.db_url,
             HUMANAPI_BASE_URL=self.standin.url,
+            HUMANAPI_AUTH_URL=self.standin.url,
             HUMANAPI_CLIENT_ID=CLIENT_ID,
             HUMANAPI_CLIENT_SECRET=CLIENT_SECRET,
             HUMANCONNECT_ENCRYPTION_KEYS=FERNET_KEY,

@@ -66,6 +66,7 @@ def deployment_env(redis_url: str, db_url: str, upstream_url: str, **extra: str)
             "REDIS_URL": redis_url,
             "DATABASE_URL": db_url,
             "HUMANAPI_BASE_URL": upstream_url,
+            "HUMANAPI_AUTH_URL": upstream_url,
             "HUMANAPI_CLIENT_ID": CLIENT_ID,
             "HUMANAPI_CLIENT_SECRET": CLIENT_SECRET,
             "HUMANCONNECT_ENCRYPTION_KEYS": FERNET_KEY,

@@ -25,11 +25,16 @@ SECRET = signing.new_secret()
 SCHEDULE = "0,0,0"
 
 
-def dispatcher(rt: Runtime, endpoint: str | None = None, concurrency: int = 4) -> Dispatcher:
+def dispatcher(
+    rt: Runtime,
+    endpoint: str | None = None,
+    concurrency: int = 4,
+    timeout_s: float | None = None,
+) -> Dispatcher:
     return Dispatcher(
         rt,
         endpoint or rt.settings.webhook_urls[0],
-        Sender(rt.settings.webhook_timeout_s),
+        Sender(timeout_s or rt.settings.webhook_timeout_s),
         signing.Signer.from_secret(SECRET),
         ThreadPoolExecutor(concurrency),
         concurrency,

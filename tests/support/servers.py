@@ -18,6 +18,37 @@ from humanconnect.cli.procs import free_port
 from humanconnect.settings import Settings
 from tests.support.env import CI
 
+#: Keeps Redis busy for ARGV[1] µs by its own clock: its other clients wait for it (under
+#: Redis's 5 s busy-reply threshold, after which they would be refused instead).
+SPIN = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat
+  t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+class BusyProbe:
+    """Tells whether Redis is running something else (SPIN): a PING unanswered within
+    250 ms. It connects when made, so that no connection of its own is made while Redis is
+    busy."""
+
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url, socket_timeout=0.25)
+        self.client.ping()
+
+    def busy(self) -> bool:
+        try:
+            self.client.ping()
+            return False
+        except redis.TimeoutError:
+            return True
+
+    def close(self) -> None:
+        self.client.close()
+
 
 class RedisServer(redis_server.RedisServer):
     """The core's redis-server, its AOF (when asked) synced always: a test may SIGKILL it,

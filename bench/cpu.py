@@ -1,0 +1,121 @@
+"""CPU per unit of work, read from each process's own CPU clock (/proc/<pid>/stat, user and
+system time of all its threads) before and after the work: on a shared machine the clocks
+hold where wall-clock latencies and rates drift. Each figure beside its floor, same run:
+
+- the web: finishes sent open loop into the web alone (no worker: the queue just fills), CPU
+  per accepted finish; the floor, a trivial ASGI app (bench/trivial_app.py) behind the same
+  uvicorn command line taking the same load. Then both saturated (100 in flight at once, as
+  in a burst), where requests overlap and share the loop's turns and the Redis writes;
+- the worker: a backlog drained unthrottled (0 ms upstream), and at the default upstream
+  limit (20/s, 200 ms upstream), CPU per exchange; the floor, no-op Celery tasks through a
+  worker with the same settings (bench/noop_app.py), CPU per task.
+
+Then, in separate passes so that sampling costs no measured figure, a py-spy profile of the
+web and of the worker doing the same work (bench/profile.py): its top entries go in the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from bench.harness import SERVICE_APP, Stack, body, closed_loop, cpu_s, open_loop, stack
+from bench.profile import Profile, py_spy, summary
+from bench.throughput import DEFAULT_MAX_RPS, LIMITED_SESSIONS, drain_noop, drain_one
+from humanconnect.sandbox.standin import Faults
+
+#: Finishes into the web, and at what rate (open loop): the issue's measurement.
+FINISHES = 6000
+RATE = 600
+#: Requests in flight at once for the saturated pass (a burst's overlap).
+SATURATED = 100
+#: Sessions drained unthrottled, and no-op tasks beside them.
+DRAIN_SESSIONS = 3000
+#: Finishes, and sessions drained, in each profiling pass.
+PROFILED = 3000
+TRIVIAL_APP = "bench.trivial_app:app"
+
+
+def _web_cpu(
+    s: Stack,
+    app: str,
+    run: str,
+    finishes: int,
+    profile: Path | None,
+    in_flight: int | None = None,
+) -> dict[str, Any]:
+    """`finishes` sent open loop at RATE (or closed loop, `in_flight` at once) into a freshly
+    started `app`, after a warm-up of 200 not counted: its CPU per request answered 2xx."""
+    s.stop("web")
+    url = s.start_web(app=app)
+    web = s.procs["web"]
+    asyncio.run(closed_loop(url, [body(i, run + "w") for i in range(200)], 50))
+    bodies = [body(i, run) for i in range(finishes)]
+    with Profile(web.pid, profile) if profile else nullcontext():
+        cpu0 = cpu_s(web.pid)
+        if in_flight:
+            result = asyncio.run(closed_loop(url, bodies, in_flight))
+        else:
+            result = asyncio.run(open_loop(url, bodies, RATE))
+        cpu = cpu_s(web.pid) - cpu0
+    answered = sum(n for code, n in result["codes"].items() if 200 <= code < 300)
+    return {
+        "requests": finishes,
+        "codes": result["codes"],
+        "p99_ms": result["p99_ms"],
+        "cpu_s": cpu,
+        "cpu_ms_per_request": cpu * 1000 / max(1, answered),
+    }
+
+
+def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dict[str, Any]:
+    """The web's CPU per finish and the worker's per exchange, each beside its floor; then a
+    profile of each (when py-spy is installed)."""
+    out: dict[str, Any] = {}
+    s = stack(Faults())
+    try:
+        out["web"] = _web_cpu(s, SERVICE_APP, "c1", finishes, None)
+        out["trivial ASGI app"] = _web_cpu(s, TRIVIAL_APP, "c2", finishes, None)
+        out["web, saturated"] = _web_cpu(s, SERVICE_APP, "c3", finishes, None, SATURATED)
+        out["trivial ASGI app, saturated"] = _web_cpu(
+            s, TRIVIAL_APP, "c4", finishes, None, SATURATED
+        )
+    finally:
+        s.close()
+    for suffix in ("", ", saturated"):
+        out[f"web vs trivial{suffix}"] = (
+            out[f"web{suffix}"]["cpu_ms_per_request"]
+            / out[f"trivial ASGI app{suffix}"]["cpu_ms_per_request"]
+        )
+    out["worker, unthrottled"] = drain_one(0, drained)
+    out[f"worker, limit {DEFAULT_MAX_RPS}/s"] = drain_one(
+        200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS
+    )
+    out["no-op tasks"] = drain_noop(drained)
+    noop_ms = out["no-op tasks"]["cpu_s_per_task"] * 1000
+    out["worker unthrottled vs no-op"] = (
+        out["worker, unthrottled"]["cpu_s_per_exchange"] * 1000 / noop_ms
+    )
+    if py_spy() is not None:
+        out["profiles"] = _profiles()
+    return out
+
+
+def _profiles() -> dict[str, Any]:
+    """py-spy's top entries for the web taking finishes and the worker draining, unthrottled."""
+    where = Path(tempfile.mkdtemp(prefix="hc-bench-profiles-"))
+    s = stack(Faults())
+    try:
+        _web_cpu(s, SERVICE_APP, "p1", PROFILED, where / "web.txt")
+    finally:
+        s.close()
+    drain_one(0, PROFILED, profile=where / "worker.txt")
+    drain_noop(PROFILED, profile=where / "noop.txt")
+    return {
+        "web": summary(where / "web.txt"),
+        "worker": summary(where / "worker.txt"),
+        "no-op tasks": summary(where / "noop.txt"),
+    }
