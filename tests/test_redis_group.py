@@ -114,8 +114,28 @@ def test_a_killed_or_frozen_primary_is_replaced_and_rejoins_as_a_replica(
 
     healed(old)
     _eventually(_rejoined(old, "during", "2"), f"the old primary did not rejoin ({how})")
-    assert redis_group.primary() is new
+    now = redis_group.primary()
+    assert now is not old
+    if now is not new:
+        # The Sentinels failed `new` over in turn: with down-after at 1 s a loaded machine
+        # can stall it that long (CI did once). Sentinel's right answer, not a harness
+        # fault, and the logs must say so.
+        assert (new.port, now.port) in _switches(redis_group), redis_group.log_tails()
+        log.warning("redis_group_%s: %s was failed over in turn, to %s", how, new, now)
+    figures.record(f"redis_group_{how}_rejoin", failed_over_again=now is not new)
     _eventually(lambda: old in redis_group.replicas_now(), "the Sentinels do not list it")
+
+
+def _switches(group: RedisGroup) -> set[tuple[int, int]]:
+    """(from port, to port) of each `+switch-master` a Sentinel logged."""
+    found = set()
+    for s in group.sentinels:
+        text = (s.workdir / "redis.log").read_text(errors="replace")
+        for line in text.splitlines():
+            if "+switch-master" in line:
+                *_, old_port, _host, new_port = line.split()
+                found.add((int(old_port), int(new_port)))
+    return found
 
 
 def test_the_sentinels_tolerate_a_stalled_timer(redis_group: RedisGroup) -> None:
