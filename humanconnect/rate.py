@@ -51,3 +51,8 @@ class Rate:
     def __str__(self) -> str:
         unit = next(name for name, seconds in _UNITS.items() if seconds == self.period_s)
         return f"{self.amount}/{unit}"
+
+
+def script_args(rate: Rate | None) -> tuple[int, int]:
+    """A limit's interval and tolerance (µs) as the Lua scripts take them; (0, 0) for none."""
+    return (rate.interval_us, rate.tolerance_us) if rate else (0, 0)

@@ -66,6 +66,11 @@ def finish_limit(source: str, who: str) -> str:
     return f"{PREFIX}limit:{source}:{who}"
 
 
+def mint_limit(client_user_id: str) -> str:
+    """When the user may start another Connect mint (µs; the per-user limit's GCRA)."""
+    return f"{PREFIX}limit:mint:{user_digest(client_user_id)}"
+
+
 def connect_token(client_user_id: str) -> str:
     """The user's last minted Connect token (a hash: sealed token, type, expiry, humanId),
     kept until 60 s before it expires."""

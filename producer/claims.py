@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from humanconnect.clock import now
-from humanconnect.rate import Rate
+from humanconnect.rate import Rate, script_args
 from humanconnect.redis_keys import (
     PENDING,
     QUEUE,
@@ -243,8 +243,8 @@ class Claims:
                 # A ticketed finish counts against its user alone: the app's server vouched
                 # for that user, and a crowd behind one address (an office NAT, a carrier's
                 # CGNAT), each with their own ticket, must not share one address's limit.
-                *_limit_args(self.limits[0] if not user else None),
-                *_limit_args(self.limits[1] if user else None),
+                *script_args(self.limits[0] if not user else None),
+                *script_args(self.limits[1] if user else None),
                 "1" if self.memory and self.memory.full else "0",
                 "1" if self.replicas else "0",
                 *fields,
@@ -301,8 +301,3 @@ class Claims:
         """A request's status record, or None when unknown (or expired)."""
         raw = await self.r.hgetall(request_status(request_id))
         return {str(k): str(v) for k, v in raw.items()} if raw else None
-
-
-def _limit_args(rate: Rate | None) -> tuple[int, int]:
-    """A limit's interval and tolerance for the script; (0, 0) for none."""
-    return (rate.interval_us, rate.tolerance_us) if rate else (0, 0)

@@ -21,7 +21,7 @@ from producer import schemas
 from producer.accept import within
 from producer.body import BadRequest, decode, read_limited
 from producer.errors import error, unavailable
-from producer.mints import MintRefused, MintUnavailable
+from producer.mints import MintLimited, MintRefused, MintUnavailable
 from producer.state import Parts
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -39,6 +39,11 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
     404: schemas.error("Tickets are off (no HUMANCONNECT_TICKET_KEY): this flow needs them"),
     413: schemas.error("The body is over 16 KiB"),
+    429: schemas.error(
+        "This ticket user has started as many mints as HUMANCONNECT_FINISH_LIMIT_PER_USER "
+        "allows (a token handed out again, or a mint already under way, is never refused)",
+        schemas.RETRY_AFTER,
+    ),
     502: schemas.error("The provider refused to mint a token (its reason in `error`)"),
     503: schemas.unavailable("No token within 10 s: the provider or Redis is unavailable"),
 }
@@ -87,6 +92,13 @@ def router(parts_of: Any) -> APIRouter:
                 await parts.mints.mint(ticket.user, MintKind.CONNECT, ticket.email)
             except MintRefused as exc:
                 return error(502, f"the provider refused to mint a token: {exc}")
+            except MintLimited as exc:
+                retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+                return error(
+                    429,
+                    "too many tokens for this user, try again later",
+                    headers={"Retry-After": retry_after},
+                )
             except MintUnavailable:
                 return unavailable("no token yet, try again")
             # Just minted for this request: handed out whatever its lifetime.

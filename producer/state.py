@@ -65,7 +65,7 @@ class Parts:
             TicketCheck(settings),
             memory,
             warm,
-            Mints(aredis, messages, waiters),
+            Mints(aredis, messages, waiters, settings.finish_limit_per_user),
         )
 
     async def stop(self) -> None:

@@ -266,6 +266,50 @@ def test_concurrent_reads_of_an_expired_token_make_one_upstream_call(
     assert stored_users(d.db_url)[status["humanId"]].access_token == new
 
 
+def test_a_page_looping_on_a_refused_mint_is_held_to_the_per_user_limit(
+    deploy: Callable[..., Deployment], standin: Running, redis_client: redis.Redis
+) -> None:
+    """Every mint refused (the provider rejects this deployment's credentials): each ask that
+    starts one counts against its ticket user's HUMANCONNECT_FINISH_LIMIT_PER_USER, and past
+    it the ask is refused `429` without a mint. Another user has a budget of their own."""
+    d = deploy(
+        HUMANCONNECT_TICKET_KEY=TICKET_KEY,
+        HUMANCONNECT_FINISH_LIMIT_PER_USER="2/minute",
+        HUMANAPI_CLIENT_SECRET="not-this-apps-secret-0123456789",
+    )
+    answers = [token(d, "kim@example.com") for _ in range(4)]
+    assert [a.status_code for a in answers] == [502, 502, 429, 429], answers[-1].text
+    assert answers[0].json()["error"].endswith("upstream refused with 401")
+    assert answers[2].json()["error"] == "too many tokens for this user, try again later"
+    assert 1 <= int(answers[2].headers["Retry-After"]) <= 30
+    assert standin.state.auth.refusals["any:credentials"] == 2
+    assert token(d, "lea@example.com").status_code == 502
+    assert standin.state.auth.refusals["any:credentials"] == 3
+    assert sum(redis_client.llen(q) for q in QUEUES) == 0
+
+
+def test_asks_that_join_a_mint_under_way_or_get_a_kept_token_are_never_limited(
+    deploy: Callable[..., Deployment], standin: Running
+) -> None:
+    """At one mint a minute, eight tabs opening Connect at once while the provider takes
+    1.5 s: one mint, all eight served; then asked again, the kept token, not a 429."""
+    d = deploy(HUMANCONNECT_TICKET_KEY=TICKET_KEY, HUMANCONNECT_FINISH_LIMIT_PER_USER="1/minute")
+    standin.state.faults = Faults(latency_ms=1500)
+
+    async def open_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+            return await asyncio.gather(
+                *(c.post("/connect/token", headers=ticket("max@example.com")) for _ in range(8))
+            )
+
+    answers = asyncio.run(open_all())
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert len({a.json()["token"] for a in answers}) == 1
+    again = token(d, "max@example.com")
+    assert again.status_code == 200 and again.json()["token"] == answers[0].json()["token"]
+    assert standin.state.auth.mints == {"session:max@example.com": 1}
+
+
 def test_finishes_of_one_user_coalesce_while_one_is_queued(
     make_client: Callable[..., object], redis_client: redis.Redis
 ) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import redis
+from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from humanconnect.crypto import Cipher, DecryptError
 from humanconnect.jobs.rotation import rotate_all
+from humanconnect.minting import read_connect_token
+from humanconnect.redis_keys import connect_token
 from humanconnect.runtime import Runtime
 from humanconnect.storage.models import SessionRecord, User
 from humanconnect.storage.tokens import get_user, save_tokens
@@ -81,7 +85,7 @@ def _kept_sessions(rt: Runtime, n: int) -> list[str]:
 
 
 def test_rotate_is_resumable_and_covers_kept_session_tokens(
-    make_settings, db_url: str, monkeypatch: pytest.MonkeyPatch
+    make_settings, db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A rotation that dies part-way leaves every row readable; `humanconnect keys rotate`
     run again leaves every user token and kept session token under the new key only."""
@@ -112,6 +116,7 @@ def test_rotate_is_resumable_and_covers_kept_session_tokens(
     # Then the command, run again, finishes: users and kept session tokens.
     env = service_env(
         DATABASE_URL=db_url,
+        REDIS_URL=redis_url,
         HUMANCONNECT_ENCRYPTION_KEYS=keys,
         HUMANAPI_CLIENT_ID=CLIENT_ID,
         HUMANCONNECT_AUTO_MIGRATE="0",
@@ -120,7 +125,7 @@ def test_rotate_is_resumable_and_covers_kept_session_tokens(
         [str(BIN / "humanconnect"), "keys", "rotate"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "re-encrypted 9 users and 5 kept session tokens" in done.stdout
+    assert "re-encrypted 9 users, 5 kept session tokens and 0 kept Connect tokens" in done.stdout
     with both.db() as db:
         for row in db.scalars(select(User)):
             assert new_only.open(row.access_token).startswith("access-")
@@ -135,3 +140,42 @@ def _opens(cipher: Cipher, value: str) -> bool:
     except DecryptError:
         return False
     return True
+
+
+def _keep_connect_token(r: redis.Redis, cipher: Cipher, user: str, token: str) -> None:
+    """As a mint keeps one (humanconnect/minting.py): a hash that expires with the token."""
+    key = connect_token(user)
+    r.hset(key, mapping={"token": cipher.seal(token), "type": "session", "expiresAt": "0"})
+    r.expire(key, 3600)
+
+
+def test_rotate_reseals_kept_connect_tokens_and_keeps_one_minted_meanwhile(
+    make_settings, db_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Connect tokens kept in Redis move to the new key with their expiry; one a mint
+    replaced while the rotation read it keeps the new mint; one sealed under a key no longer
+    listed (it reads as none) is left as it is."""
+    old = Cipher([FERNET_KEY])
+    for user in ("ann", "bob", "cy"):
+        _keep_connect_token(redis_client, old, user, f"token-of-{user}")
+    _keep_connect_token(redis_client, Cipher([Fernet.generate_key().decode()]), "dee", "lost")
+    stray = redis_client.hget(connect_token("dee"), "token")
+    keys = f"{FERNET_KEY_2},{FERNET_KEY}"
+    rt = Runtime(make_settings(DATABASE_URL=db_url, HUMANCONNECT_ENCRYPTION_KEYS=keys))
+    real_rotate = rt.cipher.rotate
+
+    def minted_meanwhile(value: str) -> str:
+        if old.open(value) == "token-of-cy":  # a mint writes over it between read and swap
+            redis_client.hset(connect_token("cy"), "token", rt.cipher.seal("cy-minted-again"))
+        return real_rotate(value)
+
+    monkeypatch.setattr(rt.cipher, "rotate", minted_meanwhile)
+    assert rotate_all(rt).connect_tokens == 2
+    new_only = Cipher([FERNET_KEY_2])
+    for user in ("ann", "bob"):
+        kept = read_connect_token(redis_client, new_only, user)
+        assert kept is not None and kept.token == f"token-of-{user}"
+        assert 3500 < redis_client.ttl(connect_token(user)) <= 3600
+    again = read_connect_token(redis_client, rt.cipher, "cy")
+    assert again is not None and again.token == "cy-minted-again"
+    assert redis_client.hget(connect_token("dee"), "token") == stray

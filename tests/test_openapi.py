@@ -278,6 +278,7 @@ def _current_flow(answers: Answers, standin: Running, stored_user: str, db_url: 
     standin.state.faults = Faults(refuse_status=401)
     other = {"Authorization": f"Bearer {mint(TICKET_KEY, 'refused@example.com')}"}
     answers.post(token, token, headers=other)  # 502: the provider refused
+    answers.post(token, token, headers=other)  # 429: that user's one mint a minute started
     standin.state.faults = Faults()
     access = "/users/{client_user_id}/access-token"
     answers.get(access, f"/users/{stored_user}/access-token", headers=BEARER)  # 200: no expiry
@@ -318,7 +319,9 @@ def test_every_documented_answer_is_given_as_documented(
         access = "/users/{client_user_id}/access-token"
         answers.get(access, f"/users/{stored_user}/access-token", headers=BEARER)  # 503
 
-    ticketed = app_settings.model_copy(update={"ticket_key": SecretStr(TICKET_KEY)})
+    ticketed = app_settings.model_copy(
+        update={"ticket_key": SecretStr(TICKET_KEY), "finish_limit_per_user_text": "1/minute"}
+    )
     env = deployment_env(own_redis.url, sqlite_url, standin.url)
     worker = start_worker(env, ROOT, tmp_path / "worker.log", concurrency=4)
     try:

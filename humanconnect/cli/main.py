@@ -131,16 +131,30 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "users":
         return _erase(settings, args.client_user_id)
     if args.command == "keys":
-        from humanconnect.jobs.rotation import rotate_all
-        from humanconnect.runtime import Runtime
-
-        rotated = rotate_all(Runtime(settings))
-        sys.stdout.write(
-            f"re-encrypted {rotated.users} users and {rotated.sessions} kept session tokens "
-            "under the first key\n"
-        )
-        return 0
+        return _rotate(settings)
     raise AssertionError(args.command)
+
+
+def _rotate(settings: Settings) -> int:
+    import redis
+
+    from humanconnect.jobs.rotation import rotate_all
+    from humanconnect.runtime import Runtime
+
+    try:
+        rotated = rotate_all(Runtime(settings))
+    except redis.RedisError as exc:
+        # Redis is asked only after the database's part has committed.
+        sys.stderr.write(
+            "humanconnect: the database's tokens are re-encrypted, the Connect tokens kept in "
+            f"Redis are not ({type(exc).__name__}: {exc}); run it again once Redis answers\n"
+        )
+        return 1
+    sys.stdout.write(
+        f"re-encrypted {rotated.users} users, {rotated.sessions} kept session tokens and "
+        f"{rotated.connect_tokens} kept Connect tokens under the first key\n"
+    )
+    return 0
 
 
 def _erase(settings: Settings, client_user_id: str) -> int:

@@ -2,9 +2,11 @@
 
 Users' tokens and the session tokens kept for retries are rewritten in keyset batches, each
 its own transaction: an interrupted run leaves every row readable (under the old key or the
-new) and running it again finishes the job. Values outside the database (queued messages,
-status records in Redis) are not rewritten: keep the old key listed until they have expired
-(the retry window for messages, HUMANCONNECT_STATUS_TTL_S for status records).
+new) and running it again finishes the job. Then the Connect tokens kept in Redis (the
+current flow's, for a user's next open), each swapped only if no mint replaced it
+meanwhile. Queued messages and status records in Redis are not rewritten: keep the old key
+listed until they have expired (the retry window for messages, HUMANCONNECT_STATUS_TTL_S for
+status records).
 """
 
 from __future__ import annotations
@@ -13,21 +15,36 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from humanconnect.crypto import DecryptError
+from humanconnect.redis_keys import PREFIX
 from humanconnect.runtime import Runtime
 from humanconnect.storage.models import SessionRecord, User
 
 BATCH = 500
 
 
+#: KEYS: a kept Connect token's hash. ARGV: its sealed token as read, the same re-sealed. A
+#: mint that wrote a new token meanwhile keeps it; HSET leaves the hash's expiry as it was.
+_SWAP = """
+if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
+  return redis.call('HSET', KEYS[1], 'token', ARGV[2]) + 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Rotated:
     users: int
     sessions: int
+    connect_tokens: int = 0
 
 
 def rotate_all(rt: Runtime, batch: int = BATCH) -> Rotated:
-    """Re-encrypt every user's tokens and every kept session token under the first key."""
-    return Rotated(users=_rotate_users(rt, batch), sessions=_rotate_sessions(rt, batch))
+    """Re-encrypt every user's tokens and every kept session token under the first key, then
+    every kept Connect token (Redis must answer for that last part)."""
+    users, sessions = _rotate_users(rt, batch), _rotate_sessions(rt, batch)
+    return Rotated(users, sessions, _rotate_connect_tokens(rt, batch))
 
 
 def _rotate_users(rt: Runtime, batch: int) -> int:
@@ -69,3 +86,20 @@ def _rotate_sessions(rt: Runtime, batch: int) -> int:
             db.commit()
             done += len(rows)
             last = rows[-1].session_hash
+
+
+def _rotate_connect_tokens(rt: Runtime, batch: int) -> int:
+    """The Connect tokens kept in Redis. One sealed under a key no longer listed is left: it
+    reads as none already, and the next mint writes over it."""
+    swap = rt.redis.register_script(_SWAP)
+    done = 0
+    for key in rt.redis.scan_iter(match=f"{PREFIX}connect-token:*", count=batch):
+        sealed = rt.redis.hget(key, "token")
+        if not isinstance(sealed, bytes):
+            continue  # expired since the scan saw it
+        try:
+            fresh = rt.cipher.rotate(sealed.decode())
+        except DecryptError:
+            continue
+        done += int(bool(swap(keys=[key], args=[sealed, fresh])))
+    return done
