@@ -35,7 +35,18 @@ class Cipher:
 
     def rotate(self, ciphertext: str) -> str:
         """Re-encrypt under the first key (a no-op in meaning, a new ciphertext in bytes)."""
-        return self._all.rotate(ciphertext.encode("ascii")).decode("ascii")
+        try:
+            return self._all.rotate(ciphertext.encode("ascii")).decode("ascii")
+        except InvalidToken:
+            raise DecryptError("ciphertext made by none of the configured keys") from None
+
+    def under_first_key(self, ciphertext: str) -> bool:
+        """Whether the first key made it (a rotation has nothing to do)."""
+        try:
+            self._primary.decrypt(ciphertext.encode("ascii"))
+        except InvalidToken:
+            return False
+        return True
 
 
 def session_hash(session_token: str) -> str:

@@ -93,6 +93,10 @@ def router(parts_of: Any) -> APIRouter:
             except MintRefused as exc:
                 return error(502, f"the provider refused to mint a token: {exc}")
             except MintLimited as exc:
+                # A mint that ended since this ask looked may have kept a token: hand it out.
+                kept = await _kept(parts, ticket.user, CONNECT_MARGIN_S)
+                if kept is not None:
+                    return _answer(kept)
                 retry_after = str(max(1, math.ceil(exc.retry_after_s)))
                 return error(
                     429,
@@ -105,17 +109,21 @@ def router(parts_of: Any) -> APIRouter:
             kept = await _kept(parts, ticket.user, 0)
             if kept is None:  # minted and gone again (Redis restarted between): ask again
                 return unavailable("no token yet, try again")
-        return JSONResponse(
-            {
-                "token": kept.token,
-                "tokenType": str(kept.type),
-                "expiresIn": max(0, math.floor(kept.left_s())),
-                "humanId": kept.human_id or None,
-            },
-            headers=NO_STORE,
-        )
+        return _answer(kept)
 
     return api
+
+
+def _answer(kept: ConnectToken) -> JSONResponse:
+    return JSONResponse(
+        {
+            "token": kept.token,
+            "tokenType": str(kept.type),
+            "expiresIn": max(0, math.floor(kept.left_s())),
+            "humanId": kept.human_id or None,
+        },
+        headers=NO_STORE,
+    )
 
 
 async def _kept(parts: Parts, user: str, margin_s: float) -> ConnectToken | None:

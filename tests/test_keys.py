@@ -162,14 +162,15 @@ def test_rotate_reseals_kept_connect_tokens_and_keeps_one_minted_meanwhile(
     stray = redis_client.hget(connect_token("dee"), "token")
     keys = f"{FERNET_KEY_2},{FERNET_KEY}"
     rt = Runtime(make_settings(DATABASE_URL=db_url, HUMANCONNECT_ENCRYPTION_KEYS=keys))
-    real_rotate = rt.cipher.rotate
+    real_hget = rt.redis.hget
 
-    def minted_meanwhile(value: str) -> str:
-        if old.open(value) == "token-of-cy":  # a mint writes over it between read and swap
-            redis_client.hset(connect_token("cy"), "token", rt.cipher.seal("cy-minted-again"))
-        return real_rotate(value)
+    def minted_meanwhile(key: str, field: str) -> object:
+        sealed = real_hget(key, field)
+        if key == connect_token("cy").encode():  # a mint writes over it between read and swap
+            redis_client.hset(key, "token", rt.cipher.seal("cy-minted-again"))
+        return sealed
 
-    monkeypatch.setattr(rt.cipher, "rotate", minted_meanwhile)
+    monkeypatch.setattr(rt.redis, "hget", minted_meanwhile)
     assert rotate_all(rt).connect_tokens == 2
     new_only = Cipher([FERNET_KEY_2])
     for user in ("ann", "bob"):
@@ -179,3 +180,32 @@ def test_rotate_reseals_kept_connect_tokens_and_keeps_one_minted_meanwhile(
     again = read_connect_token(redis_client, rt.cipher, "cy")
     assert again is not None and again.token == "cy-minted-again"
     assert redis_client.hget(connect_token("dee"), "token") == stray
+    # Run again: everything readable is under the first key already.
+    monkeypatch.undo()
+    assert rotate_all(rt).connect_tokens == 0
+
+
+def test_rotate_says_when_redis_did_not_answer_after_the_database_part(
+    db_url: str, make_settings
+) -> None:
+    """The database's part commits first; Redis away, the command says what is done and
+    exits 1."""
+    rt = Runtime(make_settings(DATABASE_URL=db_url))
+    _save(rt, 2)
+    env = service_env(
+        DATABASE_URL=db_url,
+        REDIS_URL="redis://127.0.0.1:1/0",  # nothing listens there
+        HUMANCONNECT_ENCRYPTION_KEYS=f"{FERNET_KEY_2},{FERNET_KEY}",
+        HUMANAPI_CLIENT_ID=CLIENT_ID,
+        HUMANCONNECT_AUTO_MIGRATE="0",
+    )
+    done = subprocess.run(
+        [str(BIN / "humanconnect"), "keys", "rotate"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the database's tokens are re-encrypted" in done.stderr
+    assert "Traceback" not in done.stderr
+    with rt.db() as db:
+        assert all(
+            _opens(Cipher([FERNET_KEY_2]), row.access_token) for row in db.scalars(select(User))
+        )

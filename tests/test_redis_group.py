@@ -58,7 +58,11 @@ def _write_until_accepted(client: redis.Redis, key: str, value: str) -> float:
 
 
 def _get(node: Node, key: str) -> bytes | None:
-    value = node.ask("GET", key)
+    """The value, or None when the node does not answer (stalled) or has none."""
+    try:
+        value = node.ask("GET", key)
+    except redis.RedisError:
+        return None
     return value if isinstance(value, bytes) else None
 
 
@@ -95,8 +99,11 @@ def _fail_over(
     log.info("%s: failover %.2f s, first write after %.2f s more", test, took, write_took)
     figures.record(test, failover_s=round(took, 2), first_write_s=round(write_took, 2))
     assert new in before
-    assert _get(new, "during") == b"2"
-    assert _get(new, "before") == b"1"
+    # Asked of whoever leads by then (a loaded machine may fail `new` over in turn, below).
+    _eventually(
+        lambda: _get(group.primary(), "during") == b"2" and _get(group.primary(), "before") == b"1",
+        "the primary does not hold what was written before and during the failover",
+    )
     return old, new
 
 
@@ -115,15 +122,27 @@ def test_a_killed_or_frozen_primary_is_replaced_and_rejoins_as_a_replica(
     healed(old)
     _eventually(_rejoined(old, "during", "2"), f"the old primary did not rejoin ({how})")
     now = redis_group.primary()
-    assert now is not old
     if now is not new:
-        # The Sentinels failed `new` over in turn: with down-after at 1 s a loaded machine
-        # can stall it that long (CI did once). Sentinel's right answer, not a harness
-        # fault, and the logs must say so.
-        assert (new.port, now.port) in _switches(redis_group), redis_group.log_tails()
+        # The Sentinels failed `new` over in turn (perhaps to `old`, a replica again by then):
+        # with down-after at 1 s a loaded machine can stall it that long (CI did once).
+        # Sentinel's right answer, not a harness fault, and their logs must say so.
+        assert _led(_switches(redis_group), new.port, now.port), redis_group.log_tails()
         log.warning("redis_group_%s: %s was failed over in turn, to %s", how, new, now)
     figures.record(f"redis_group_{how}_rejoin", failed_over_again=now is not new)
-    _eventually(lambda: old in redis_group.replicas_now(), "the Sentinels do not list it")
+    if now is not old:
+        _eventually(lambda: old in redis_group.replicas_now(), "the Sentinels do not list it")
+
+
+def _led(switches: set[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether logged switches lead from port `start` to port `end`."""
+    reached, frontier = {start}, [start]
+    while frontier:
+        here = frontier.pop()
+        for a, b in switches:
+            if a == here and b not in reached:
+                reached.add(b)
+                frontier.append(b)
+    return end in reached
 
 
 def _switches(group: RedisGroup) -> set[tuple[int, int]]:

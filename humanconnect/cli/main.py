@@ -141,13 +141,15 @@ def _rotate(settings: Settings) -> int:
     from humanconnect.jobs.rotation import rotate_all
     from humanconnect.runtime import Runtime
 
+    if not settings.redis_configured:  # before the database's part, not after it
+        raise ConfigError("REDIS_URL or REDIS_SENTINELS is required (kept Connect tokens)")
     try:
         rotated = rotate_all(Runtime(settings))
     except redis.RedisError as exc:
         # Redis is asked only after the database's part has committed.
         sys.stderr.write(
             "humanconnect: the database's tokens are re-encrypted, the Connect tokens kept in "
-            f"Redis are not ({type(exc).__name__}: {exc}); run it again once Redis answers\n"
+            f"Redis are not ({type(exc).__name__}: {exc}); run it again\n"
         )
         return 1
     sys.stdout.write(

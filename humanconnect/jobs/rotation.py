@@ -25,9 +25,11 @@ BATCH = 500
 
 #: KEYS: a kept Connect token's hash. ARGV: its sealed token as read, the same re-sealed. A
 #: mint that wrote a new token meanwhile keeps it; HSET leaves the hash's expiry as it was.
+#: Returns 1 when it swapped.
 _SWAP = """
 if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
-  return redis.call('HSET', KEYS[1], 'token', ARGV[2]) + 1
+  redis.call('HSET', KEYS[1], 'token', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -89,17 +91,18 @@ def _rotate_sessions(rt: Runtime, batch: int) -> int:
 
 
 def _rotate_connect_tokens(rt: Runtime, batch: int) -> int:
-    """The Connect tokens kept in Redis. One sealed under a key no longer listed is left: it
-    reads as none already, and the next mint writes over it."""
+    """The Connect tokens kept in Redis. One already under the first key is left (SCAN may
+    name a key twice, and a run may be a second one), and so is one sealed under a key no
+    longer listed: it reads as none already, and the next mint writes over it."""
     swap = rt.redis.register_script(_SWAP)
     done = 0
     for key in rt.redis.scan_iter(match=f"{PREFIX}connect-token:*", count=batch):
         sealed = rt.redis.hget(key, "token")
-        if not isinstance(sealed, bytes):
-            continue  # expired since the scan saw it
+        if not isinstance(sealed, bytes) or rt.cipher.under_first_key(sealed.decode()):
+            continue  # expired since the scan saw it, or nothing to do
         try:
             fresh = rt.cipher.rotate(sealed.decode())
         except DecryptError:
             continue
-        done += int(bool(swap(keys=[key], args=[sealed, fresh])))
+        done += int(swap(keys=[key], args=[sealed, fresh]))
     return done
