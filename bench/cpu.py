@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ def _web_cpu(
     web = s.procs["web"]
     asyncio.run(closed_loop(url, [body(i, run + "w") for i in range(200)], 50))
     bodies = [body(i, run) for i in range(finishes)]
-    with Profile(web.pid, profile) if profile else nullcontext():
+    with Profile(web.pid, profile):
         cpu0 = cpu_s(web.pid)
         if in_flight:
             result = asyncio.run(closed_loop(url, bodies, in_flight))

@@ -34,9 +34,10 @@ def py_spy() -> str | None:
 
 class Profile:
     """`with Profile(pid, out):` samples `pid` (all its threads, idle ones left out) into
-    `out`, py-spy's collapsed stacks; nothing happens when py-spy is not installed."""
+    `out`, py-spy's collapsed stacks; nothing happens when `out` is None or py-spy is not
+    installed."""
 
-    def __init__(self, pid: int, out: Path, rate: int = RATE):
+    def __init__(self, pid: int, out: Path | None, rate: int = RATE):
         self.pid = pid
         self.out = out
         self.rate = rate
@@ -44,7 +45,7 @@ class Profile:
 
     def __enter__(self) -> Profile:
         exe = py_spy()
-        if exe is None:
+        if exe is None or self.out is None:
             return self
         argv = [exe, "record", "--pid", str(self.pid), "--rate", str(self.rate)]
         # Non-blocking: the process is never paused, so what it spends is what it would.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ def drain_one(
         spawned = time.monotonic()
         while (first := _stored(s.env["DATABASE_URL"])) == 0 and time.monotonic() - spawned < 60:
             time.sleep(0.01)
-        with Profile(worker.pid, profile) if profile else nullcontext():
+        with Profile(worker.pid, profile):
             cpu0 = cpu_s(worker.pid)
             started = time.monotonic()
             while _stored(s.env["DATABASE_URL"]) < sessions and time.monotonic() - started < 300:
@@ -142,7 +141,7 @@ def drain_noop(sessions: int, profile: Path | None = None) -> dict[str, Any]:
         while r.llen(QUEUE) == sessions and time.monotonic() - spawned < 60:
             time.sleep(0.005)
         left = r.llen(QUEUE) + r.hlen(UNACKED)
-        with Profile(proc.pid, profile) if profile else nullcontext():
+        with Profile(proc.pid, profile):
             cpu0 = cpu_s(proc.pid)
             started = time.monotonic()
             while (r.llen(QUEUE) or r.hlen(UNACKED)) and time.monotonic() - started < 120:
