@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from humanconnect.crypto import DecryptError
+from humanconnect.errors import ConfigError
 from humanconnect.redis_keys import PREFIX
 from humanconnect.runtime import Runtime
 from humanconnect.storage.models import SessionRecord, User
@@ -45,6 +46,8 @@ class Rotated:
 def rotate_all(rt: Runtime, batch: int = BATCH) -> Rotated:
     """Re-encrypt every user's tokens and every kept session token under the first key, then
     every kept Connect token (Redis must answer for that last part)."""
+    if not rt.settings.redis_configured:  # before the database's part, not after it
+        raise ConfigError("REDIS_URL or REDIS_SENTINELS is required (kept Connect tokens)")
     users, sessions = _rotate_users(rt, batch), _rotate_sessions(rt, batch)
     return Rotated(users, sessions, _rotate_connect_tokens(rt, batch))
 
