@@ -85,7 +85,7 @@ class Exchanger:
         self.settings = rt.settings
         self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)
         #: An access finish's fetch (the provider's current flow).
-        self.minter = Minter(rt, acquire_slot)
+        self.minter = Minter(rt, self.guard)
         self.announce = Announcer(rt)
         self.failures = FailureRecord(rt, self.announce)
 

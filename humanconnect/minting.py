@@ -34,7 +34,7 @@ from humanconnect.runtime import Runtime
 from humanconnect.storage import tokens
 from humanconnect.upstream.auth import Minted, TokenType, mint
 from humanconnect.upstream.client import Tokens
-from humanconnect.upstream.guard import AcquireSlot, UpstreamGuard
+from humanconnect.upstream.guard import UpstreamGuard
 from humanconnect.upstream.retry import retry_cause
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,11 @@ redis.call('PUBLISH', KEYS[3], ARGV[2])
 class Minter:
     """Mints for one worker process, through the shared upstream guard."""
 
-    def __init__(self, rt: Runtime, acquire_slot: AcquireSlot):
+    def __init__(self, rt: Runtime, guard: UpstreamGuard):
         self.rt = rt
         self.settings = rt.settings
-        self.guard = UpstreamGuard(rt.redis, acquire_slot, rt.settings)
+        #: The exchanger's: one breaker (and its cached state) for every upstream call.
+        self.guard = guard
 
     # -- the mint_token task ----------------------------------------------------------
     def run(self, mint_id: str, user: str, kind: MintKind, email: str | None = None) -> MintState:
