@@ -108,9 +108,14 @@ class Announcer:
 
     def release_access_claim(self, job: Job) -> None:
         if job.flow is Flow.ACCESS:
-            pipe = self.rt.redis.pipeline(transaction=False)
-            status_records.queue_release_claim(pipe, claim_of(job)[0], job.request_id)
-            pipe.execute()
+            release_access_claim(self.rt.redis, job.expected_client_user_id or "", job.request_id)
+
+
+def release_access_claim(r: redis.Redis, client_user_id: str, request_id: str) -> None:
+    """Let go of an access finish's claim (one per user) if it is still `request_id`'s."""
+    pipe = r.pipeline(transaction=False)
+    status_records.queue_release_claim(pipe, redis_keys.access_claim(client_user_id), request_id)
+    pipe.execute()
 
 
 def claim_of(job: Job) -> tuple[str, bool]:

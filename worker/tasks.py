@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from humanconnect import events, logs, metrics, redis_clients, status_records, tracing
+from humanconnect.announce import release_access_claim
 from humanconnect.crypto import DecryptError
 from humanconnect.exchange import Exchanger
 from humanconnect.jobs.reconcile import requeue_stale
@@ -30,7 +31,7 @@ from humanconnect.queue import (
     REPAIR_TASK,
     RETENTION_TASK,
 )
-from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE, access_claim
+from humanconnect.redis_keys import QUEUE, QUEUES, RELAY_LOCK, WAITING_QUEUE
 from humanconnect.request import ExchangeRequest, Job
 from humanconnect.runtime import Runtime
 from humanconnect.settings import get_settings
@@ -115,11 +116,7 @@ def exchange_session(
                 error=reason,
             )
             if expected_client_user_id:  # an access finish's claim, if it is one: let go
-                pipe = rt.redis.pipeline(transaction=False)
-                status_records.queue_release_claim(
-                    pipe, access_claim(expected_client_user_id), request_id
-                )
-                pipe.execute()
+                release_access_claim(rt.redis, expected_client_user_id, request_id)
             return
         # A person waits on a finish that came through the waiting queue (its retries don't).
         waiting = (self.request.delivery_info or {}).get("routing_key") == WAITING_QUEUE
