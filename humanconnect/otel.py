@@ -40,7 +40,7 @@ from opentelemetry.util.types import Attributes
 
 from humanconnect.errors import ConfigError
 from humanconnect.queue import DELIVER_TASK
-from humanconnect.span_scrub import Scrubber, ScrubbingExporter, secrets_of
+from humanconnect.span_scrub import Scrubber, ScrubbingExporter, secrets_of, without_query
 from humanconnect.tracing import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -310,7 +310,8 @@ def _span_context(parent: str | None) -> trace.SpanContext | None:
 
 
 def _without_query(url: str, *_: Any) -> str:
-    return url.split("?", 1)[0]
+    """span_scrub.without_query, in the instrumentations' url_filter signature."""
+    return without_query(url)
 
 
 def _version() -> str:

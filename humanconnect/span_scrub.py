@@ -120,7 +120,7 @@ class Scrubber:
                 out[key] = REDACTED
                 continue
             if key in URL_KEYS and isinstance(value, str):
-                value = _without_query(value)
+                value = without_query(value)
             elif key in STATEMENT_KEYS and isinstance(value, str) and "redis" in scope:
                 value = _command_names(value)
             out[key] = self.value(value)
@@ -174,7 +174,7 @@ class ScrubbingExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-def _without_query(url: str) -> str:
+def without_query(url: str) -> str:
     """A URL or request target with neither its query nor its fragment."""
     return url.split("?", 1)[0].split("#", 1)[0]
 
