@@ -13,7 +13,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from humanconnect.states import FINAL, RequestState
+from humanconnect.states import RequestState
 from humanconnect.storage.db import session_factory
 from humanconnect.tickets import mint
 from tests.support.chaos import THREADS, Chaos, Tally
@@ -39,32 +39,19 @@ def _users(chaos: Chaos) -> tuple[list[str], list[dict], list[dict[str, str]]]:
     return users, [payload] * len(users), tickets
 
 
-def _states(chaos: Chaos) -> dict[str, tuple[str, str | None]]:
-    """The access finishes' records by the ticket's user."""
-    with session_factory(chaos.db_url)() as db:
-        rows = db.execute(
-            text(
-                "SELECT expected_client_user_id, state, error_kind FROM sessions "
-                "WHERE expected_client_user_id LIKE 'current-%'"
-            )
-        ).all()
-    return {u: (s, k) for u, s, k in rows}
+#: The access finishes' records are found by the ticket's user.
+BY_USER = "expected_client_user_id"
 
 
 def _stored(chaos: Chaos) -> int:
-    return sum(1 for s, _ in _states(chaos).values() if s == RequestState.SUCCEEDED)
+    return chaos.stored_count(BY_USER)
 
 
 def _verify(chaos: Chaos, scenario: str, users: list[str], *, refetch_bound: int) -> Tally:
     """Every user's finish ended stored with the token the provider issued last; at most
     `refetch_bound` users fetched twice; one event each; no token or secret in clear."""
-    wait_for(
-        lambda: all(_states(chaos).get(u, ("",))[0] in FINAL for u in users),
-        240,
-        interval=1,
-        what="every access finish to end",
-    )
-    states = _states(chaos)
+    chaos.wait_ended(set(users), 240, by=BY_USER)
+    states = chaos.states(BY_USER)
     assert {u: s for u, (s, _) in states.items() if s != RequestState.SUCCEEDED} == {}
     auth = chaos.standin.state.auth
     stored = {u.client_user_id: u for u in stored_users(chaos.db_url).values()}
@@ -72,8 +59,8 @@ def _verify(chaos: Chaos, scenario: str, users: list[str], *, refetch_bound: int
         assert stored[user].access_token == auth.newest_access[user], user
         assert stored[user].access_expires_us is not None
     fetches = [auth.mints[f"access:{u}"] for u in users]
-    refetched = sum(1 for n in fetches if n > 1)
     twice = [u for u in users if auth.mints[f"access:{u}"] > 1]
+    refetched = len(twice)
     with session_factory(chaos.db_url)() as db:
         rows = db.execute(
             text("SELECT request_id, expected_client_user_id, attempts, state FROM sessions")
@@ -84,12 +71,7 @@ def _verify(chaos: Chaos, scenario: str, users: list[str], *, refetch_bound: int
         [r for r in rows if r[1] in twice],
         str(chaos.tmp),
     )
-
-    def relayed() -> bool:
-        with session_factory(chaos.db_url)() as db:
-            return not db.scalar(text("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
-
-    wait_for(relayed, 60, interval=1, what="the outbox to be relayed")
+    chaos.wait_relayed()
     ids: dict[str, set[str]] = {}
     for entry in stream_entries(chaos.r):
         if entry.get("clientUserId", "").startswith("current-"):

@@ -247,16 +247,20 @@ class Chaos:
                 time.sleep(1)
 
     # -- observing -----------------------------------------------------------------------
-    def states(self) -> dict[str, tuple[str, str | None]]:
-        """humanId -> (state, error kind) of every session record."""
+    def states(self, by: str = "human_id") -> dict[str, tuple[str, str | None]]:
+        """(state, error kind) of every session record, by its humanId (or by another
+        column of `sessions`, such as an access finish's `expected_client_user_id`; records
+        without one are left out)."""
         with session_factory(self.db_url)() as db:
-            rows = db.execute(text("SELECT human_id, state, error_kind FROM sessions")).all()
+            rows = db.execute(
+                text(f"SELECT {by}, state, error_kind FROM sessions WHERE {by} IS NOT NULL")
+            ).all()
         return {h: (s, k) for h, s, k in rows}
 
-    def stored_count(self) -> int:
-        return sum(1 for s, _ in self.states().values() if s == RequestState.SUCCEEDED)
+    def stored_count(self, by: str = "human_id") -> int:
+        return sum(1 for s, _ in self.states(by).values() if s == RequestState.SUCCEEDED)
 
-    def wait_ended(self, humans: set[str], timeout: float) -> None:
+    def wait_ended(self, humans: set[str], timeout: float, by: str = "human_id") -> None:
         def ended() -> bool:
             # A process that died on its own (not one the scenario killed and replaced)
             # would leave the wait to time out with no hint why: the timeout names it.
@@ -264,7 +268,7 @@ class Chaos:
             if dead:
                 # pytest.fail, not assert: wait_for takes an exception for "not yet".
                 pytest.fail(f"{dead} exited during the scenario: see their logs in {self.tmp}")
-            found = self.states()
+            found = self.states(by)
             return all(found.get(h, ("",))[0] in FINAL for h in humans)
 
         wait_for(ended, timeout, interval=1, what=f"all {len(humans)} sessions to end")
@@ -305,14 +309,18 @@ class Chaos:
             lost=len(lost),
         )
 
-    def _verify_events(self, humans: set[str], answer_lost: set[str]) -> None:
-        """One event per session (the relay may resend an entry, always with its eventId)."""
+    def wait_relayed(self) -> None:
+        """Until every outbox event has been relayed to the stream."""
 
         def relayed() -> bool:
             with session_factory(self.db_url)() as db:
                 return not db.scalar(text("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
 
         wait_for(relayed, 60, interval=1, what="the outbox to be relayed")
+
+    def _verify_events(self, humans: set[str], answer_lost: set[str]) -> None:
+        """One event per session (the relay may resend an entry, always with its eventId)."""
+        self.wait_relayed()
         ids: dict[tuple[str, str], set[str]] = {}
         for entry in stream_entries(self.r):
             ids.setdefault((entry["type"], entry["humanId"]), set()).add(entry["eventId"])
