@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from tests.support.env import (
 )
 from tests.support.hooks import SECRET
 from tests.support.otlp import OtlpReceiver, Span
-from tests.support.processes import Process, start_web, start_worker
+from tests.support.processes import Deployment, Process, start_web, start_worker
 from tests.support.receiver import Receiver
 from tests.support.scan import assert_no_secrets, state_counts, stored_users, stream_entries
 from tests.support.servers import RedisServer
@@ -94,16 +94,30 @@ def _traces_by_request(otlp: OtlpReceiver, request_ids: list[str]) -> dict[str, 
 def _wait_whole(otlp: OtlpReceiver, request_ids: list[str], timeout: float) -> dict[str, Any]:
     """Until every finish's trace is whole (spans arrive in batches, from three processes);
     then the traces, else fail naming what each still lacks."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def whole() -> dict[str, Any]:
         traces = _traces_by_request(otlp, request_ids)
         problems = {r: _problems(traces[r]) if r in traces else ["no trace"] for r in request_ids}
         problems = {r: p for r, p in problems.items() if p}
-        if not problems:
-            return traces
-        if time.monotonic() > deadline:
+        if problems:
             raise AssertionError(f"{len(problems)} traces not whole: {problems}")
-        time.sleep(0.25)
+        return traces
+
+    return wait_for(whole, timeout, interval=0.25, what="every finish's trace to be whole")
+
+
+def _run_script(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh Python with `args`, from the project's root; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
@@ -241,46 +255,36 @@ def test_each_finish_is_one_whole_trace_and_no_span_holds_a_secret(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_collector_that_is_down_costs_the_finishes_nothing(
-    redis_url: str, sqlite_url: str, standin: Running, tmp_path: Path
+    deploy: Callable[..., Deployment], standin: Running
 ) -> None:
     """Tracing on, its endpoint a closed port: every finish is answered 202 without waiting
     for an export, and all are stored as usual."""
     # Given web and worker exporting to a port nobody listens on
-    env = deployment_env(
-        redis_url,
-        sqlite_url,
-        standin.url,
+    d = deploy(
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
         OTEL_EXPORTER_OTLP_TIMEOUT=str(EXPORT_TIMEOUT_S),
         **QUICK_EXPORT,
     )
-    started: list[Process] = []
-    try:
-        web, url = start_web(env, ROOT, tmp_path / "web.log")
-        started.append(web)
-        worker = start_worker(env, ROOT, tmp_path / "worker.log")
-        started.append(worker)
-        # When 20 finishes arrive one after another
-        answers = [
-            timed(lambda: httpx.post(url + "/connect/finish", json=factories.finish_body()))
-            for _ in range(FINISHES)
-        ]
-        # Then each is accepted, none having waited out an export's timeout, and all are stored
-        assert [r.status_code for r, _ in answers] == [202] * FINISHES
-        assert max(seconds for _, seconds in answers) < EXPORT_TIMEOUT_S
-        wait_for(
-            lambda: state_counts(sqlite_url).get("succeeded") == FINISHES,
-            60,
-            interval=0.25,
-            what="every finish stored",
-        )
-        assert standin.state.exchanges.total() == FINISHES
-        # ... while the exporters did try, and failed
-        wait_for(lambda: "export" in worker.output().lower(), 30, what="a failed export logged")
-        assert web.alive() and worker.alive()
-    finally:
-        stop_all(started)
+    # When 20 finishes arrive one after another
+    answers = [
+        timed(lambda: httpx.post(d.url + "/connect/finish", json=factories.finish_body()))
+        for _ in range(FINISHES)
+    ]
+    # Then each is accepted, none having waited out an export's timeout, and all are stored
+    assert [r.status_code for r, _ in answers] == [202] * FINISHES
+    assert max(seconds for _, seconds in answers) < EXPORT_TIMEOUT_S
+    wait_for(
+        lambda: state_counts(d.db_url).get("succeeded") == FINISHES,
+        60,
+        interval=0.25,
+        what="every finish stored",
+    )
+    assert standin.state.exchanges.total() == FINISHES
+    # ... while the exporters did try, and failed
+    wait_for(lambda: "export" in d.worker.output().lower(), 30, what="a failed export logged")
+    assert d.web.alive() and d.worker.alive()
 
 
 RESEND = r"""
@@ -312,15 +316,7 @@ def test_a_resent_request_continues_its_finish_trace(
     parent = f"00-{trace_id}-{accept_span}-01"
     # When a worker sends the request again
     env = service_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, **QUICK_EXPORT)
-    proc = subprocess.run(
-        [sys.executable, "-c", RESEND, redis_url, FERNET_KEY, parent],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_script(RESEND, redis_url, FERNET_KEY, parent, env=env)
     # Then its send is a span of that trace under the accept's, and the message carries it on
     sent = wait_for(lambda: [s for s in otlp.snapshot() if s.name.startswith("apply_async/")], 30)
     assert [(s.trace_id, s.parent_id, s.service) for s in sent] == [
@@ -362,15 +358,7 @@ def test_the_outbox_sweep_links_each_event_to_its_finish(
     it; the finish's context stays in the outbox, out of the stream."""
     # When a worker's sweep relays an event recorded inside a finish's span
     env = service_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, **QUICK_EXPORT)
-    proc = subprocess.run(
-        [sys.executable, "-c", SWEEP, redis_url, sqlite_url, FERNET_KEY],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_script(SWEEP, redis_url, sqlite_url, FERNET_KEY, env=env)
     # Then the relay's span links to the finish's
     spans = wait_for(lambda: len(otlp.snapshot()) >= 2 and otlp.snapshot(), 30)
     finish = next(s for s in spans if s.name == "the finish")
@@ -417,15 +405,7 @@ def test_without_the_variables_nothing_of_opentelemetry_is_imported(tmp_path: Pa
     libraries import themselves (no SDK tracer, exporter or instrumentation), and sets no
     tracer provider."""
     env = {k: v for k, v in service_env().items() if not k.startswith("OTEL_")}
-    proc = subprocess.run(
-        [sys.executable, "-c", NOTHING_IMPORTED, FERNET_KEY],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(NOTHING_IMPORTED, FERNET_KEY, env=env)
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result == {
         "on": [False, False, False],
