@@ -130,16 +130,23 @@ class Stack:
         for name, proc in self.procs.items():
             self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss_mb(proc.pid))
 
-    def start_web(self, *extra: str, app: str = SERVICE_APP) -> str:
+    def start_web(
+        self,
+        *extra: str,
+        app: str = SERVICE_APP,
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+    ) -> str:
         """The Procfile's `web` command (or another ASGI app on the same command line, for
-        the inline baseline); options given again in `extra` override it."""
+        the inline baseline), run from `cwd` with `env` added to the stack's; options given
+        again in `extra` override it."""
         port = free_port()
         argv = commands(port, self.workdir)["web"]
         if app != SERVICE_APP:
             # Another module's ready-made app, not the service's factory.
             argv[argv.index(SERVICE_APP)] = app
             argv.remove("--factory")
-        web = self.spawn("web", [*argv, "--log-level", "warning", *extra])
+        web = self.spawn("web", [*argv, "--log-level", "warning", *extra], cwd=cwd, env=env)
         self.web_url = f"http://127.0.0.1:{port}"
         # The service answers /readyz once its start (the warm-up too) is done.
         ready = "/readyz" if app == SERVICE_APP else "/openapi.json"
@@ -158,10 +165,17 @@ class Stack:
         if proc is not None:
             proc.stop(30)
 
-    def spawn(self, name: str, argv: list[str]) -> Process:
-        """`argv` as process `name` of this stack (stopped by `close()`), in its environment,
-        logging to <workdir>/<name>.log."""
-        proc = Process(name, argv, self.env, cwd=ROOT, log=self.workdir / f"{name}.log")
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+    ) -> Process:
+        """`argv` as process `name` of this stack (stopped by `close()`), in its environment
+        with `env` added, from `cwd`, logging to <workdir>/<name>.log."""
+        merged = {**self.env, **env} if env else self.env
+        proc = Process(name, argv, merged, cwd=cwd, log=self.workdir / f"{name}.log")
         self.procs[name] = proc
         return proc
 

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from bench.harness import ROOT, Stack, stack, summed_codes, wait_http, web_pass
-from humanconnect.cli.procs import Process, commands, free_port
+from humanconnect.cli.procs import free_port
 from humanconnect.sandbox.standin import Faults
 
 #: The last commit before tracing: the previous release the `off` variant is compared with.
@@ -76,20 +76,10 @@ def _imports_from(root: Path, env: dict[str, str]) -> bool:
     return probe.stdout.strip().startswith(str(root.resolve()))
 
 
-def _start_web(s: Stack, root: Path, env: dict[str, str]) -> str:
-    """The Procfile's web, run from `root` with `env` added to the stack's."""
-    port = free_port()
-    argv = [*commands(port, s.workdir)["web"], "--log-level", "warning"]
-    proc = Process("web", argv, {**s.env, **env}, cwd=root, log=s.workdir / "web.log")
-    s.procs["web"] = proc
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/readyz", proc)
-    return url
-
-
 def _measure(s: Stack, root: Path, env: dict[str, str], run: str) -> dict[str, Any]:
-    """One variant's web: warm-up, open loop, saturation; then the web stopped."""
-    url = _start_web(s, root, env)
+    """One variant's web (the Procfile's, run from `root` with `env` added): warm-up, open
+    loop, saturation; then the web stopped."""
+    url = s.start_web(cwd=root, env=env)
     try:
         return web_pass(s, url, run, rate=RATE, seconds=SECONDS, requests=SATURATION_REQUESTS)
     finally:
