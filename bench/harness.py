@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -414,3 +416,36 @@ def summed_codes(rounds: list[dict[str, Any]], part: str) -> dict[int, int]:
         for code, n in r[part]["codes"].items():
             total[code] = total.get(code, 0) + n
     return dict(sorted(total.items()))
+
+
+def alternating_rounds(
+    variants: list[str], rounds: int, measure: Callable[[str, str], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """`measure(variant, run)` for each variant, `rounds` times, the order reversed every
+    other round so that no variant always runs first (a machine's drift falls on all)."""
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for n in range(rounds):
+        for m, variant in enumerate(variants if n % 2 == 0 else variants[::-1]):
+            runs[variant].append(measure(variant, f"{n}{m}"))
+    return runs
+
+
+def summarise(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's `web_pass` rounds: the means, the answers summed, and the rounds."""
+    return {
+        "p50_ms": statistics.fmean(r["open_loop"]["p50_ms"] for r in measured),
+        "p99_ms": statistics.fmean(r["open_loop"]["p99_ms"] for r in measured),
+        "open_loop_codes": summed_codes(measured, "open_loop"),
+        "saturation_per_s": statistics.fmean(r["saturation"]["accepted_per_s"] for r in measured),
+        "saturation_codes": summed_codes(measured, "saturation"),
+        "rounds": measured,
+    }
+
+
+def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Variant `a`'s summary over `b`'s."""
+    return {
+        "p50": a["p50_ms"] / b["p50_ms"],
+        "p99": a["p99_ms"] / b["p99_ms"],
+        "saturation": a["saturation_per_s"] / b["saturation_per_s"],
+    }

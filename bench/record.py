@@ -212,19 +212,32 @@ def _cpu_rows(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> None:
                 _row(rows, "cpu", f"profile, {name}: {what} ({prof['samples']} samples)", top, "")
 
 
+def _variant_rows(
+    rows: list[dict[str, Any]], section: str, data: dict[str, Any], pairs: tuple[str, ...]
+) -> None:
+    """A `web_pass` scenario's figures (bench/harness.summarise): each variant's open-loop
+    latency and saturation (and what an OTLP receiver got, where there was one), then the
+    ratios named in `pairs`."""
+    at = f"at {(data.get('sizes') or {}).get('rate', 300):g}/s"
+    for variant, r in data.items():
+        if isinstance(r, dict) and "saturation_per_s" in r:
+            _row(rows, section, f"{variant}: p50 {at}", r.get("p50_ms"), "ms")
+            _row(rows, section, f"{variant}: p99 {at}", r.get("p99_ms"), "ms")
+            _row(rows, section, f"{variant}: answers {at}", r.get("open_loop_codes"), "")
+            _row(rows, section, f"{variant}: saturation", r.get("saturation_per_s"), "/s")
+            received = r.get("received")
+            if received:
+                exports = f"{received['export_requests']:,} ({received['bytes'] / 1e6:.1f} MB)"
+                _row(rows, section, f"{variant}: exports the receiver got", exports, "")
+    for pair in pairs:
+        for figure, ratio in (data.get(pair) or {}).items():
+            _row(rows, section, f"{pair}: {figure}", ratio, "×")
+
+
 def _replicas_rows(rows: list[dict[str, Any]], rep: dict[str, Any]) -> None:
     """The Redis HA scenario's figures (bench/replicas.py): each variant's open-loop latency
     and saturation, the ratios, and the failovers."""
-    at = f"at {(rep.get('sizes') or {}).get('rate', 300):g}/s"
-    for variant, r in rep.items():
-        if isinstance(r, dict) and "saturation_per_s" in r:
-            _row(rows, "replicas", f"{variant}: p50 {at}", r.get("p50_ms"), "ms")
-            _row(rows, "replicas", f"{variant}: p99 {at}", r.get("p99_ms"), "ms")
-            _row(rows, "replicas", f"{variant}: answers {at}", r.get("open_loop_codes"), "")
-            _row(rows, "replicas", f"{variant}: saturation", r.get("saturation_per_s"), "/s")
-    for pair in ("replicated / unreplicated", "sentinels / REDIS_URL"):
-        for figure, ratio in (rep.get(pair) or {}).items():
-            _row(rows, "replicas", f"{pair}: {figure}", ratio, "×")
+    _variant_rows(rows, "replicas", rep, ("replicated / unreplicated", "sentinels / REDIS_URL"))
     fo = rep.get("failover")
     if fo:
         each = ", ".join("none" if t is None else f"{t:.2f}" for t in fo.get("first_202_s", []))
@@ -244,20 +257,7 @@ def _replicas_rows(rows: list[dict[str, Any]], rep: dict[str, Any]) -> None:
 def _tracing_rows(rows: list[dict[str, Any]], tr: dict[str, Any]) -> None:
     """The tracing scenario's figures (bench/tracing.py): each variant's open-loop latency
     and saturation, what the receiver got, and the ratios."""
-    at = f"at {(tr.get('sizes') or {}).get('rate', 300):g}/s"
-    for variant, r in tr.items():
-        if isinstance(r, dict) and "saturation_per_s" in r:
-            _row(rows, "tracing", f"{variant}: p50 {at}", r.get("p50_ms"), "ms")
-            _row(rows, "tracing", f"{variant}: p99 {at}", r.get("p99_ms"), "ms")
-            _row(rows, "tracing", f"{variant}: answers {at}", r.get("open_loop_codes"), "")
-            _row(rows, "tracing", f"{variant}: saturation", r.get("saturation_per_s"), "/s")
-            received = r.get("received")
-            if received:
-                exports = f"{received['export_requests']:,} ({received['bytes'] / 1e6:.1f} MB)"
-                _row(rows, "tracing", f"{variant}: exports the receiver got", exports, "")
-    for pair in ("on / off", "off / previous release"):
-        for figure, ratio in (tr.get(pair) or {}).items():
-            _row(rows, "tracing", f"{pair}: {figure}", ratio, "×")
+    _variant_rows(rows, "tracing", tr, ("on / off", "off / previous release"))
 
 
 def _pct(share: float | None) -> float | None:

@@ -35,10 +35,12 @@ import aiohttp
 
 from bench.harness import (
     Stack,
+    alternating_rounds,
     body,
     closed_loop,
+    ratios,
     stack,
-    summed_codes,
+    summarise,
     ticket_headers,
     web_pass,
 )
@@ -97,39 +99,18 @@ def _measure(
         s.stop("web")
 
 
-def _mean(rounds: list[dict[str, Any]], part: str, key: str) -> float:
-    return statistics.fmean(r[part][key] for r in rounds)
-
-
 def _cost(
     s: Stack, group: RedisGroup, rounds: int, rate: float, seconds: float, requests: int
 ) -> dict[str, Any]:
-    variants = [URL_BASELINE, UNREPLICATED, REPLICATED]
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for n in range(rounds):
-        for m, variant in enumerate(variants if n % 2 == 0 else variants[::-1]):
-            runs[variant].append(_measure(s, group, variant, f"r{n}{m}", rate, seconds, requests))
-    out: dict[str, Any] = {}
-    for variant, measured in runs.items():
-        out[variant] = {
-            "p50_ms": _mean(measured, "open_loop", "p50_ms"),
-            "p99_ms": _mean(measured, "open_loop", "p99_ms"),
-            "open_loop_codes": summed_codes(measured, "open_loop"),
-            "saturation_per_s": _mean(measured, "saturation", "accepted_per_s"),
-            "saturation_codes": summed_codes(measured, "saturation"),
-            "rounds": measured,
-        }
+    runs = alternating_rounds(
+        [URL_BASELINE, UNREPLICATED, REPLICATED],
+        rounds,
+        lambda variant, run: _measure(s, group, variant, f"r{run}", rate, seconds, requests),
+    )
+    out: dict[str, Any] = {variant: summarise(measured) for variant, measured in runs.items()}
     rep, unrep, url = out[REPLICATED], out[UNREPLICATED], out[URL_BASELINE]
-    out["replicated / unreplicated"] = {
-        "p50": rep["p50_ms"] / unrep["p50_ms"],
-        "p99": rep["p99_ms"] / unrep["p99_ms"],
-        "saturation": rep["saturation_per_s"] / unrep["saturation_per_s"],
-    }
-    out["sentinels / REDIS_URL"] = {
-        "p50": unrep["p50_ms"] / url["p50_ms"],
-        "p99": unrep["p99_ms"] / url["p99_ms"],
-        "saturation": unrep["saturation_per_s"] / url["saturation_per_s"],
-    }
+    out["replicated / unreplicated"] = ratios(rep, unrep)
+    out["sentinels / REDIS_URL"] = ratios(unrep, url)
     return out
 
 

@@ -20,7 +20,6 @@ ratios: on / off (what tracing costs when on), off / previous (what its hooks co
 from __future__ import annotations
 
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -31,7 +30,16 @@ from typing import Any
 
 import httpx
 
-from bench.harness import ROOT, Stack, stack, summed_codes, wait_http, web_pass
+from bench.harness import (
+    ROOT,
+    Stack,
+    alternating_rounds,
+    ratios,
+    stack,
+    summarise,
+    wait_http,
+    web_pass,
+)
 from humanconnect.cli.procs import free_port
 from humanconnect.sandbox.standin import Faults
 
@@ -119,28 +127,14 @@ def tracing_scenario(rounds: int = ROUNDS) -> dict[str, Any]:
             if not _imports_from(previous, {**s.env, **env}):
                 raise RuntimeError(f"the previous release in {previous} imports this tree")
             variants[BEFORE] = (previous, env)
-        names = list(variants)
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
-        for n in range(rounds):
-            for m, name in enumerate(names if n % 2 == 0 else names[::-1]):
-                root, env = variants[name]
-                runs[name].append(_measure(s, root, env, f"t{n}{m}"))
-        out: dict[str, Any] = {}
-        for name, measured in runs.items():
-            out[name] = {
-                "p50_ms": statistics.fmean(r["open_loop"]["p50_ms"] for r in measured),
-                "p99_ms": statistics.fmean(r["open_loop"]["p99_ms"] for r in measured),
-                "open_loop_codes": summed_codes(measured, "open_loop"),
-                "saturation_per_s": statistics.fmean(
-                    r["saturation"]["accepted_per_s"] for r in measured
-                ),
-                "saturation_codes": summed_codes(measured, "saturation"),
-                "rounds": measured,
-            }
+        runs = alternating_rounds(
+            list(variants), rounds, lambda name, run: _measure(s, *variants[name], f"t{run}")
+        )
+        out: dict[str, Any] = {name: summarise(measured) for name, measured in runs.items()}
         out[ON]["received"] = _received(sink)
-        out["on / off"] = _ratios(out[ON], out[OFF])
+        out["on / off"] = ratios(out[ON], out[OFF])
         if BEFORE in out:
-            out["off / previous release"] = _ratios(out[OFF], out[BEFORE])
+            out["off / previous release"] = ratios(out[OFF], out[BEFORE])
         out["sizes"] = {
             "rate": RATE,
             "seconds": SECONDS,
@@ -151,14 +145,6 @@ def tracing_scenario(rounds: int = ROUNDS) -> dict[str, Any]:
     finally:
         s.close()
         shutil.rmtree(previous_dir, ignore_errors=True)
-
-
-def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    return {
-        "p50": a["p50_ms"] / b["p50_ms"],
-        "p99": a["p99_ms"] / b["p99_ms"],
-        "saturation": a["saturation_per_s"] / b["saturation_per_s"],
-    }
 
 
 def print_tracing(console: Any, tr: dict[str, Any]) -> None:
