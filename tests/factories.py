@@ -23,6 +23,11 @@ def standin() -> StandIn:
     return StandIn(CLIENT_ID, CLIENT_SECRET, Faults(), seed=7)
 
 
+def ticket(user: str, *, email: str | None = None, ttl_s: int = 600) -> dict[str, str]:
+    """An `Authorization` header carrying a connect ticket for `user`."""
+    return {"Authorization": f"Bearer {mint(TICKET_KEY, user, ttl_s, email=email)}"}
+
+
 def ticket_headers(bodies: list[dict[str, str]], key: str = TICKET_KEY) -> list[dict[str, str]]:
     """Each finish's `Authorization` header: a ticket (10 minutes) for the user the
     stand-in will name for its humanId."""

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from humanconnect.sandbox.standin import Faults, Running
-from humanconnect.tickets import mint
+from tests import factories
 from tests.support import figures
 from tests.support.env import TICKET_KEY
 from tests.support.lag import LoopLag
@@ -31,8 +31,7 @@ async def _open_all(url: str, users: list[str]) -> list[tuple[int, float, httpx.
 
         async def one(i: int, user: str) -> tuple[int, float, httpx.Response]:
             started = time.monotonic()
-            auth = {"Authorization": f"Bearer {mint(TICKET_KEY, user)}"}
-            resp = await c.post("/connect/token", headers=auth)
+            resp = await c.post("/connect/token", headers=factories.ticket(user))
             return i, time.monotonic() - started, resp
 
         return await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))

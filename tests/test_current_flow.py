@@ -19,6 +19,7 @@ from humanconnect.sandbox.auth import Lifetimes
 from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.storage.db import session_factory
 from humanconnect.tickets import mint
+from tests.factories import ticket
 from tests.support.env import CLIENT_SECRET, TICKET_KEY, wait_for
 from tests.support.processes import Deployment
 from tests.support.scan import assert_no_secrets, stored_users, stream_entries
@@ -26,10 +27,6 @@ from tests.support.scan import assert_no_secrets, stored_users, stream_entries
 API_TOKEN = "current-flow-read-back-token-0123"
 BEARER = {"Authorization": f"Bearer {API_TOKEN}"}
 SOURCE = {"name": "Starfleet Pharmacy", "id": "5b1daf3f079c652eaf41fd23"}
-
-
-def ticket(user: str, **claims: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint(TICKET_KEY, user, email=claims.get('email'))}"}
 
 
 def closed(*connected: dict[str, str], current: list[dict[str, str]] | None = None) -> dict:
@@ -49,8 +46,8 @@ def d(deploy: Callable[..., Deployment]) -> Deployment:
     return deploy(HUMANCONNECT_TICKET_KEY=TICKET_KEY, HUMANCONNECT_API_TOKEN=API_TOKEN)
 
 
-def token(d: Deployment, user: str, **claims: str) -> httpx.Response:
-    return httpx.post(d.url + "/connect/token", headers=ticket(user, **claims), timeout=30)
+def token(d: Deployment, user: str, email: str | None = None) -> httpx.Response:
+    return httpx.post(d.url + "/connect/token", headers=ticket(user, email=email), timeout=30)
 
 
 def finish_current(d: Deployment, user: str, payload: dict, wait: int = 10) -> httpx.Response:

@@ -26,7 +26,6 @@ from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.settings import Settings
 from humanconnect.states import RequestState
 from humanconnect.storage.db import session_factory
-from humanconnect.tickets import mint
 from producer.app import create_app
 from producer.body import MAX_BODY_BYTES, FinishBody
 from tests import factories
@@ -267,7 +266,7 @@ def _users_and_ops(answers: Answers, client_user_id: str) -> None:
 
 def _current_flow(answers: Answers, standin: Running, stored_user: str, db_url: str) -> None:
     """The current flow's answers, with a worker minting (the caller runs one)."""
-    ticket = {"Authorization": f"Bearer {mint(TICKET_KEY, 'new@example.com')}"}
+    ticket = factories.ticket("new@example.com")
     json_type = {"Content-Type": "application/json"}
     nothing = {"sessionResults": {"connectedSources": []}, "currentConnections": []}
     answers.post(json=nothing, headers=ticket)  # 200: nothing connected
@@ -276,7 +275,7 @@ def _current_flow(answers: Answers, standin: Running, stored_user: str, db_url: 
     answers.post(token, token)  # 401: no ticket
     answers.post(token, token, content=b" " * (MAX_BODY_BYTES + 1), headers=json_type)  # 413
     standin.state.faults = Faults(refuse_status=401)
-    other = {"Authorization": f"Bearer {mint(TICKET_KEY, 'refused@example.com')}"}
+    other = factories.ticket("refused@example.com")
     answers.post(token, token, headers=other)  # 502: the provider refused
     answers.post(token, token, headers=other)  # 429: that user's one mint a minute started
     standin.state.faults = Faults()
@@ -348,7 +347,7 @@ def test_every_documented_answer_is_given_as_documented(
         answers.get("/readyz", "/readyz")  # 503 (again)
     with TestClient(create_app(ticketed)) as c:  # Redis still down
         answers = Answers(c, seen)
-        ticket = {"Authorization": f"Bearer {mint(TICKET_KEY, 'late@example.com')}"}
+        ticket = factories.ticket("late@example.com")
         answers.post("/connect/token", "/connect/token", headers=ticket)  # 503
 
     documented = {

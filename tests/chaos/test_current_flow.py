@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from humanconnect.states import RequestState
 from humanconnect.storage.db import session_factory
-from humanconnect.tickets import mint
+from tests import factories
 from tests.support.chaos import THREADS, Chaos, Tally
 from tests.support.env import CLIENT_SECRET, TICKET_KEY, wait_for
 from tests.support.scan import assert_no_secrets, stored_users, stream_entries
@@ -35,7 +35,7 @@ def _users(chaos: Chaos) -> tuple[list[str], list[dict], list[dict[str, str]]]:
         "sessionResults": {"connectedSources": [{"name": SOURCE, "id": "c1"}]},
         "currentConnections": [{"name": SOURCE, "id": "c1"}],
     }
-    tickets = [{"Authorization": f"Bearer {mint(TICKET_KEY, u, ttl_s=3600)}"} for u in users]
+    tickets = [factories.ticket(u, ttl_s=3600) for u in users]
     return users, [payload] * len(users), tickets
 
 
