@@ -80,6 +80,14 @@ def _refuse(status: int, message: str) -> web.Response:
     )
 
 
+def _connect_token(auth: AuthState, user: str, kind: str, expires_at: float) -> str:
+    """A new token to open Connect with, kept (the popup is opened with it) and counted."""
+    token = secrets.token_hex(16)
+    auth.tokens[token] = Minted(user, kind, expires_at)
+    auth.mints[f"{kind}:{user}"] += 1
+    return token
+
+
 def mint(state: State, body: dict[str, Any]) -> web.Response:
     """Answer one `POST /v1/connect/token` whose faults have been decided."""
     auth = state.auth
@@ -98,29 +106,19 @@ def mint(state: State, body: dict[str, Any]) -> web.Response:
         if connected:
             auth.refusals["session:exists"] += 1
             return _refuse(400, "User already exists: request an id token")
-        token = secrets.token_hex(16)
-        auth.tokens[token] = Minted(user, "session", now + auth.lifetimes.session)
-        auth.mints[f"session:{user}"] += 1
+        lifetime = auth.lifetimes.session
+        token = _connect_token(auth, user, "session", now + lifetime)
         return web.json_response(
-            {
-                "session_token": token,
-                "human_id": human_id_for(user),
-                "expires_in": auth.lifetimes.session,
-            }
+            {"session_token": token, "human_id": human_id_for(user), "expires_in": lifetime}
         )
     if kind == "id":
         if not connected:
             auth.refusals["id:unknown"] += 1
             return _refuse(404, "User not found")
-        token = secrets.token_hex(16)
-        auth.tokens[token] = Minted(user, "id", now + auth.lifetimes.id)
-        auth.mints[f"id:{user}"] += 1
+        lifetime = auth.lifetimes.id
+        token = _connect_token(auth, user, "id", now + lifetime)
         return web.json_response(
-            {
-                "id_token": token,
-                "human_id": human_id_for(user),
-                "id_token_expires_in": auth.lifetimes.id,
-            }
+            {"id_token": token, "human_id": human_id_for(user), "id_token_expires_in": lifetime}
         )
     if kind == "access":
         if not connected:
