@@ -63,6 +63,22 @@ def test_an_unknown_user_is_none_and_nothing_is_written(rt: Runtime) -> None:
         assert db.scalars(select(OutboxEvent)).all() == []
 
 
+def test_a_mark_is_found_among_any_number_of_ids(rt: Runtime) -> None:
+    """`marked` names a fixed number of marks per query: a mark past the first query's, a
+    repeated id and an absent one change nothing of the answer."""
+    factories.stored_user(rt)
+    received = _session(rt, HUMAN, expected=USER, kind="permanent").received_us
+    assert erasure.erase(rt, USER) is not None
+    others = [f"{i}" * 24 for i in range(1, 9)]
+    with rt.db() as db:
+        assert not erasure.marked(db, [], received)
+        assert not erasure.marked(db, [None, None], received)
+        assert not erasure.marked(db, others, received)
+        assert erasure.marked(db, [*others, USER], received)  # past the first query's marks
+        assert erasure.marked(db, [USER, USER, None], received)
+        assert erasure.marked(db, [*others[:3], None, HUMAN], received)
+
+
 def test_erase_takes_their_rows_events_and_records_and_leaves_a_mark(rt: Runtime) -> None:
     factories.stored_user(rt)
     mine = _session(rt, HUMAN, expected=USER, kind="permanent")
