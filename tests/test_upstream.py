@@ -80,12 +80,15 @@ def test_dropped_connection_is_transient() -> None:
 class _Canned(BaseHTTPRequestHandler):
     status = 201
     payload: bytes = b""
+    location = ""
     paths: list[str]
 
     def do_POST(self) -> None:  # http.server's name
         self.paths.append(self.path)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(self.status)
+        if self.location:
+            self.send_header("Location", self.location)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(self.payload)
@@ -122,6 +125,23 @@ def test_malformed_success_is_permanent(canned, payload: object) -> None:
     handler.payload = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
     with pytest.raises(PermanentUpstreamError):
         call(url)
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_a_redirect_is_never_followed(canned, code: int) -> None:
+    """The tokens call carries the client secret: a redirect is refused as the status it is,
+    and nothing is posted to the place it names."""
+    url, handler = canned
+    handler.status = code
+    # The place named: this same server, under a path it would answer 201 with a full body.
+    handler.location = f"{url}/elsewhere"
+    handler.payload = json.dumps(
+        {"humanId": "h", "accessToken": "a", "clientUserId": "u", "publicToken": "p"}
+    ).encode()
+    with pytest.raises(PermanentUpstreamError) as info:
+        call(url)
+    assert info.value.status == code
+    assert handler.paths == ["/v1/connect/tokens"]
 
 
 def test_success_without_public_token_is_kept(canned) -> None:

@@ -1,4 +1,4 @@
-"""The Human API's two endpoints, called with one pooled `requests.Session` per process.
+"""The Human API's two endpoints, called with one pooled `requests` session per thread.
 
 Classification follows the contract: connection errors, timeouts, 408, 425, 429 and 5xx are
 transient; any other 4xx, or a success body missing what we need, is permanent.
@@ -70,6 +70,39 @@ def _verify() -> str | bool:
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
 
+def _template(url: str) -> requests.PreparedRequest:
+    """This thread's POST to `url` as its session prepares it (its headers), made once: each
+    call copies it and adds its body."""
+    templates: dict[str, requests.PreparedRequest] | None = getattr(_local, "templates", None)
+    if templates is None:
+        templates = _local.templates = {}
+    template = templates.get(url)
+    if template is None:
+        template = templates[url] = http_session().prepare_request(requests.Request("POST", url))
+    return template
+
+
+def _send(url: str, body: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
+    """POST `body` as JSON to `url` through the session's adapter, its body read.
+
+    Straight to the adapter, not through `Session.post`: preparing each request anew (merging
+    the session's settings, cookie jars and hooks) and the session's send around the adapter
+    cost about as much CPU as the HTTP exchange itself, on every exchange. The session has no
+    cookies, auth or hooks to apply, and reads nothing from the environment (see
+    `http_session`). A redirect is not followed: it is answered as the status it is (the
+    client secret is never posted again to a place a response names)."""
+    session = http_session()
+    request = _template(url).copy()
+    request.prepare_body(data=None, files=None, json=body)
+    resp = session.get_adapter(url).send(
+        request, timeout=timeout, verify=session.verify or True, proxies=_proxies(url)
+    )
+    # Read now, as the session would: the connection goes back to the pool, and a body cut
+    # short is this call's error.
+    resp.content  # noqa: B018
+    return resp
+
+
 @lru_cache(maxsize=8)
 def _proxies(url: str) -> dict[str, str]:
     """HTTP(S)_PROXY / NO_PROXY for `url`, as requests would read them from the environment."""
@@ -102,9 +135,7 @@ def post_json(
     A transient error whose request may have reached the upstream carries `ambiguous=True`.
     """
     try:
-        resp = http_session().post(
-            url, json=body, timeout=(connect_timeout, read_timeout), proxies=_proxies(url)
-        )
+        resp = _send(url, body, (connect_timeout, read_timeout))
     except requests.exceptions.ConnectTimeout:
         raise _transient("connect timeout", ambiguous=False) from None
     except requests.exceptions.ReadTimeout:
