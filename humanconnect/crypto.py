@@ -33,19 +33,6 @@ class Cipher:
         except InvalidToken:
             raise DecryptError("ciphertext made by none of the configured keys") from None
 
-    def open_current(self, ciphertext: str) -> tuple[str, bool]:
-        """Decrypt, and say whether the first key made it: such a ciphertext can be kept as
-        it is, where sealing the plaintext again would cost as much as this."""
-        data = ciphertext.encode("ascii")
-        try:
-            return self._primary.decrypt(data).decode(), True
-        except InvalidToken:
-            pass
-        try:
-            return self._all.decrypt(data).decode(), False
-        except InvalidToken:
-            raise DecryptError("ciphertext made by none of the configured keys") from None
-
     def rotate(self, ciphertext: str) -> str:
         """Re-encrypt under the first key (a no-op in meaning, a new ciphertext in bytes)."""
         try:

@@ -120,9 +120,7 @@ class Exchanger:
                 request_id=job.request_id,
                 human_id=job.human_id,
                 received_us=job.received_us,
-                # The queue's copy when the current key made it: sealing again costs CPU.
-                sealed_session_token=job.sealed_session_token
-                or self.rt.cipher.seal(job.session_token),
+                sealed_session_token=self.rt.cipher.seal(job.session_token),
                 expected_client_user_id=job.expected_client_user_id,
                 connected_sources=job.connected_sources,
             )

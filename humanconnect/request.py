@@ -133,22 +133,11 @@ class Job:
     #: calls take the process's next rate-limit slots.
     waiting: bool = False
     connected_sources: str = ""
-    #: The session token as the queue carried it, when the current (first) key sealed it:
-    #: the worker keeps it in the session's record instead of sealing the token again.
-    sealed_session_token: str | None = None
 
     @classmethod
-    def opened(
-        cls,
-        request: ExchangeRequest,
-        session_token: str,
-        *,
-        waiting: bool = False,
-        sealed_current: bool = False,
-    ) -> Job:
+    def opened(cls, request: ExchangeRequest, session_token: str, *, waiting: bool = False) -> Job:
         """The job of a queued request whose session token has been opened (an access
-        finish's is `access_token_for` its request); `sealed_current`: the first key sealed
-        the request's copy."""
+        finish's is `access_token_for` its request)."""
         return cls(
             request_id=request.request_id,
             human_id=request.human_id,
@@ -159,7 +148,6 @@ class Job:
             expected_client_user_id=request.expected_client_user_id,
             waiting=waiting,
             connected_sources=request.connected_sources,
-            sealed_session_token=request.sealed_session_token if sealed_current else None,
         )
 
     @property

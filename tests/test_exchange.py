@@ -10,17 +10,15 @@ import pytest
 from sqlalchemy import select
 
 from humanconnect import redis_keys, status_records
-from humanconnect.clock import now_us
-from humanconnect.crypto import Cipher, session_hash
+from humanconnect.crypto import session_hash
 from humanconnect.exchange import Exchanger
-from humanconnect.request import ExchangeRequest, Job
+from humanconnect.request import Job
 from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.states import RequestState
 from humanconnect.storage import tokens
 from humanconnect.storage.models import SessionRecord, User
 from tests import factories
-from tests.support.env import CLIENT_ID, FERNET_KEY, FERNET_KEY_2
 from tests.support.scan import stream_entries
 
 
@@ -422,6 +420,7 @@ def test_failed_retry_requeues_a_finish_with_its_connected_sources(
     the reconciler re-sends from (before, both had none, and so had the retried finish's
     connect.completed, which `exchange.py` builds from the job's sources)."""
     from humanconnect.jobs.failures import requeue_transient
+    from humanconnect.request import ExchangeRequest
 
     rt = Runtime(
         make_settings(
@@ -464,40 +463,3 @@ def test_a_mismatch_whose_failure_commit_landed_but_lost_its_answer_yields_one_e
     record_ = status_records.get_state(redis_client, job.request_id) or {}
     assert record_.get("state") == "failed"
     assert standin.state.exchanges[job.session_token] == 1
-
-
-@pytest.mark.parametrize("sealed_by", ["current key", "older key"])
-def test_the_record_keeps_the_queued_ciphertext_only_when_the_current_key_made_it(
-    make_settings, db_url: str, standin: Running, redis_client, sealed_by: str
-) -> None:
-    """The worker keeps the message's sealed token in the session's record instead of sealing
-    it again, but only one the first key made: a record written after a rotation began must
-    not need a key that is on its way out."""
-    rt = Runtime(
-        make_settings(
-            DATABASE_URL=db_url,
-            HUMANAPI_BASE_URL=standin.url,
-            HUMANAPI_AUTH_URL=standin.url,
-            HUMANCONNECT_ENCRYPTION_KEYS=f"{FERNET_KEY_2},{FERNET_KEY}",
-        )
-    )
-    token = factories.session_token()
-    sealer = Cipher([FERNET_KEY_2 if sealed_by == "current key" else FERNET_KEY])
-    request = ExchangeRequest(
-        request_id="req-" + token[:8],
-        human_id=factories.human_id(),
-        client_id=CLIENT_ID,
-        sealed_session_token=sealer.seal(token),
-        received_us=now_us(),
-    )
-    opened, current = rt.cipher.open_current(request.sealed_session_token)
-    assert opened == token and current is (sealed_by == "current key")
-    job = Job.opened(request, opened, sealed_current=current)
-
-    standin.state.faults = Faults(down=True)  # the record stays unfinished, token kept
-    assert exchanger(rt).run(job, retries=3).state == "retrying"
-
-    kept = session_row(rt, job).sealed_session_token
-    assert kept is not None
-    assert (kept == request.sealed_session_token) is (sealed_by == "current key")
-    assert Cipher([FERNET_KEY_2]).open(kept) == token  # the current key opens it either way

@@ -99,7 +99,7 @@ def exchange_session(
         tracing.tag(request_id)
         rt = runtime()
         try:
-            session_token, current = rt.cipher.open_current(request.sealed_session_token)
+            session_token = rt.cipher.open(request.sealed_session_token)
         except DecryptError:
             # Retrying cannot help: the key that sealed it is gone from the configured keys.
             reason = "session token sealed with an encryption key that is no longer configured"
@@ -120,8 +120,7 @@ def exchange_session(
             return
         # A person waits on a finish that came through the waiting queue (its retries don't).
         waiting = (self.request.delivery_info or {}).get("routing_key") == WAITING_QUEUE
-        job = Job.opened(request, session_token, waiting=waiting, sealed_current=current)
-        _run(self, rt, job)
+        _run(self, rt, Job.opened(request, session_token, waiting=waiting))
 
 
 def minter() -> Minter:
