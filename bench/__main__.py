@@ -370,6 +370,11 @@ def _print_cpu(console: Any, cpu: dict[str, Any]) -> None:
         f"{limited['cpu_s_per_exchange'] * 1000:.2f} ms at the limit, no-op task "
         f"{cpu['no-op tasks']['cpu_s_per_task'] * 1000:.2f} ms"
     )
+    if "exchange alone" in cpu:  # records before it was measured have none
+        console.print(
+            f"cpu: the exchange alone, one thread without Celery "
+            f"{cpu['exchange alone']['cpu_s_per_exchange'] * 1000:.2f} ms per exchange"
+        )
     for name, prof in (cpu.get("profiles") or {}).items():
         for kind in ("self", "ours"):
             if prof and prof.get(kind):

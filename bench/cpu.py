@@ -8,7 +8,11 @@ hold where wall-clock latencies and rates drift. Each figure beside its floor, s
   in a burst), where requests overlap and share the loop's turns and the Redis writes;
 - the worker: a backlog drained unthrottled (0 ms upstream), and at the default upstream
   limit (20/s, 200 ms upstream), CPU per exchange; the floor, no-op Celery tasks through a
-  worker with the same settings (bench/noop_app.py), CPU per task.
+  worker with the same settings (bench/noop_app.py), CPU per task;
+- the exchange alone: `Exchanger.run` over fresh sessions one after another in one thread of
+  this process, against the same stand-in, Redis and database, that thread's CPU per
+  exchange. It is what an exchange costs without Celery's per-message work or 32 threads
+  taking turns at the GIL, and it moves far less between runs than the worker's figure.
 
 Then, in separate passes so that sampling costs no measured figure, a py-spy profile of the
 web and of the worker doing the same work (bench/profile.py): its top entries go in the record.
@@ -18,13 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.harness import SERVICE_APP, Stack, body, closed_loop, cpu_s, open_loop, stack
 from bench.profile import Profile, py_spy, summary
 from bench.throughput import DEFAULT_MAX_RPS, LIMITED_SESSIONS, drain_noop, drain_one
+from humanconnect.exchange import Exchanger
+from humanconnect.request import ExchangeRequest, Job
+from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults
+from humanconnect.settings import Settings
 
 #: Finishes into the web, and at what rate (open loop): the issue's measurement.
 FINISHES = 6000
@@ -35,6 +45,9 @@ SATURATED = 100
 DRAIN_SESSIONS = 3000
 #: Finishes, and sessions drained, in each profiling pass.
 PROFILED = 3000
+#: Sessions exchanged one by one in this process, after a warm-up of WARM_EXCHANGES.
+ALONE = 2000
+WARM_EXCHANGES = 200
 TRIVIAL_APP = "bench.trivial_app:app"
 
 
@@ -70,6 +83,50 @@ def _web_cpu(
     }
 
 
+def _free_slot(
+    *, priority: bool = False, on_grant: Callable[[float], object] | None = None
+) -> float:
+    """The shared limit's slot, given at once: its dispatcher thread is the worker's cost."""
+    if on_grant is not None:
+        on_grant(0.0)
+    return 0.0
+
+
+def _exchange_alone(s: Stack, sessions: int) -> dict[str, Any]:
+    """`sessions` fresh sessions exchanged one after another by `Exchanger.run` in this
+    thread, against the stack's stand-in (0 ms), Redis and database: this thread's CPU per
+    exchange (each succeeds, or the figure is refused)."""
+    ours = ("HUMANAPI_", "HUMANCONNECT_", "REDIS_", "DATABASE_URL")
+    rt = Runtime(Settings.model_validate({k: v for k, v in s.env.items() if k.startswith(ours)}))
+    exchanger = Exchanger(rt, _free_slot)
+
+    def jobs(run: str, n: int) -> list[Job]:
+        out = []
+        for i in range(n):
+            finish = body(i, run)
+            sealed = rt.cipher.seal(finish["sessionToken"])
+            request = ExchangeRequest(
+                request_id=f"{run}-{i}",
+                human_id=finish["humanId"],
+                client_id=finish["clientId"],
+                sealed_session_token=sealed,
+                received_us=time.time_ns() // 1000,
+            )
+            out.append(Job.opened(request, rt.cipher.open(sealed)))
+        return out
+
+    for job in jobs("xw", WARM_EXCHANGES):
+        exchanger.run(job)
+    measured = jobs("xa", sessions)
+    cpu0 = time.thread_time()
+    outcomes = [exchanger.run(job).state for job in measured]
+    cpu = time.thread_time() - cpu0
+    exchanger.announce.sent.flush()
+    if set(outcomes) != {"succeeded"}:
+        raise RuntimeError(f"exchanges alone did not all succeed: {sorted(set(outcomes))}")
+    return {"sessions": sessions, "cpu_s": cpu, "cpu_s_per_exchange": cpu / sessions}
+
+
 def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dict[str, Any]:
     """The web's CPU per finish and the worker's per exchange, each beside its floor; then a
     profile of each (when py-spy is installed)."""
@@ -89,6 +146,11 @@ def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dic
             out[f"web{suffix}"]["cpu_ms_per_request"]
             / out[f"trivial ASGI app{suffix}"]["cpu_ms_per_request"]
         )
+    s = stack(Faults())
+    try:
+        out["exchange alone"] = _exchange_alone(s, ALONE)
+    finally:
+        s.close()
     out["worker, unthrottled"] = drain_one(0, drained)
     out[f"worker, limit {DEFAULT_MAX_RPS}/s"] = drain_one(
         200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS

@@ -204,7 +204,8 @@ def _cpu_rows(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> None:
             each = "task" if "cpu_s_per_task" in r else "exchange"
             seconds = r.get("cpu_s_per_exchange", r.get("cpu_s_per_task"))
             _row(rows, "cpu", f"{name}: CPU per {each}", _ms(seconds), "ms")
-            _row(rows, "cpu", f"{name}: drained", r.get("rate"), "/s")
+            if "rate" in r:  # the exchange alone is timed, not drained
+                _row(rows, "cpu", f"{name}: drained", r["rate"], "/s")
     for name, prof in (cpu.get("profiles") or {}).items():
         for kind, what in (("self", "top self"), ("ours", "top of this project's functions")):
             if prof and prof.get(kind):
