@@ -11,8 +11,9 @@ hold where wall-clock latencies and rates drift. Each figure beside its floor, s
   worker with the same settings (bench/noop_app.py), CPU per task;
 - the exchange alone: `Exchanger.run` over fresh sessions one after another in one thread of
   this process, against the same stand-in, Redis and database, that thread's CPU per
-  exchange. It is what an exchange costs without Celery's per-message work or 32 threads
-  taking turns at the GIL, and it moves far less between runs than the worker's figure.
+  exchange: what the exchange's own steps cost, without Celery's per-message work or 32
+  threads taking turns at the GIL. Not in it: opening the queued token (the task does that
+  before `run`) and the batched "sent" marks of the events, which a timer thread writes.
 
 Then, in separate passes so that sampling costs no measured figure, a py-spy profile of the
 web and of the worker doing the same work (bench/profile.py): its top entries go in the record.
@@ -35,6 +36,7 @@ from humanconnect.request import ExchangeRequest, Job
 from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults
 from humanconnect.settings import Settings
+from humanconnect.storage.db import dispose_all
 
 #: Finishes into the web, and at what rate (open loop): the issue's measurement.
 FINISHES = 6000
@@ -95,7 +97,8 @@ def _free_slot(
 def _exchange_alone(s: Stack, sessions: int) -> dict[str, Any]:
     """`sessions` fresh sessions exchanged one after another by `Exchanger.run` in this
     thread, against the stack's stand-in (0 ms), Redis and database: this thread's CPU per
-    exchange (each succeeds, or the figure is refused)."""
+    exchange (each succeeds, or the figure is refused). The token is opened before the
+    clock starts, and the events' "sent" marks are written by their own timer thread."""
     ours = ("HUMANAPI_", "HUMANCONNECT_", "REDIS_", "DATABASE_URL")
     rt = Runtime(Settings.model_validate({k: v for k, v in s.env.items() if k.startswith(ours)}))
     exchanger = Exchanger(rt, _free_slot)
@@ -150,6 +153,7 @@ def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dic
     try:
         out["exchange alone"] = _exchange_alone(s, ALONE)
     finally:
+        dispose_all()  # the database's pool of this process, before its files go
         s.close()
     out["worker, unthrottled"] = drain_one(0, drained)
     out[f"worker, limit {DEFAULT_MAX_RPS}/s"] = drain_one(

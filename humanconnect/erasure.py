@@ -89,7 +89,7 @@ _MARKED = (
     select(func.count())
     .select_from(Erasure)
     .where(
-        Erasure.mark.in_([bindparam(f"m{i}") for i in range(_MARKS)]),
+        Erasure.mark.in_([bindparam(f"m{i}", type_=Erasure.mark.type) for i in range(_MARKS)]),
         Erasure.erased_us >= bindparam("since"),
     )
 )

@@ -20,6 +20,7 @@ from humanconnect.upstream.client import (
     _proxies,
     _verify,
     exchange_tokens,
+    http_session,
     parse_retry_after,
 )
 from tests.support.env import CLIENT_ID, CLIENT_SECRET
@@ -81,14 +82,28 @@ class _Canned(BaseHTTPRequestHandler):
     status = 201
     payload: bytes = b""
     location = ""
+    set_cookie = ""
     paths: list[str]
+    cookies: list[str]
+
+    def do_GET(self) -> None:  # a 301/302/303 would be followed with a GET
+        self.paths.append("GET " + self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.payload)
 
     def do_POST(self) -> None:  # http.server's name
         self.paths.append(self.path)
+        self.cookies.append(self.headers.get("Cookie", ""))
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(self.status)
-        if self.location:
+        # A redirect's target answers as a real tokens endpoint would.
+        redirected = bool(self.location) and self.path != "/v1/connect/tokens"
+        self.send_response(201 if redirected else self.status)
+        if self.location and not redirected:
             self.send_header("Location", self.location)
+        if self.set_cookie:
+            self.send_header("Set-Cookie", self.set_cookie)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(self.payload)
@@ -99,7 +114,7 @@ class _Canned(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def canned() -> Iterator[tuple[str, type[_Canned]]]:
-    handler = type("Handler", (_Canned,), {"paths": []})
+    handler = type("Handler", (_Canned,), {"paths": [], "cookies": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -133,7 +148,7 @@ def test_a_redirect_is_never_followed(canned, code: int) -> None:
     and nothing is posted to the place it names."""
     url, handler = canned
     handler.status = code
-    # The place named: this same server, under a path it would answer 201 with a full body.
+    # The place named: this same server, under a path that answers 201 with a full body.
     handler.location = f"{url}/elsewhere"
     handler.payload = json.dumps(
         {"humanId": "h", "accessToken": "a", "clientUserId": "u", "publicToken": "p"}
@@ -142,6 +157,21 @@ def test_a_redirect_is_never_followed(canned, code: int) -> None:
         call(url)
     assert info.value.status == code
     assert handler.paths == ["/v1/connect/tokens"]
+
+
+def test_cookies_the_upstream_sets_are_sent_back(canned) -> None:
+    """A cookie the upstream sets (a balancer's affinity, say) comes back on later calls."""
+    url, handler = canned
+    handler.payload = json.dumps(
+        {"humanId": "h", "accessToken": "a", "clientUserId": "u", "publicToken": "p"}
+    ).encode()
+    handler.set_cookie = "affinity=node-7; Path=/"
+    try:
+        call(url)
+        call(url)
+    finally:
+        http_session().cookies.clear()  # this thread's session outlives the test
+    assert handler.cookies == ["", "affinity=node-7"]
 
 
 def test_success_without_public_token_is_kept(canned) -> None:

@@ -37,10 +37,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    # On the driver's own connection: through SQLAlchemy's execution path (`exec_driver_sql`,
-    # as its documentation shows) a BEGIN cost about as much CPU as one of the exchange's
-    # statements, and every exchange begins two transactions.
-    conn.connection.driver_connection.execute("BEGIN")
+    conn.exec_driver_sql("BEGIN")
 
 
 def engine_for(url: str) -> Engine:

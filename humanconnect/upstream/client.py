@@ -83,24 +83,21 @@ def _template(url: str) -> requests.PreparedRequest:
 
 
 def _send(url: str, body: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
-    """POST `body` as JSON to `url` through the session's adapter, its body read.
+    """POST `body` as JSON to `url` on this thread's session, its body read.
 
-    Straight to the adapter, not through `Session.post`: preparing each request anew (merging
-    the session's settings, cookie jars and hooks) and the session's send around the adapter
-    cost about as much CPU as the HTTP exchange itself, on every exchange. The session has no
-    cookies, auth or hooks to apply, and reads nothing from the environment (see
-    `http_session`). A redirect is not followed: it is answered as the status it is (the
-    client secret is never posted again to a place a response names)."""
+    A copy of a request prepared once, sent with `Session.send`, not `Session.post`:
+    preparing each request anew (merging the session's settings, cookie jars and hooks) cost
+    about as much CPU as the HTTP exchange itself on every exchange. Cookies the upstream set
+    are still kept and sent back, `Session.send` still runs the session's hooks and reads the
+    body, and the tracing of `requests` still covers the whole call. A redirect is not
+    followed: it is answered as the status it is (the client secret is never posted again to
+    a place a response names)."""
     session = http_session()
     request = _template(url).copy()
+    if session.cookies:  # the upstream set some (a balancer's affinity): sent back, as before
+        request.prepare_cookies(session.cookies)
     request.prepare_body(data=None, files=None, json=body)
-    resp = session.get_adapter(url).send(
-        request, timeout=timeout, verify=session.verify or True, proxies=_proxies(url)
-    )
-    # Read now, as the session would: the connection goes back to the pool, and a body cut
-    # short is this call's error.
-    resp.content  # noqa: B018
-    return resp
+    return session.send(request, allow_redirects=False, timeout=timeout, proxies=_proxies(url))
 
 
 @lru_cache(maxsize=8)
