@@ -16,12 +16,14 @@ from humanconnect.clock import now
 from humanconnect.errors import PermanentUpstreamError, TransientUpstreamError
 from humanconnect.sandbox.standin import Faults, Running
 from humanconnect.upstream.client import (
+    PUBLICTOKENS_PATH,
     Tokens,
     _proxies,
     _verify,
     exchange_tokens,
     http_session,
     parse_retry_after,
+    post_json,
 )
 from tests.support.env import CLIENT_ID, CLIENT_SECRET
 
@@ -166,12 +168,26 @@ def test_cookies_the_upstream_sets_are_sent_back(canned) -> None:
         {"humanId": "h", "accessToken": "a", "clientUserId": "u", "publicToken": "p"}
     ).encode()
     handler.set_cookie = "affinity=node-7; Path=/"
+    other = url + PUBLICTOKENS_PATH
+    body = {"humanId": "h", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET}
     try:
         call(url)
         call(url)
+        # A call to another endpoint, first made with the cookie in the jar ...
+        post_json(other, body, connect_timeout=1, read_timeout=5)
+        # ... still sends the cookie as it is now, once the upstream changed it
+        handler.set_cookie = "affinity=node-9; Path=/"
+        call(url)
+        post_json(other, body, connect_timeout=1, read_timeout=5)
     finally:
         http_session().cookies.clear()  # this thread's session outlives the test
-    assert handler.cookies == ["", "affinity=node-7"]
+    assert handler.cookies == [
+        "",
+        "affinity=node-7",
+        "affinity=node-7",
+        "affinity=node-7",
+        "affinity=node-9",
+    ]
 
 
 def test_success_without_public_token_is_kept(canned) -> None:

@@ -78,7 +78,11 @@ def _template(url: str) -> requests.PreparedRequest:
         templates = _local.templates = {}
     template = templates.get(url)
     if template is None:
-        template = templates[url] = http_session().prepare_request(requests.Request("POST", url))
+        template = http_session().prepare_request(requests.Request("POST", url))
+        # Cookies are each call's, from the jar as it is then (`_send`): the template keeps
+        # none, or a cookie the upstream later changed would go on being sent.
+        template.headers.pop("Cookie", None)
+        templates[url] = template
     return template
 
 
