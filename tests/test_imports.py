@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 
 from tests.support.env import BIN, ROOT, service_env
+from tests.support.processes import run_python
 
 # Run in a fresh interpreter: the test process has imported (and configured) most of these.
 PROBE = r"""
@@ -60,15 +61,7 @@ def test_every_module_imports_without_side_effects(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("HUMANAPI_BASE_URL=ftp://from-dotenv.invalid\n")
     env = service_env(**POISON, PYTHONPATH=str(ROOT))
     # When every module is imported
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(PROBE, cwd=tmp_path, env=env)
     result = json.loads(proc.stdout.splitlines()[-1])
     # Then all of them imported, and nothing else happened
     assert {"worker.celery", "worker.tasks", "producer.main", "humanconnect.cli.main"} <= set(
@@ -142,10 +135,7 @@ def test_dependencies_point_one_way() -> None:
     process (worker) import the core and never each other."""
     allowed = {"humanconnect": {"humanconnect"}, "producer": {"humanconnect", "producer"}}
     allowed["worker"] = {"humanconnect", "worker"}
-    proc = subprocess.run(
-        [sys.executable, "-c", GRAPH], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(GRAPH, cwd=ROOT)
     graph: dict[str, list[str]] = json.loads(proc.stdout)
     # The probe saw the tree (an empty walk would pass the check below vacuously)
     assert "producer/main.py" in graph and "worker/celery.py" in graph

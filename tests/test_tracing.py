@@ -4,8 +4,6 @@ exported span; a collector that is down costs the finishes nothing; off, nothing
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ from tests.support.env import (
 )
 from tests.support.hooks import SECRET
 from tests.support.otlp import OtlpReceiver, Span
-from tests.support.processes import Deployment, Process, start_web, start_worker
+from tests.support.processes import Deployment, Process, run_python, start_web, start_worker
 from tests.support.receiver import Receiver
 from tests.support.scan import assert_no_secrets, state_counts, stored_users, stream_entries
 from tests.support.servers import RedisServer
@@ -104,20 +102,6 @@ def _wait_whole(otlp: OtlpReceiver, request_ids: list[str], timeout: float) -> d
         return traces
 
     return wait_for(whole, timeout, interval=0.25, what="every finish's trace to be whole")
-
-
-def _run_script(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`script` in a fresh Python with `args`, from the project's root; it must succeed."""
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow
@@ -316,7 +300,7 @@ def test_a_resent_request_continues_its_finish_trace(
     parent = f"00-{trace_id}-{accept_span}-01"
     # When a worker sends the request again
     env = service_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, **QUICK_EXPORT)
-    _run_script(RESEND, redis_url, FERNET_KEY, parent, env=env)
+    run_python(RESEND, redis_url, FERNET_KEY, parent, cwd=ROOT, env=env)
     # Then its send is a span of that trace under the accept's, and the message carries it on
     sent = wait_for(lambda: [s for s in otlp.snapshot() if s.name.startswith("apply_async/")], 30)
     assert [(s.trace_id, s.parent_id, s.service) for s in sent] == [
@@ -358,7 +342,7 @@ def test_the_outbox_sweep_links_each_event_to_its_finish(
     it; the finish's context stays in the outbox, out of the stream."""
     # When a worker's sweep relays an event recorded inside a finish's span
     env = service_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, **QUICK_EXPORT)
-    _run_script(SWEEP, redis_url, sqlite_url, FERNET_KEY, env=env)
+    run_python(SWEEP, redis_url, sqlite_url, FERNET_KEY, cwd=ROOT, env=env)
     # Then the relay's span links to the finish's
     spans = wait_for(lambda: len(otlp.snapshot()) >= 2 and otlp.snapshot(), 30)
     finish = next(s for s in spans if s.name == "the finish")
@@ -405,7 +389,7 @@ def test_without_the_variables_nothing_of_opentelemetry_is_imported(tmp_path: Pa
     libraries import themselves (no SDK tracer, exporter or instrumentation), and sets no
     tracer provider."""
     env = {k: v for k, v in service_env().items() if not k.startswith("OTEL_")}
-    proc = _run_script(NOTHING_IMPORTED, FERNET_KEY, env=env)
+    proc = run_python(NOTHING_IMPORTED, FERNET_KEY, cwd=ROOT, env=env)
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result == {
         "on": [False, False, False],

@@ -3,11 +3,30 @@ supervisor (humanconnect/cli/procs.py), each logging to a file the failure messa
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from humanconnect.cli import procs
 from humanconnect.cli.procs import ALONE, commands, free_port, http_ok, wait_ready
+
+
+def run_python(
+    script: str, *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh Python with `args`, from `cwd` (in `env`, else this one's); it
+    must exit 0, or the test fails with the end of its stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 class Process(procs.Process):
