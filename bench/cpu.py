@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from humanconnect.runtime import Runtime
 from humanconnect.sandbox.standin import Faults
 from humanconnect.settings import Settings
 from humanconnect.storage.db import dispose_all
+from humanconnect.upstream.guard import free_slot
 
 #: Finishes into the web, and at what rate (open loop): the issue's measurement.
 FINISHES = 6000
@@ -85,15 +85,6 @@ def _web_cpu(
     }
 
 
-def _free_slot(
-    *, priority: bool = False, on_grant: Callable[[float], object] | None = None
-) -> float:
-    """The shared limit's slot, given at once: its dispatcher thread is the worker's cost."""
-    if on_grant is not None:
-        on_grant(0.0)
-    return 0.0
-
-
 def _exchange_alone(s: Stack, sessions: int) -> dict[str, Any]:
     """`sessions` fresh sessions exchanged one after another by `Exchanger.run` in this
     thread, against the stack's stand-in (0 ms), Redis and database: this thread's CPU per
@@ -101,7 +92,8 @@ def _exchange_alone(s: Stack, sessions: int) -> dict[str, Any]:
     clock starts, and the events' "sent" marks are written by their own timer thread."""
     ours = ("HUMANAPI_", "HUMANCONNECT_", "REDIS_", "DATABASE_URL")
     rt = Runtime(Settings.model_validate({k: v for k, v in s.env.items() if k.startswith(ours)}))
-    exchanger = Exchanger(rt, _free_slot)
+    # The limit's slot at once: its dispatcher thread is the worker's cost, not the exchange's.
+    exchanger = Exchanger(rt, free_slot)
 
     def jobs(run: str, n: int) -> list[Job]:
         out = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
@@ -15,6 +14,9 @@ from humanconnect.sandbox.standin import Faults, StandIn, client_user_id_for
 from humanconnect.storage import sessions, tokens
 from humanconnect.storage.models import SessionRecord
 from humanconnect.tickets import mint
+
+# Re-exported: the tests not about the limit take their slot from here.
+from humanconnect.upstream.guard import free_slot as free_slot
 from tests.support.env import CLIENT_ID, CLIENT_SECRET, TICKET_KEY
 
 
@@ -93,12 +95,3 @@ def stored_user(rt: Runtime, *, public_token: str | None = None) -> str:
         )
         db.commit()
     return "user@example.com"
-
-
-def free_slot(
-    *, priority: bool = False, on_grant: Callable[[float], object] | None = None
-) -> float:
-    """A rate-limit slot that is always free at once (for tests not about the limit)."""
-    if on_grant is not None:
-        on_grant(0.0)
-    return 0.0

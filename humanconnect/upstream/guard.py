@@ -41,6 +41,16 @@ class AcquireSlot(Protocol):
     ) -> float: ...
 
 
+def free_slot(
+    *, priority: bool = False, on_grant: Callable[[float], object] | None = None
+) -> float:
+    """An `AcquireSlot` whose slot is always free at once, for callers no shared limit
+    governs: the tests not about the limit, the bench's exchange alone."""
+    if on_grant is not None:
+        on_grant(0.0)
+    return 0.0
+
+
 class UpstreamGuard:
     """Breaker, rate-limit slot and timings around upstream calls, for one process."""
 
