@@ -370,6 +370,19 @@ def _print_cpu(console: Any, cpu: dict[str, Any]) -> None:
         f"{limited['cpu_s_per_exchange'] * 1000:.2f} ms at the limit, no-op task "
         f"{cpu['no-op tasks']['cpu_s_per_task'] * 1000:.2f} ms"
     )
+    one = cpu.get("worker, unthrottled, 1 thread")
+    if one is not None:  # records before it was measured have none
+        many = cpu["worker, unthrottled"]
+        console.print(
+            "cpu: worker unthrottled, "
+            + "; ".join(
+                f"{r['threads']} thread{'s' if r['threads'] > 1 else ''} "
+                f"{r['cpu_s_per_exchange'] * 1000:.2f} ms per exchange "
+                f"(user {r['user_ms_each']:.2f}, system {r['system_ms_each']:.2f} ms; "
+                f"{r['switches_each']:.0f} switches, {r['preemptions_each']:.0f} preemptions)"
+                for r in (many, one)
+            )
+        )
     if "exchange alone" in cpu:  # records before it was measured have none
         console.print(
             f"cpu: the exchange alone, one thread without Celery "

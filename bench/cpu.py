@@ -8,7 +8,10 @@ hold where wall-clock latencies and rates drift. Each figure beside its floor, s
   in a burst), where requests overlap and share the loop's turns and the Redis writes;
 - the worker: a backlog drained unthrottled (0 ms upstream), and at the default upstream
   limit (20/s, 200 ms upstream), CPU per exchange; the floor, no-op Celery tasks through a
-  worker with the same settings (bench/noop_app.py), CPU per task;
+  worker with the same settings (bench/noop_app.py), CPU per task. Each drain also splits
+  its CPU into user and system time and counts how often the worker's threads were switched
+  out per exchange; the unthrottled drain runs again with one thread, since 32 threads that
+  all have work hand the GIL over at every blocking call (bench/harness.py `CpuCounters`);
 - the exchange alone: `Exchanger.run` over fresh sessions one after another in one thread of
   this process, against the same stand-in, Redis and database, that thread's CPU per
   exchange: what the exchange's own steps cost, without Celery's per-message work or 32
@@ -148,6 +151,7 @@ def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dic
         dispose_all()  # the database's pool of this process, before its files go
         s.close()
     out["worker, unthrottled"] = drain_one(0, drained)
+    out["worker, unthrottled, 1 thread"] = drain_one(0, drained, concurrency=1)
     out[f"worker, limit {DEFAULT_MAX_RPS}/s"] = drain_one(
         200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS
     )

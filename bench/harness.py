@@ -54,6 +54,48 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True)
+class CpuCounters:
+    """A process's CPU so far, split into user and system time, and how often its threads
+    were switched out (/proc): voluntarily (blocked: on I/O, on a lock, on the GIL) or not
+    (preempted). Threads that already ended are not counted."""
+
+    user_s: float
+    system_s: float
+    voluntary: int
+    involuntary: int
+
+    @classmethod
+    def of(cls, pid: int) -> CpuCounters:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        switches = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue  # the thread ended meanwhile
+            for line in status.splitlines():
+                name, _, value = line.partition(":")
+                if name in switches:
+                    switches[name] += int(value)
+        return cls(
+            int(fields[11]) / tick,
+            int(fields[12]) / tick,
+            switches["voluntary_ctxt_switches"],
+            switches["nonvoluntary_ctxt_switches"],
+        )
+
+    def per(self, before: CpuCounters, units: int) -> dict[str, float]:
+        """What was spent since `before`, per unit of work."""
+        return {
+            "user_ms_each": (self.user_s - before.user_s) * 1000 / units,
+            "system_ms_each": (self.system_s - before.system_s) * 1000 / units,
+            "switches_each": (self.voluntary - before.voluntary) / units,
+            "preemptions_each": (self.involuntary - before.involuntary) / units,
+        }
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children, from /proc (MB)."""
     total = 0

@@ -206,6 +206,15 @@ def _cpu_rows(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> None:
             _row(rows, "cpu", f"{name}: CPU per {each}", _ms(seconds), "ms")
             if "rate" in r:  # the exchange alone is timed, not drained
                 _row(rows, "cpu", f"{name}: drained", r["rate"], "/s")
+            if "switches_each" in r:  # records before it was measured have none
+                _row(rows, "cpu", f"{name}: system CPU per {each}", r["system_ms_each"], "ms")
+                _row(
+                    rows,
+                    "cpu",
+                    f"{name}: threads switched out per {each}",
+                    r["switches_each"] + r["preemptions_each"],
+                    "",
+                )
     for name, prof in (cpu.get("profiles") or {}).items():
         for kind, what in (("self", "top self"), ("ours", "top of this project's functions")):
             if prof and prof.get(kind):

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench.harness import BIN, Stack, body, closed_loop, count, cpu_s, stack
+from bench.harness import BIN, CpuCounters, Stack, body, closed_loop, count, cpu_s, stack
 from bench.profile import Profile
 from humanconnect.cli.procs import ALONE
 from humanconnect.crypto import Cipher
@@ -75,12 +75,13 @@ def drain_one(
     prepare: Callable[[Stack], None] | None = None,
     after: Callable[[Stack, float, int], dict[str, Any]] | None = None,
     profile: Path | None = None,
+    concurrency: int = 32,
 ) -> dict[str, Any]:
-    """Queue `sessions` through the web, then start a worker (and beat, if asked) and time
-    until all are stored, at the upstream limit `max_rps`. `prepare` adjusts the stack before
-    the web starts; `after` adds figures once the drain is done (given the stack, when the
-    drain started and how many sessions it drained); `profile`, py-spy's samples of the
-    worker while it drains (bench/profile.py).
+    """Queue `sessions` through the web, then start a worker of `concurrency` threads (and
+    beat, if asked) and time until all are stored, at the upstream limit `max_rps`. `prepare`
+    adjusts the stack before the web starts; `after` adds figures once the drain is done
+    (given the stack, when the drain started and how many sessions it drained); `profile`,
+    py-spy's samples of the worker while it drains (bench/profile.py).
 
     Rate and CPU count from the first session stored: the worker's own start (imports, about
     1.5 s of CPU) is no exchange's cost, and would swamp a small drain's figure."""
@@ -95,25 +96,29 @@ def drain_one(
         s.stop("web")
         if beat:
             s.start_beat()
-        s.start_worker()
+        s.start_worker(concurrency)
         worker = s.procs["worker"]
         spawned = time.monotonic()
         while (first := _stored(s.env["DATABASE_URL"])) == 0 and time.monotonic() - spawned < 60:
             time.sleep(0.01)
         with Profile(worker.pid, profile):
-            cpu0 = cpu_s(worker.pid)
+            cpu0, counters0 = cpu_s(worker.pid), CpuCounters.of(worker.pid)
             started = time.monotonic()
             while _stored(s.env["DATABASE_URL"]) < sessions and time.monotonic() - started < 300:
                 s.sample_rss()
                 time.sleep(0.25)
             elapsed = time.monotonic() - started
             cpu = cpu_s(worker.pid) - cpu0
+            counters = CpuCounters.of(worker.pid)
         timed = sessions - first
         result = {
             "sessions": sessions,
             "seconds": elapsed,
             "rate": timed / elapsed,
             "cpu_s_per_exchange": cpu / timed,
+            "threads": concurrency,
+            # User and system time, and how often the threads were switched out, per exchange.
+            **counters.per(counters0, timed),
             "worker_peak_rss_mb": s.peak_rss.get("worker", 0.0),
         }
         if after is not None:
@@ -142,17 +147,19 @@ def drain_noop(sessions: int, profile: Path | None = None) -> dict[str, Any]:
             time.sleep(0.005)
         left = r.llen(QUEUE) + r.hlen(UNACKED)
         with Profile(proc.pid, profile):
-            cpu0 = cpu_s(proc.pid)
+            cpu0, counters0 = cpu_s(proc.pid), CpuCounters.of(proc.pid)
             started = time.monotonic()
             while (r.llen(QUEUE) or r.hlen(UNACKED)) and time.monotonic() - started < 120:
                 time.sleep(0.05)
             elapsed = time.monotonic() - started
             cpu = cpu_s(proc.pid) - cpu0
+            counters = CpuCounters.of(proc.pid)
         return {
             "sessions": sessions,
             "seconds": elapsed,
             "rate": left / elapsed,
             "cpu_s_per_task": cpu / left,
+            **counters.per(counters0, left),
         }
     finally:
         s.close()
