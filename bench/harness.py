@@ -56,43 +56,47 @@ def cpu_s(pid: int) -> float:
 
 @dataclass(frozen=True)
 class CpuCounters:
-    """A process's CPU so far, split into user and system time, and how often its threads
-    were switched out (/proc): voluntarily (blocked: on I/O, on a lock, on the GIL) or not
-    (preempted). Threads that already ended are not counted."""
+    """A process's CPU so far, split into user and system time, and how often each of its
+    threads was switched out (/proc): voluntarily (blocked: on I/O, on a lock, on the GIL)
+    or not (preempted). A thread that ends between two readings takes its switches since
+    the first with it; its CPU time stays in the process's."""
 
     user_s: float
     system_s: float
-    voluntary: int
-    involuntary: int
+    #: Per thread id: (voluntary, involuntary) switches.
+    switches: dict[int, tuple[int, int]]
 
     @classmethod
     def of(cls, pid: int) -> CpuCounters:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         tick = os.sysconf("SC_CLK_TCK")
-        switches = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+        switches: dict[int, tuple[int, int]] = {}
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
-                status = (task / "status").read_text()
+                status = dict(
+                    line.split(":", 1) for line in (task / "status").read_text().splitlines()
+                )
             except OSError:
                 continue  # the thread ended meanwhile
-            for line in status.splitlines():
-                name, _, value = line.partition(":")
-                if name in switches:
-                    switches[name] += int(value)
-        return cls(
-            int(fields[11]) / tick,
-            int(fields[12]) / tick,
-            switches["voluntary_ctxt_switches"],
-            switches["nonvoluntary_ctxt_switches"],
-        )
+            switches[int(task.name)] = (
+                int(status["voluntary_ctxt_switches"]),
+                int(status["nonvoluntary_ctxt_switches"]),
+            )
+        return cls(int(fields[11]) / tick, int(fields[12]) / tick, switches)
 
     def per(self, before: CpuCounters, units: int) -> dict[str, float]:
-        """What was spent since `before`, per unit of work."""
+        """What was spent since `before`, per unit of work: each thread's switches counted
+        from its own earlier reading (from nothing, for a thread started since)."""
+        voluntary = involuntary = 0
+        for tid, (v, i) in self.switches.items():
+            v0, i0 = before.switches.get(tid, (0, 0))
+            voluntary += v - v0
+            involuntary += i - i0
         return {
             "user_ms_each": (self.user_s - before.user_s) * 1000 / units,
             "system_ms_each": (self.system_s - before.system_s) * 1000 / units,
-            "switches_each": (self.voluntary - before.voluntary) / units,
-            "preemptions_each": (self.involuntary - before.involuntary) / units,
+            "switches_each": voluntary / units,
+            "preemptions_each": involuntary / units,
         }
 
 
