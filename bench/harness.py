@@ -47,11 +47,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def cpu_s(pid: int) -> float:
-    """The CPU a process has used so far, user and system, all its threads (/proc, seconds)."""
+def _cpu_times(pid: int) -> tuple[float, float]:
+    """The user and system CPU a process has used so far, all its threads (/proc, seconds)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # utime and stime: the stat's 14th and 15th fields, the 12th and 13th after the name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_s(pid: int) -> float:
+    """The CPU a process has used so far, user and system, all its threads (/proc, seconds)."""
+    return sum(_cpu_times(pid))
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,12 @@ class CpuCounters:
     #: Per thread id: (voluntary, involuntary) switches.
     switches: dict[int, tuple[int, int]]
 
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.system_s
+
     @classmethod
     def of(cls, pid: int) -> CpuCounters:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
         switches: dict[int, tuple[int, int]] = {}
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
@@ -82,7 +90,7 @@ class CpuCounters:
                 int(status["voluntary_ctxt_switches"]),
                 int(status["nonvoluntary_ctxt_switches"]),
             )
-        return cls(int(fields[11]) / tick, int(fields[12]) / tick, switches)
+        return cls(*_cpu_times(pid), switches)
 
     def per(self, before: CpuCounters, units: int) -> dict[str, float]:
         """What was spent since `before`, per unit of work: each thread's switches counted

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench.harness import BIN, CpuCounters, Stack, body, closed_loop, count, cpu_s, stack
+from bench.harness import BIN, CpuCounters, Stack, body, closed_loop, count, stack
 from bench.profile import Profile
 from humanconnect.cli.procs import ALONE
 from humanconnect.crypto import Cipher
@@ -102,14 +102,14 @@ def drain_one(
         while (first := _stored(s.env["DATABASE_URL"])) == 0 and time.monotonic() - spawned < 60:
             time.sleep(0.01)
         with Profile(worker.pid, profile):
-            cpu0, counters0 = cpu_s(worker.pid), CpuCounters.of(worker.pid)
+            counters0 = CpuCounters.of(worker.pid)
             started = time.monotonic()
             while _stored(s.env["DATABASE_URL"]) < sessions and time.monotonic() - started < 300:
                 s.sample_rss()
                 time.sleep(0.25)
             elapsed = time.monotonic() - started
-            cpu = cpu_s(worker.pid) - cpu0
             counters = CpuCounters.of(worker.pid)
+            cpu = counters.cpu_s - counters0.cpu_s
         timed = sessions - first
         result = {
             "sessions": sessions,
@@ -147,13 +147,13 @@ def drain_noop(sessions: int, profile: Path | None = None) -> dict[str, Any]:
             time.sleep(0.005)
         left = r.llen(QUEUE) + r.hlen(UNACKED)
         with Profile(proc.pid, profile):
-            cpu0, counters0 = cpu_s(proc.pid), CpuCounters.of(proc.pid)
+            counters0 = CpuCounters.of(proc.pid)
             started = time.monotonic()
             while (r.llen(QUEUE) or r.hlen(UNACKED)) and time.monotonic() - started < 120:
                 time.sleep(0.05)
             elapsed = time.monotonic() - started
-            cpu = cpu_s(proc.pid) - cpu0
             counters = CpuCounters.of(proc.pid)
+            cpu = counters.cpu_s - counters0.cpu_s
         return {
             "sessions": sessions,
             "seconds": elapsed,
