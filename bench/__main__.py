@@ -383,6 +383,13 @@ def _print_cpu(console: Any, cpu: dict[str, Any]) -> None:
                 for r in (many, one)
             )
         )
+    for name, batched in cpu.items():
+        if name.startswith("worker, ") and "batches of" in name:  # records before: none
+            console.print(
+                f"cpu: {name}: {batched['cpu_s_per_exchange'] * 1000:.2f} ms per exchange "
+                f"({batched['rate']:.0f}/s; {batched['switches_each']:.0f} switches, "
+                f"{batched['preemptions_each']:.0f} preemptions)"
+            )
     if "exchange alone" in cpu:  # records before it was measured have none
         console.print(
             f"cpu: the exchange alone, one thread without Celery "

@@ -52,6 +52,8 @@ DRAIN_SESSIONS = 3000
 PROFILED = 3000
 #: Sessions exchanged one by one in this process, after a warm-up of WARM_EXCHANGES.
 ALONE = 2000
+#: Sessions per batch in the drains that run them together (HUMANCONNECT_EXCHANGE_BATCH).
+BATCH = 16
 WARM_EXCHANGES = 200
 TRIVIAL_APP = "bench.trivial_app:app"
 
@@ -152,17 +154,27 @@ def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dic
         s.close()
     out["worker, unthrottled"] = drain_one(0, drained)
     out["worker, unthrottled, 1 thread"] = drain_one(0, drained, concurrency=1)
+    out[f"worker, unthrottled, batches of {BATCH}"] = drain_one(0, drained, prepare=_batches)
     out[f"worker, limit {DEFAULT_MAX_RPS}/s"] = drain_one(
         200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS
     )
+    out[f"worker, limit {DEFAULT_MAX_RPS}/s, batches of {BATCH}"] = drain_one(
+        200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS, prepare=_batches
+    )
     out["no-op tasks"] = drain_noop(drained)
     noop_ms = out["no-op tasks"]["cpu_s_per_task"] * 1000
-    out["worker unthrottled vs no-op"] = (
-        out["worker, unthrottled"]["cpu_s_per_exchange"] * 1000 / noop_ms
-    )
+    for suffix in ("", f", batches of {BATCH}"):
+        out[f"worker unthrottled vs no-op{suffix}"] = (
+            out[f"worker, unthrottled{suffix}"]["cpu_s_per_exchange"] * 1000 / noop_ms
+        )
     if py_spy() is not None:
         out["profiles"] = _profiles()
     return out
+
+
+def _batches(s: Stack) -> None:
+    """The worker runs its sessions BATCH at a time (worker/batch.py)."""
+    s.env["HUMANCONNECT_EXCHANGE_BATCH"] = str(BATCH)
 
 
 def _profiles() -> dict[str, Any]:

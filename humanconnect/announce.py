@@ -6,6 +6,7 @@ this module only tells it."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import redis
 
@@ -21,6 +22,18 @@ from humanconnect.upstream.breaker import Breaker
 from humanconnect.upstream.client import Tokens
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Success:
+    """A run whose tokens are stored: what its announcement needs."""
+
+    job: Job
+    tokens: Tokens
+    #: None when an earlier attempt's commit had landed (its event is in the outbox).
+    event: OutboxEvent | None
+    lock: SessionLock
+    timings: list[float]
 
 
 class Announcer:
@@ -43,17 +56,48 @@ class Announcer:
         Redis round trip, then the event marked sent (in a batch, within half a second). If
         Redis fails here the outbox sweep sends the event and the task's retry finds the
         session done and writes the status_records."""
+        self.successes([Success(job, tokens, event, lock, timings)])
+
+    def successes(self, done: list[Success]) -> None:
+        """`success` for several sessions in one round trip (a batch's); on a Redis error
+        every lock is held again and the error raised."""
+        # No MULTI: each command stands alone, and a transaction costs two more replies.
+        pipe = self.rt.redis.pipeline(transaction=False)
+        releases: list[tuple[int, bytes]] = []
+        for one in done:
+            self._queue_success(pipe, one)
+            token = one.lock.queue_release(pipe)
+            releases.append((len(pipe.command_stack) - 1, token))
+        Breaker.queue_success(pipe)
+        replicas = self.settings.redis_min_replicas
+        if replicas:
+            # The event counts as sent once the replicas hold it: a failover right after
+            # must not take it away. Fewer in time, the sweep sends it again (same eventId).
+            pipe.execute_command("WAIT", *self.settings.replica_wait)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.RedisError:
+            for one, (_, token) in zip(done, releases, strict=True):
+                one.lock.restore(token)
+            raise
+        held = replies[-1] >= replicas if replicas else True
+        for one, (at, _) in zip(done, releases, strict=True):
+            if not replies[at]:
+                log.warning("session lock expired before release request=%s", one.job.request_id)
+        sent = [one.event.id for one in done if one.event is not None]
+        if held and sent:
+            self.sent.add(sent)
+
+    def _queue_success(self, pipe: redis.client.Pipeline, one: Success) -> None:
+        job, tokens = one.job, one.tokens
         fields = {"clientUserId": tokens.client_user_id, "humanId": tokens.human_id}
         if tokens.public_token:
             fields["publicToken"] = self.rt.cipher.seal(tokens.public_token)
-        # No MULTI: each command stands alone, and a transaction costs two more replies.
-        pipe = self.rt.redis.pipeline(transaction=False)
-        metrics.queue_observe(pipe, "upstream_seconds", timings, endpoint="tokens")
-        if event is not None:  # else the landed attempt's event is in the outbox, for the sweep
-            events.queue_xadd(pipe, self.settings.events_stream, [event])
+        metrics.queue_observe(pipe, "upstream_seconds", one.timings, endpoint="tokens")
+        if one.event is not None:  # else the landed attempt's event is in the outbox, for the sweep
+            events.queue_xadd(pipe, self.settings.events_stream, [one.event])
             metrics.queue_inc(pipe, "events", 1)
         metrics.queue_inc(pipe, "exchanges", outcome=RequestState.SUCCEEDED)
-        Breaker.queue_success(pipe)
         claim, release = claim_of(job)
         status_records.queue_outcome(
             pipe,
@@ -67,22 +111,6 @@ class Announcer:
         if job.flow is Flow.ACCESS:
             # Stored now: the next Connect opens with an `id` token, not a kept `session` one.
             pipe.delete(redis_keys.connect_token(tokens.client_user_id))
-        token = lock.queue_release(pipe)
-        replicas = self.settings.redis_min_replicas
-        if replicas:
-            # The event counts as sent once the replicas hold it: a failover right after
-            # must not take it away. Fewer in time, the sweep sends it again (same eventId).
-            pipe.execute_command("WAIT", *self.settings.replica_wait)
-        try:
-            replies = pipe.execute()
-        except redis.exceptions.RedisError:
-            lock.restore(token)
-            raise
-        released, held = (replies[-2], replies[-1] >= replicas) if replicas else (replies[-1], True)
-        if not released:
-            log.warning("session lock expired before release request=%s", job.request_id)
-        if event is not None and held:
-            self.sent.add([event.id])
 
     def mirror_final(self, job: Job, row: SessionRecord) -> None:
         """A duplicate delivery: copy the recorded outcome to this request's status_records."""

@@ -10,6 +10,7 @@ written down by humanconnect/failure_record.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import OperationalError
@@ -29,7 +30,7 @@ from humanconnect.request import Flow, Job
 from humanconnect.runtime import Runtime
 from humanconnect.states import ErrorKind, RequestState
 from humanconnect.storage import sessions
-from humanconnect.storage.models import OutboxEvent
+from humanconnect.storage.models import OutboxEvent, SessionRecord
 from humanconnect.storage.tokens import save_tokens
 from humanconnect.upstream.client import Tokens, exchange_tokens
 from humanconnect.upstream.guard import AcquireSlot, UpstreamGuard
@@ -66,6 +67,10 @@ class _Attempt:
     job: Job
     key: str
     lock: SessionLock
+    #: Past this (µs), the session fails rather than wait for another try.
+    deadline_us: int
+    #: An earlier delivery may have reached the upstream without its answer reaching us.
+    ambiguous_before: bool = False
     #: A call of this run may have reached the upstream without its answer reaching us.
     ambiguous: bool = False
     #: Upstream latencies, recorded with the run's last Redis round trip.
@@ -91,107 +96,160 @@ class Exchanger:
 
     def run(self, job: Job, *, retries: int = 0) -> Outcome:
         """Exchange `job` unless it is already done or being done by another delivery."""
+        at = self.attempt(job)
+        if not at.lock.take(job.request_id, job.human_id, self.settings.status_ttl_s):
+            return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
+        return self.holding(at, lambda: self._run_locked(at, retries))
+
+    def attempt(self, job: Job) -> _Attempt:
+        """A run of `job`, its session lock not taken yet."""
         key = session_hash(job.session_token)
         lock = SessionLock(
             self.rt.redis, redis_keys.session_lock(key), self.settings.session_lock_s
         )
-        if not lock.take(job.request_id, job.human_id, self.settings.status_ttl_s):
-            return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
+        start_us = job.window_start_us or job.received_us
+        return _Attempt(job, key, lock, start_us + to_us(self.settings.retry_window_s))
+
+    def holding(self, at: _Attempt, step: Callable[[], Outcome]) -> Outcome:
+        """`step` of a run whose lock is held, then the lock let go (if the success's round
+        trip has not released it). A record gone from under the run is what an erasure of
+        its user does: the finish ends so."""
+        job = at.job
         try:
-            return self._run_locked(_Attempt(job, key, lock), retries)
+            return step()
         except (erasure.ErasedMeanwhile, sessions.MissingSession):
-            # Its record gone from under it is what an erasure of its user does.
             if not erasure.erased_since(self.rt, job):
                 raise
-            erasure.end_finish(self.rt, job.request_id, key)
-            self.announce.release_access_claim(job)
-            return Outcome(RequestState.FAILED, error=erasure.ERASED_ERROR)
+            return self.end_erased(at)
         finally:
-            lock.release_quietly(job.request_id)  # else released with the success's round trip
+            at.lock.release_quietly(job.request_id)
+
+    def end_erased(self, at: _Attempt) -> Outcome:
+        """End a finish whose user was erased after it was received."""
+        erasure.end_finish(self.rt, at.job.request_id, at.key)
+        self.announce.release_access_claim(at.job)
+        return Outcome(RequestState.FAILED, error=erasure.ERASED_ERROR)
 
     def _run_locked(self, at: _Attempt, retries: int) -> Outcome:
-        job = at.job
-        start_us = job.window_start_us or job.received_us
-        deadline_us = start_us + to_us(self.settings.retry_window_s)
         with self.rt.db() as db:
-            row, first = sessions.load_or_create(
-                db,
-                key=at.key,
-                request_id=job.request_id,
-                human_id=job.human_id,
-                received_us=job.received_us,
-                sealed_session_token=self.rt.cipher.seal(job.session_token),
-                expected_client_user_id=job.expected_client_user_id,
-                connected_sources=job.connected_sources,
-            )
-            if erasure.marked(db, (job.human_id, job.expected_client_user_id), job.received_us):
-                raise erasure.ErasedMeanwhile(job.request_id)  # the row created is rolled back
-            finished = RequestState(row.state).final
-            # A run that died while `running` may have reached the upstream unanswered.
-            ambiguous_before = not first and (
-                row.ambiguous or (row.state == RequestState.RUNNING and row.attempts > 0)
-            )
-            if not first and not finished:
-                # An access token can be fetched again, so unlike a single-use session
-                # token the record is asked too (sessions.attempt_under_way says why).
-                lock_s = self.settings.session_lock_s
-                if job.flow is Flow.ACCESS and sessions.attempt_under_way(row, lock_s):
-                    db.rollback()
-                    return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
-                sessions.begin_attempt(row)
+            begun = self.begin_in(db, at)
+            if isinstance(begun, Outcome):
+                db.rollback()
+                return begun
             db.commit()
-        if finished:
+        if begun is not None:
             # Outside that session: SQLite runs on one pooled connection per process.
-            self.announce.mirror_final(job, row)
-            return Outcome(row.state, error=row.error)
-
+            return self.mirror(at, begun)
         try:
-            tokens = self._exchange_inline(at)
-        except PermanentUpstreamError as exc:
-            self._observe(at)
+            tokens = self.call(at)
+        except UpstreamError as exc:
+            return self.after_refusal(at, exc, retries)
+        return self.after_answer(at, tokens)
+
+    def begin_in(self, db: Session, at: _Attempt) -> SessionRecord | Outcome | None:
+        """The run's first statements, in the caller's transaction (the caller commits): the
+        session's record made or read and its attempt begun (None), or what ends the run
+        here: its record already final (the row, to mirror once committed), or another
+        delivery under way (an Outcome; the caller rolls back). Raises ErasedMeanwhile when
+        its user was erased since it was received (the row created is rolled back)."""
+        job = at.job
+        row, first = sessions.load_or_create(
+            db,
+            key=at.key,
+            request_id=job.request_id,
+            human_id=job.human_id,
+            received_us=job.received_us,
+            sealed_session_token=self.rt.cipher.seal(job.session_token),
+            expected_client_user_id=job.expected_client_user_id,
+            connected_sources=job.connected_sources,
+        )
+        if erasure.marked(db, (job.human_id, job.expected_client_user_id), job.received_us):
+            raise erasure.ErasedMeanwhile(job.request_id)
+        if RequestState(row.state).final:
+            return row
+        # A run that died while `running` may have reached the upstream unanswered.
+        at.ambiguous_before = not first and (
+            row.ambiguous or (row.state == RequestState.RUNNING and row.attempts > 0)
+        )
+        if not first:
+            # An access token can be fetched again, so unlike a single-use session
+            # token the record is asked too (sessions.attempt_under_way says why).
+            lock_s = self.settings.session_lock_s
+            if job.flow is Flow.ACCESS and sessions.attempt_under_way(row, lock_s):
+                return Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
+            sessions.begin_attempt(row)
+        return None
+
+    def mirror(self, at: _Attempt, row: SessionRecord) -> Outcome:
+        """A delivery of a session already final: its outcome copied to this request."""
+        self.announce.mirror_final(at.job, row)
+        return Outcome(row.state, error=row.error)
+
+    def after_refusal(self, at: _Attempt, exc: UpstreamError, retries: int) -> Outcome:
+        """A call that ended without tokens: failed for good, or a pause before the next
+        try (failed too once the retry window is spent)."""
+        job = at.job
+        self._observe(at)
+        if isinstance(exc, PermanentUpstreamError):
             # Only a session token is single-use: an access fetch refused is just refused.
-            lost = (ambiguous_before or at.ambiguous) and job.flow is Flow.TOKENS
+            lost = (at.ambiguous_before or at.ambiguous) and job.flow is Flow.TOKENS
             kind = ErrorKind.ANSWER_LOST if lost else ErrorKind.PERMANENT
             return self._fail(at, exc.reason, kind)
-        except TransientUpstreamError as exc:
-            self._observe(at)
-            at.ambiguous = at.ambiguous or exc.ambiguous
-            pause = backoff(
-                retries,
-                initial=self.settings.retry_initial_s * 4,
-                cap=self.settings.retry_max_countdown_s,
-                retry_after=exc.retry_after,
-            )
-            if now_us() + to_us(pause) > deadline_us:
-                reason = f"upstream unavailable for the whole retry window: {exc.reason}"
-                return self._fail(at, reason, ErrorKind.TRANSIENT)
-            with self.rt.db() as db:
-                sessions.mark_retrying(db, at.key, exc.reason, at.ambiguous)
-            self.announce.status(job, RequestState.RETRYING)
-            metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="queue")
-            return Outcome(
-                RequestState.RETRYING, retry_in=pause, error=exc.reason, upstream_calls=at.calls
-            )
+        assert isinstance(exc, TransientUpstreamError)
+        at.ambiguous = at.ambiguous or exc.ambiguous
+        pause = backoff(
+            retries,
+            initial=self.settings.retry_initial_s * 4,
+            cap=self.settings.retry_max_countdown_s,
+            retry_after=exc.retry_after,
+        )
+        if now_us() + to_us(pause) > at.deadline_us:
+            reason = f"upstream unavailable for the whole retry window: {exc.reason}"
+            return self._fail(at, reason, ErrorKind.TRANSIENT)
+        with self.rt.db() as db:
+            sessions.mark_retrying(db, at.key, exc.reason, at.ambiguous)
+        self.announce.status(job, RequestState.RETRYING)
+        metrics.inc(self.rt.redis, "retries", cause=retry_cause(exc), where="queue")
+        return Outcome(
+            RequestState.RETRYING, retry_in=pause, error=exc.reason, upstream_calls=at.calls
+        )
 
-        expected = job.expected_client_user_id
-        if expected is not None and tokens.client_user_id != expected:
-            # Someone opened Connect as another user: none of this answer is kept.
-            self._observe(at)
-            return self._fail(at, MISMATCH_REASON, ErrorKind.CLIENT_USER_MISMATCH, answered=True)
+    def mismatched(self, at: _Attempt, tokens: Tokens) -> bool:
+        """Whether the answer is for another user than the connect ticket vouched for."""
+        expected = at.job.expected_client_user_id
+        return expected is not None and tokens.client_user_id != expected
 
+    def fail_mismatch(self, at: _Attempt) -> Outcome:
+        # Someone opened Connect as another user: none of this answer is kept.
+        self._observe(at)
+        return self._fail(at, MISMATCH_REASON, ErrorKind.CLIENT_USER_MISMATCH, answered=True)
+
+    def after_answer(self, at: _Attempt, tokens: Tokens) -> Outcome:
+        """Keep the upstream's answer: stored, then announced."""
+        if self.mismatched(at, tokens):
+            return self.fail_mismatch(at)
         try:
-            applied, event = self._store(at, tokens)
+            applied, event = self.store(at, tokens)
         except PermanentUpstreamError as exc:
-            self._observe(at)
-            return self._fail(at, exc.reason, ErrorKind.PERMANENT)
-        self.announce.success(job, tokens, event, at.lock, at.timings)
+            return self.store_refused(at, exc)
+        self.announce.success(at.job, tokens, event, at.lock, at.timings)
+        return self.succeeded(at, applied)
+
+    def store_refused(self, at: _Attempt, exc: PermanentUpstreamError) -> Outcome:
+        self._observe(at)
+        return self._fail(at, exc.reason, ErrorKind.PERMANENT)
+
+    def succeeded(self, at: _Attempt, applied: bool) -> Outcome:
         log.info(
-            "exchange succeeded request=%s calls=%d newest=%s", job.request_id, at.calls, applied
+            "exchange succeeded request=%s calls=%d newest=%s",
+            at.job.request_id,
+            at.calls,
+            applied,
         )
         return Outcome(RequestState.SUCCEEDED, upstream_calls=at.calls)
 
     # -- steps ---------------------------------------------------------------------------
-    def _exchange_inline(self, at: _Attempt) -> Tokens:
+    def call(self, at: _Attempt) -> Tokens:
         """A few quick tries inside this run; longer outages go back to the queue."""
         s = self.settings
         secret = s.client_secret.get_secret_value() if s.client_secret else ""
@@ -238,48 +296,58 @@ class Exchanger:
             call, timings=at.timings, before=before, before_sleep=note, priority=job.waiting
         )
 
-    def _store(self, at: _Attempt, tokens: Tokens) -> tuple[bool, OutboxEvent | None]:
+    def store(self, at: _Attempt, tokens: Tokens) -> tuple[bool, OutboxEvent | None]:
         """Commit tokens and the session's success together, riding out a database outage;
         the event is None when an earlier attempt's commit turns out to have landed.
 
         The upstream has consumed the session token by now: giving up here would lose the
         user, so this step retries far longer than the others, renewing the lock each time.
         """
-        job = at.job
         for attempt in store_retrying(before=at.lock.renew_if_reachable):
             with attempt, self.rt.db() as db:
-                erasure.serialize(db, tokens.client_user_id)
-                # Only a session not yet succeeded: if a connection broke while an earlier
-                # attempt's COMMIT was in flight, that commit may have landed, and its
-                # event must stay the only one.
-                landed = not sessions.mark_succeeded(
-                    db, at.key, tokens.client_user_id, job.human_id or tokens.human_id
-                )
-                # Read after that first write: on SQLite it holds the write lock by now, so
-                # an erasure is wholly before this or wholly after.
-                ids = (tokens.client_user_id, tokens.human_id, job.human_id)
-                if erasure.marked(db, (*ids, job.expected_client_user_id), job.received_us):
-                    raise erasure.ErasedMeanwhile(job.request_id)
-                if landed:
+                stored = self.store_in(db, at, tokens)
+                if stored is None:
                     db.rollback()
-                    log.info(
-                        "store had landed before its connection broke request=%s", job.request_id
-                    )
                     return False, None
-                applied = self._save(db, at, tokens)
-                extra = {"connectedSources": job.connected_sources} if job.connected_sources else {}
-                event = events.record(
-                    db,
-                    "connect.completed",
-                    targets=self.rt.webhook_targets,
-                    humanId=tokens.human_id,
-                    clientUserId=tokens.client_user_id,
-                    requestId=job.request_id,
-                    **extra,
-                )
                 db.commit()
-                return applied, event
+                return stored
         raise RuntimeError("the store's retries ended without an outcome")  # pragma: no cover
+
+    def store_in(
+        self, db: Session, at: _Attempt, tokens: Tokens
+    ) -> tuple[bool, OutboxEvent] | None:
+        """The store's statements in the caller's transaction (the caller commits): whether
+        these tokens were the user's newest, and the success's event; None when an earlier
+        attempt's commit turns out to have landed (the caller rolls back). Raises
+        ErasedMeanwhile for a user erased since the finish was received."""
+        job = at.job
+        erasure.serialize(db, tokens.client_user_id)
+        # Only a session not yet succeeded: if a connection broke while an earlier
+        # attempt's COMMIT was in flight, that commit may have landed, and its
+        # event must stay the only one.
+        landed = not sessions.mark_succeeded(
+            db, at.key, tokens.client_user_id, job.human_id or tokens.human_id
+        )
+        # Read after that first write: on SQLite it holds the write lock by now, so
+        # an erasure is wholly before this or wholly after.
+        ids = (tokens.client_user_id, tokens.human_id, job.human_id)
+        if erasure.marked(db, (*ids, job.expected_client_user_id), job.received_us):
+            raise erasure.ErasedMeanwhile(job.request_id)
+        if landed:
+            log.info("store had landed before its connection broke request=%s", job.request_id)
+            return None
+        applied = self._save(db, at, tokens)
+        extra = {"connectedSources": job.connected_sources} if job.connected_sources else {}
+        event = events.record(
+            db,
+            "connect.completed",
+            targets=self.rt.webhook_targets,
+            humanId=tokens.human_id,
+            clientUserId=tokens.client_user_id,
+            requestId=job.request_id,
+            **extra,
+        )
+        return applied, event
 
     def _save(self, db: Session, at: _Attempt, tokens: Tokens) -> bool:
         """The tokens into the user's row: a session's whole set, or an access finish's

@@ -60,18 +60,25 @@ class SessionLock(Lock):
         """Acquire without waiting, marking the request running if it has not ended."""
         token = secrets.token_hex(16)
         got = status_records.lock_and_begin(
-            self.redis,
-            self.name,
-            token,
-            int(self.term * 1000),
-            request_id,
-            human_id,
-            status_ttl_s,
+            self.redis, self.name, token, int(self.term * 1000), request_id, human_id, status_ttl_s
         )
+        return self.took(token, got)
+
+    def queue_take(self, pipe: Any, request_id: str, human_id: str, status_ttl_s: int) -> str:
+        """`take` in a pipeline the caller executes (a batch's locks in one round trip);
+        the caller hands the returned token and the reply to `took`."""
+        token = secrets.token_hex(16)
+        status_records.lock_and_begin(
+            pipe, self.name, token, int(self.term * 1000), request_id, human_id, status_ttl_s
+        )
+        return token
+
+    def took(self, token: str, got: object) -> bool:
+        """Hold the lock if the take's reply says it was taken."""
         if got:
             self.local.token = token.encode()
             self.renewed = time.monotonic()
-        return got
+        return bool(got)
 
     def queue_release(self, pipe: Any) -> bytes:
         """Release in a pipeline the caller executes; returns the token, which the caller

@@ -16,7 +16,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from humanconnect import events, logs, metrics, redis_clients, status_records, tracing
 from humanconnect.announce import release_access_claim
 from humanconnect.crypto import DecryptError
-from humanconnect.exchange import Exchanger
+from humanconnect.exchange import Exchanger, Outcome
+from humanconnect.exchange_batch import Batch, Item
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
 from humanconnect.jobs.retention import purge
@@ -24,6 +25,7 @@ from humanconnect.locks import held_or_skip
 from humanconnect.minting import Minter, MintKind
 from humanconnect.queue import (
     DELIVER_TASK,
+    EXCHANGE_RETRY_TASK,
     EXCHANGE_TASK,
     MINT_TASK,
     RECONCILE_TASK,
@@ -45,11 +47,19 @@ from humanconnect.webhooks.dispatch import Dispatcher
 from humanconnect.webhooks.sender import Sender
 from humanconnect.webhooks.signing import Signer
 from worker import priority, warm
+from worker.batch import ExchangeTask, SimpleRequest
 from worker.celery import app, send_exchange
 
 log = logging.getLogger(__name__)
 # How often an unforeseen exception (a bug) is retried before the session is failed.
 UNEXPECTED_RETRIES = 5
+# Our own Redis or database at fault, not the session: retried for as long as it takes.
+INFRASTRUCTURE_ERRORS = (
+    OperationalError,
+    PoolTimeout,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 
 
 @lru_cache(maxsize=1)
@@ -69,58 +79,120 @@ def exchanger() -> Exchanger:
     return Exchanger(runtime(), limiter().acquire)
 
 
-@app.task(bind=True, name=EXCHANGE_TASK, max_retries=None)
-def exchange_session(
-    self: Task,
-    request_id: str,
-    human_id: str,
-    client_id: str,
-    sealed_session_token: str,
-    received_us: int,
-    window_start_us: int | None = None,
-    expected_client_user_id: str | None = None,
-    connected_sources: str = "",
-) -> None:
-    """Exchange one accepted session for tokens (or, for an access finish, fetch the user's
-    access token), store them, or schedule the next try.
+@lru_cache(maxsize=1)
+def calls() -> ThreadPoolExecutor:
+    """Where a batch's upstream calls run side by side: as many as the worker has threads."""
+    size = runtime().settings.worker_concurrency
+    return ThreadPoolExecutor(size, thread_name_prefix="exchange-call")
 
-    The arguments are `ExchangeRequest.task_kwargs()` (humanconnect/request.py)."""
-    request = ExchangeRequest(
-        request_id=request_id,
-        human_id=human_id,
-        client_id=client_id,
-        sealed_session_token=sealed_session_token,
-        received_us=received_us,
-        window_start_us=window_start_us,
-        expected_client_user_id=expected_client_user_id,
-        connected_sources=connected_sources,
+
+def run_batch(requests: list[SimpleRequest]) -> list[str]:
+    """Run a batch of exchange messages together (humanconnect/exchange_batch.py); the ids
+    of those whose delivery ended or whose next try was sent (worker/batch.py acks them and
+    puts the rest back in the queue)."""
+    rt = runtime()
+    settled: list[str] = []
+    items: list[tuple[SimpleRequest, Item]] = []
+    for message in requests:
+        request = ExchangeRequest(**message.kwargs)
+        waiting = (message.delivery_info or {}).get("routing_key") == WAITING_QUEUE
+        job = opened(rt, request, waiting=waiting)
+        if job is None:
+            settled.append(message.id)
+            continue
+        retries = int((message.request_dict or {}).get("retries") or 0)
+        items.append((message, Item(job, retries)))
+    Batch(exchanger(), calls()).run([item for _, item in items])
+    for message, item in items:
+        with logs.request_context(item.job.request_id):
+            pause = next_try(rt, item.job, item.retries, item.outcome, item.error)
+            if pause is None:
+                settled.append(message.id)
+                continue
+            try:
+                exchange_retry.apply_async(
+                    kwargs=message.kwargs,
+                    task_id=message.id,
+                    retries=item.retries + 1,
+                    countdown=pause,
+                    queue=QUEUE,
+                    routing_key=QUEUE,
+                )
+            except Exception:  # noqa: BLE001 - back to the queue instead (worker/batch.py)
+                log.warning("could not send the next try request=%s", item.job.request_id)
+                continue
+            settled.append(message.id)
+    log.info(
+        "ran %d sessions together: %d ended or sent round again, %d back to the queue",
+        len(requests),
+        len(settled),
+        len(requests) - len(settled),
     )
-    with logs.request_context(request_id):
-        tracing.tag(request_id)
+    return settled
+
+
+@app.task(bind=True, base=ExchangeTask, name=EXCHANGE_TASK, max_retries=None)
+def exchange_session(self: Task, *batch: list[SimpleRequest], **kwargs: Any) -> list[str] | None:
+    """Exchange one accepted session for tokens (or, for an access finish, fetch the user's
+    access token), store them, or schedule the next try. The arguments are
+    `ExchangeRequest.task_kwargs()` (humanconnect/request.py); with
+    HUMANCONNECT_EXCHANGE_BATCH above 1 the worker hands it a list of such messages instead
+    (worker/batch.py), and returns the ids of those it ended or sent round again."""
+    if batch:
+        return run_batch(batch[0])
+    _exchange_one(self, kwargs)
+    return None
+
+
+@app.task(bind=True, name=EXCHANGE_RETRY_TASK, max_retries=None)
+def exchange_retry(self: Task, **kwargs: Any) -> None:
+    """A batch's session sent round again: its next tries run alone, as a Celery retry."""
+    _exchange_one(self, kwargs)
+
+
+def _exchange_one(self: Task, kwargs: dict[str, Any]) -> None:
+    request = ExchangeRequest(**kwargs)
+    with logs.request_context(request.request_id):
+        tracing.tag(request.request_id)
         rt = runtime()
-        try:
-            session_token = rt.cipher.open(request.sealed_session_token)
-        except DecryptError:
-            # Retrying cannot help: the key that sealed it is gone from the configured keys.
-            reason = "session token sealed with an encryption key that is no longer configured"
-            log.error("cannot open session token request=%s", request_id)
-            # The claim's full term, not a finished record's: no `sessions` row was written
-            # and the claim can't be marked (its key needs the token), so this record is the
-            # only place a duplicate of this session learns that it failed.
-            status_records.set_state(
-                rt.redis,
-                request_id,
-                RequestState.FAILED,
-                rt.settings.status_ttl_s,
-                humanId=human_id,
-                error=reason,
-            )
-            if expected_client_user_id:  # an access finish's claim, if it is one: let go
-                release_access_claim(rt.redis, expected_client_user_id, request_id)
-            return
         # A person waits on a finish that came through the waiting queue (its retries don't).
         waiting = (self.request.delivery_info or {}).get("routing_key") == WAITING_QUEUE
-        _run(self, rt, Job.opened(request, session_token, waiting=waiting))
+        job = opened(rt, request, waiting=waiting)
+        if job is None:
+            return
+        retries = self.request.retries or 0
+        try:
+            outcome, error = exchanger().run(job, retries=retries), None
+        except Exception as exc:
+            outcome, error = None, exc
+        pause = next_try(rt, job, retries, outcome, error)
+        if pause is not None:
+            raise _retry(self, pause, error) from None
+
+
+def opened(rt: Runtime, request: ExchangeRequest, *, waiting: bool) -> Job | None:
+    """The request's job with its session token opened; None when it can't be, its failure
+    recorded (retrying cannot help: the key that sealed it is gone from the configured keys)."""
+    try:
+        session_token = rt.cipher.open(request.sealed_session_token)
+    except DecryptError:
+        reason = "session token sealed with an encryption key that is no longer configured"
+        log.error("cannot open session token request=%s", request.request_id)
+        # The claim's full term, not a finished record's: no `sessions` row was written
+        # and the claim can't be marked (its key needs the token), so this record is the
+        # only place a duplicate of this session learns that it failed.
+        status_records.set_state(
+            rt.redis,
+            request.request_id,
+            RequestState.FAILED,
+            rt.settings.status_ttl_s,
+            humanId=request.human_id,
+            error=reason,
+        )
+        if request.expected_client_user_id:  # an access finish's claim, if it is one: let go
+            release_access_claim(rt.redis, request.expected_client_user_id, request.request_id)
+        return None
+    return Job.opened(request, session_token, waiting=waiting)
 
 
 def minter() -> Minter:
@@ -137,18 +209,16 @@ def mint_token(mint_id: str, user: str, kind: str, email: str | None = None) -> 
         return minter().run(mint_id, user, MintKind(kind), email)
 
 
-def _run(self: Task, rt: Runtime, job: Job) -> None:
-    """Run one delivery and turn its outcome into done or a Celery retry."""
+def next_try(
+    rt: Runtime, job: Job, retries: int, outcome: Outcome | None, error: BaseException | None
+) -> float | None:
+    """Seconds until a delivery's next try, or None when it has ended: from its outcome, or
+    from what it raised."""
     request_id = job.request_id
-    retries = self.request.retries or 0
-    try:
-        outcome = exchanger().run(job, retries=retries)
-    except (
-        OperationalError,
-        PoolTimeout,
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-    ) as exc:
+    if error is None:
+        assert outcome is not None
+        return outcome.retry_in
+    if isinstance(error, INFRASTRUCTURE_ERRORS):
         # Our own infrastructure, not the session, is at fault: never fail the user for it.
         pause = backoff(
             retries, initial=1.0, cap=rt.settings.retry_max_countdown_s, retry_after=None
@@ -157,23 +227,20 @@ def _run(self: Task, rt: Runtime, job: Job) -> None:
             "infrastructure error, retrying request=%s in=%.1fs error=%s: %s",
             request_id,
             pause,
-            type(exc).__name__,
+            type(error).__name__,
             # The driver's own message ("database is locked"), never the statement or its
             # parameters, which SQLAlchemy's message carries.
-            str(getattr(exc, "orig", None) or exc)[:200],
+            str(getattr(error, "orig", None) or error)[:200],
         )
-        exchanger().note_outage(job, f"infrastructure error: {type(exc).__name__}")
-        raise _retry(self, pause, exc) from None
-    except Exception as exc:
-        # Unforeseen: a few tries, then a recorded failure rather than a silent ack.
-        if retries < UNEXPECTED_RETRIES:
-            log.exception("unexpected error, retrying request=%s", request_id)
-            raise _retry(self, 2.0**retries, exc) from None
-        log.exception("unexpected error, giving up request=%s", request_id)
-        exchanger().fail_internal(job, f"internal error: {type(exc).__name__}")
-        return
-    if outcome.retry_in is not None:
-        raise _retry(self, outcome.retry_in)
+        exchanger().note_outage(job, f"infrastructure error: {type(error).__name__}")
+        return pause
+    # Unforeseen: a few tries, then a recorded failure rather than a silent ack.
+    if retries < UNEXPECTED_RETRIES:
+        log.error("unexpected error, retrying request=%s", request_id, exc_info=error)
+        return 2.0**retries
+    log.error("unexpected error, giving up request=%s", request_id, exc_info=error)
+    exchanger().fail_internal(job, f"internal error: {type(error).__name__}")
+    return None
 
 
 def _retry(self: Task, countdown: float, exc: BaseException | None = None) -> BaseException:

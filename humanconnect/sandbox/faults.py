@@ -32,6 +32,10 @@ class Faults:
     down: bool = False
     #: Refuse (400, as for a forged session) every session token starting with this.
     refuse_token_prefix: str = ""
+    #: Answer 503 to every session token starting with this (before it is used).
+    unavailable_token_prefix: str = ""
+    #: Use every session token starting with this, then drop the answer (a lost answer).
+    drop_token_prefix: str = ""
     #: Hold every call whose session token starts with this until `State.release` is set
     #: (at most `hang_s`), before the token is used: an exchange a test can catch running.
     hold_token_prefix: str = ""

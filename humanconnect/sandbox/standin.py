@@ -133,6 +133,10 @@ class StandIn:
         if prefix and token.startswith(prefix):
             self.state.calls["tokens:forged"] += 1
             return web.json_response({"error": "invalid session token"}, status=400)
+        unavailable = self.state.faults.unavailable_token_prefix
+        if unavailable and token.startswith(unavailable):
+            self.state.calls["tokens:503"] += 1
+            return web.json_response({"error": "service unavailable"}, status=503)
         held = self.state.faults.hold_token_prefix
         if held and token.startswith(held):
             self.state.calls["tokens:held"] += 1
@@ -152,7 +156,10 @@ class StandIn:
         self.state.by_session[token] = issued
         self.state.by_human[human_id] = issued
         self.state.exchanges[token] += 1
-        if self.state.rng.random() < self.state.faults.drop_after:
+        dropped = self.state.faults.drop_token_prefix
+        if (dropped and token.startswith(dropped)) or (
+            self.state.rng.random() < self.state.faults.drop_after
+        ):
             self.state.calls["tokens:drop_after"] += 1
             drop_connection(request)
             raise asyncio.CancelledError

@@ -33,14 +33,16 @@ def _burst_around(chaos: Chaos, outage) -> tuple[list[dict[str, str]], int, int]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_postgresql_cut_for_15_s_marks_nothing_failed(chaos: Chaos) -> None:
-    """Every connection broken and new ones refused for 15 s: all stored once it returns."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_postgresql_cut_for_15_s_marks_nothing_failed(chaos: Chaos, batch: int) -> None:
+    """Every connection broken and new ones refused for 15 s: all stored once it returns
+    (with `batch` 8, the workers run their sessions eight at a time)."""
     host, _, rest = chaos.db_url.rpartition("@")[2].partition(":")
     port = int(rest.partition("/")[0])
     proxy = TcpProxy(host, port).open()
     through_proxy = chaos.db_url.replace(f"@{host}:{port}/", f"@127.0.0.1:{proxy.port}/")
     chaos.standin.state.faults.latency_ms = 50
-    chaos.start(database_url=through_proxy)
+    chaos.start(database_url=through_proxy, HUMANCONNECT_EXCHANGE_BATCH=str(batch))
 
     def outage() -> None:
         proxy.cut()
@@ -51,9 +53,15 @@ def test_postgresql_cut_for_15_s_marks_nothing_failed(chaos: Chaos) -> None:
         sent, before, after = _burst_around(chaos, outage)
         # With the database still reachable: the verdict waits for the service to mark the
         # last events sent (batched, within half a second), which it does through the proxy.
-        tally = chaos.verify("postgresql-cut-15s", len(sent), sent, may_lose_answers=False)
+        tally = chaos.verify(
+            "postgresql-cut-15s" + (f"-batch{batch}" if batch > 1 else ""),
+            len(sent),
+            sent,
+            may_lose_answers=False,
+        )
     finally:
         proxy.cut()
+    assert (chaos.largest_batch() > 1) is (batch > 1)
     tally.extra.update(stored_when_cut=before, stored_when_back=after)
     tally.report()
 

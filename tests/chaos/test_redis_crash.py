@@ -21,10 +21,12 @@ def taken(chaos: Chaos) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos) -> None:
-    """Every 202 ends stored; a finish during the outage gets a quick 503, never a hang."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos, batch: int) -> None:
+    """Every 202 ends stored; a finish during the outage gets a quick 503, never a hang
+    (with `batch` 8, the workers run their sessions eight at a time)."""
     chaos.standin.state.faults.latency_ms = 50
-    chaos.start()
+    chaos.start(HUMANCONNECT_EXCHANGE_BATCH=str(batch))
     sent = bodies()
     # Paced at 100/s so that finishes arrive before, during and after the outage.
     sending = chaos.send_in_background(sent, rate=100)
@@ -51,7 +53,13 @@ def test_redis_killed_mid_burst_keeps_every_accepted_session(chaos: Chaos) -> No
     chaos.send_until_accepted([s.body for s in refused])
     chaos.wait_ended({b["humanId"] for b in sent}, 240)
     # Nothing between the upstream's answer and the store needs Redis: no answer is lost.
-    tally = chaos.verify("redis-sigkill", len(sent), sent, may_lose_answers=False)
+    tally = chaos.verify(
+        "redis-sigkill" + (f"-batch{batch}" if batch > 1 else ""),
+        len(sent),
+        sent,
+        may_lose_answers=False,
+    )
+    assert (chaos.largest_batch() > 1) is (batch > 1)
     tally.extra.update(
         accepted_first_time=len(accepted),
         refused_503_during_outage=len(refused),

@@ -29,16 +29,21 @@ def _burst_then(chaos: Chaos, sig: int, *, after_stored: int) -> tuple[list[dict
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
-def test_sigkill_of_every_worker_loses_nothing(chaos: Chaos) -> None:
-    """Kill -9 every worker process with sessions running and prefetched: after a restart
-    each session ends once (redelivered by the broker, or re-sent by the reconciler)."""
+@pytest.mark.parametrize(
+    ("db_url", "batch"), [("sqlite", 1), ("postgresql", 1), ("sqlite", 8)], indirect=["db_url"]
+)
+def test_sigkill_of_every_worker_loses_nothing(chaos: Chaos, batch: int) -> None:
+    """Kill -9 every worker process with sessions running and prefetched (with `batch` 8,
+    batches half run and messages buffered for the next): after a restart each session ends
+    once (redelivered by the broker, or re-sent by the reconciler)."""
     chaos.standin.state.faults.latency_ms = 100
-    chaos.start()
+    chaos.start(HUMANCONNECT_EXCHANGE_BATCH=str(batch))
     sent, at_signal = _burst_then(chaos, signal.SIGKILL, after_stored=200)
     # A token the upstream consumed whose answer died with the worker is the one documented
     # unpreventable loss: allowed, and counted.
-    tally = chaos.verify("sigkill-workers", len(sent), sent, may_lose_answers=True)
+    scenario = "sigkill-workers" + (f"-batch{batch}" if batch > 1 else "")
+    tally = chaos.verify(scenario, len(sent), sent, may_lose_answers=True)
+    assert (chaos.largest_batch() > 1) is (batch > 1)
     tally.extra["stored_when_signalled"] = at_signal
     tally.report()
 

@@ -10,6 +10,7 @@ and no secret anywhere.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -195,6 +196,16 @@ class Chaos:
 
     def logs(self) -> list[Path]:
         return sorted(self.tmp.glob("*.log"))
+
+    def largest_batch(self) -> int:
+        """The most sessions any worker ran together (worker/batch.py's log line); 0 when
+        none ran a batch."""
+        sizes = [
+            int(m)
+            for log in self.tmp.glob("worker*.log")
+            for m in re.findall(r"ran (\d+) sessions together", log.read_text(errors="replace"))
+        ]
+        return max(sizes, default=0)
 
     # -- traffic -------------------------------------------------------------------------
     def send(

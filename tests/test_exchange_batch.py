@@ -1,0 +1,161 @@
+"""A batch of sessions run together (humanconnect/exchange_batch.py) against a real Redis, a
+real database and the stand-in: each session ends in its own right state, as it would have
+alone, and nothing is exchanged or announced twice."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from redis import Redis
+from sqlalchemy import func, select
+
+from humanconnect import redis_keys
+from humanconnect.crypto import session_hash
+from humanconnect.exchange import Exchanger
+from humanconnect.exchange_batch import Batch, Item
+from humanconnect.request import Job
+from humanconnect.runtime import Runtime
+from humanconnect.sandbox.standin import Running
+from humanconnect.settings import Settings
+from humanconnect.states import ErrorKind, RequestState
+from humanconnect.storage.models import OutboxEvent, SessionRecord
+from tests import factories
+from tests.test_exchange import commit_lands_but_breaks
+
+
+@pytest.fixture
+def rt(make_settings: Callable[..., Settings], db_url: str, standin: Running) -> Runtime:
+    # No inline retries: a transient refusal goes straight back to the queue.
+    return Runtime(
+        make_settings(
+            DATABASE_URL=db_url,
+            HUMANAPI_BASE_URL=standin.url,
+            HUMANAPI_AUTH_URL=standin.url,
+            HUMANCONNECT_RETRY_INLINE_BUDGET_S="0",
+        )
+    )
+
+
+@pytest.fixture
+def calls() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(8) as pool:
+        yield pool
+
+
+def run(rt: Runtime, calls: ThreadPoolExecutor, jobs: list[Job]) -> list[Item]:
+    items = [Item(job) for job in jobs]
+    Batch(Exchanger(rt, factories.free_slot), calls).run(items)
+    return items
+
+
+def row(rt: Runtime, job: Job) -> SessionRecord:
+    with rt.db() as db:
+        found = db.get(SessionRecord, session_hash(job.session_token))
+        assert found is not None
+        return found
+
+
+def events_of(rt: Runtime, job: Job) -> list[str]:
+    """The types of the outbox's events for `job`'s request."""
+    with rt.db() as db:
+        rows = [json.loads(e.fields) for e in db.scalars(select(OutboxEvent)).all()]
+    return [f["type"] for f in rows if f.get("requestId") == job.request_id]
+
+
+def test_mixed_batch_ends_each_session_in_its_own_state(
+    rt: Runtime, standin: Running, calls: ThreadPoolExecutor, redis_client: Redis
+) -> None:
+    """Successes, a permanent refusal, a transient one, a lost answer, a session already
+    final and the same session twice, in one batch: each ends as it would have alone, no
+    token is exchanged twice, and every lock is let go."""
+    faults = standin.state.faults
+    faults.refuse_token_prefix = "junk-"
+    faults.unavailable_token_prefix = "down-"
+    faults.drop_token_prefix = "lost-"
+    good = [factories.job() for _ in range(3)]
+    refused = factories.job(session_token="junk-" + factories.session_token())
+    transient = factories.job(session_token="down-" + factories.session_token())
+    lost = factories.job(session_token="lost-" + factories.session_token())
+    finished = factories.job()
+    assert Exchanger(rt, factories.free_slot).run(finished).state == RequestState.SUCCEEDED
+    twice = factories.job()
+    again = Job(**{**twice.__dict__, "request_id": "again-" + twice.request_id})
+    jobs = [*good, refused, transient, lost, finished, twice, again]
+
+    items = run(rt, calls, jobs)
+
+    by = {item.job.request_id: item for item in items}
+    assert all(item.error is None for item in items), [i.error for i in items]
+    for job in good:
+        assert by[job.request_id].outcome.state == RequestState.SUCCEEDED  # type: ignore[union-attr]
+        assert row(rt, job).state == RequestState.SUCCEEDED
+        assert events_of(rt, job) == ["connect.completed"]
+        assert job.human_id in standin.state.by_human
+    assert by[refused.request_id].outcome.state == RequestState.FAILED  # type: ignore[union-attr]
+    assert row(rt, refused).error_kind == ErrorKind.PERMANENT
+    assert events_of(rt, refused) == ["connect.failed"]
+    retrying = by[transient.request_id].outcome
+    assert retrying is not None and retrying.state == RequestState.RETRYING
+    assert retrying.retry_in is not None and retrying.retry_in > 0
+    assert row(rt, transient).state == RequestState.RETRYING
+    assert events_of(rt, transient) == []
+    # The lost answer is a transient error at first (the call may have reached the
+    # upstream): the record remembers it.
+    assert by[lost.request_id].outcome.state == RequestState.RETRYING  # type: ignore[union-attr]
+    assert row(rt, lost).ambiguous
+    # The session already final is mirrored, not called again.
+    assert by[finished.request_id].outcome.state == RequestState.SUCCEEDED  # type: ignore[union-attr]
+    assert events_of(rt, finished) == ["connect.completed"]
+    # The same session twice: one delivery exchanged it; the other, alone, found it busy or
+    # done.
+    states = {by[twice.request_id].outcome.state, by[again.request_id].outcome.state}  # type: ignore[union-attr]
+    assert RequestState.SUCCEEDED in states and states <= {RequestState.SUCCEEDED, "busy"}
+    # No token was used twice, and no lock is left held.
+    assert max(standin.state.exchanges.values()) == 1
+    for job in jobs:
+        assert redis_client.get(redis_keys.session_lock(session_hash(job.session_token))) is None
+
+    # Their next tries, together again: the upstream is back for the transient one, and
+    # the lost answer's token is now refused as used, which names it.
+    faults.unavailable_token_prefix = ""
+    items = [Item(transient, retries=1), Item(lost, retries=1)]
+    Batch(Exchanger(rt, factories.free_slot), calls).run(items)
+    assert [i.outcome.state for i in items if i.outcome] == [
+        RequestState.SUCCEEDED,
+        RequestState.FAILED,
+    ]
+    assert events_of(rt, transient) == ["connect.completed"]
+    assert row(rt, lost).error_kind == ErrorKind.ANSWER_LOST
+    assert events_of(rt, lost) == ["connect.failed"]
+    assert max(standin.state.exchanges.values()) == 1
+
+
+def test_a_store_whose_commit_broke_is_stored_once(rt: Runtime, calls: ThreadPoolExecutor) -> None:
+    """The batch's store transaction commits but its connection breaks before the answer:
+    each session then stores alone, finds its commit landed, and keeps its one event."""
+    jobs = [factories.job() for _ in range(4)]
+    with commit_lands_but_breaks() as fired:
+        items = run(rt, calls, jobs)
+    assert fired, "the batch's commit must have broken"
+    assert [i.outcome.state for i in items if i.outcome] == [RequestState.SUCCEEDED] * 4
+    for job in jobs:
+        assert row(rt, job).state == RequestState.SUCCEEDED
+        assert events_of(rt, job) == ["connect.completed"]
+    with rt.db() as db:
+        assert db.scalar(select(func.count()).select_from(OutboxEvent)) == 4
+
+
+def test_a_batch_with_redis_away_ends_nothing_and_raises_nothing(
+    rt: Runtime, calls: ThreadPoolExecutor, make_settings: Callable[..., Settings], db_url: str
+) -> None:
+    """Redis refusing the locks' round trip: every session gets the error to retry on, none
+    is begun or called."""
+    away = Runtime(make_settings(DATABASE_URL=db_url, REDIS_URL="redis://127.0.0.1:9/0"))
+    jobs = [factories.job() for _ in range(3)]
+    items = run(away, calls, jobs)
+    assert all(i.outcome is None and i.error is not None for i in items)
+    with rt.db() as db:
+        assert db.scalar(select(func.count()).select_from(SessionRecord)) == 0
