@@ -19,8 +19,6 @@ from humanconnect.settings import Settings
 from humanconnect.webhooks.deliveries import endpoint_digest
 
 EXCHANGE_TASK = "humanconnect.exchange_session"
-#: A batch's session sent round again runs alone, under this name (worker/batch.py).
-EXCHANGE_RETRY_TASK = "humanconnect.exchange_session_retry"
 RELAY_TASK = "humanconnect.relay_events"
 REPAIR_TASK = "humanconnect.repair_public_tokens"
 RECONCILE_TASK = "humanconnect.reconcile_pending"

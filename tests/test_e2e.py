@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,13 +22,15 @@ from tests.support.traffic import burst
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 16])
 def test_burst_with_upstream_faults_stores_everyone_once(
-    deploy, standin: Running, redis_client: redis.Redis
+    deploy, standin: Running, redis_client: redis.Redis, batch: int
 ) -> None:
-    """300 sessions against 20 % 503, 10 % 429, 5 % drops: all stored, right tokens, no double."""
+    """300 sessions against 20 % 503, 10 % 429, 5 % drops: all stored, right tokens, no double
+    (with `batch` 16, first tries run sixteen at a time, their next tries alone)."""
     # Given an upstream that fails a third of its calls
     standin.state.faults = Faults(p503=0.20, p429=0.10, pdrop=0.05, retry_after_s=0.2, latency_ms=5)
-    d = deploy()
+    d = deploy(HUMANCONNECT_EXCHANGE_BATCH=str(batch))
     bodies = [factories.finish_body() for _ in range(300)]
     # When 300 users finish at once
     responses = burst(d.url, bodies)
@@ -92,6 +95,15 @@ def test_burst_with_upstream_faults_stores_everyone_once(
         files=d.logs,
         texts={"metrics": metrics, "events": str(completed_events(redis_client))},
     )
+    assert (largest_batch(d.logs) > 1) is (batch > 1)
+
+
+def largest_batch(logs: list[Path]) -> int:
+    """The most sessions a worker ran together (worker/tasks.py's line), 0 for none."""
+    found = (
+        re.findall(r"ran (\d+) sessions together", p.read_text(errors="replace")) for p in logs
+    )
+    return max((int(n) for ns in found for n in ns), default=0)
 
 
 def completed_events(r: redis.Redis) -> list[dict[str, str]]:
@@ -202,17 +214,19 @@ def test_web_refuses_a_malformed_key_naming_it(tmp_path: Path, redis_url: str) -
     assert "not-a-key-value-xyz" not in proc.stderr
 
 
+@pytest.mark.parametrize("batch", [1, 4])
 def test_message_sealed_with_an_unknown_key_fails_visibly(
-    deploy, redis_client: redis.Redis
+    deploy, redis_client: redis.Redis, batch: int
 ) -> None:
-    """A session token sealed with a key no longer configured ends `failed`, not stuck queued."""
+    """A session token sealed with a key no longer configured ends `failed`, not stuck queued
+    (alone, or in a batch)."""
 
     from humanconnect.queue import EXCHANGE_TASK, sender
     from humanconnect.settings import Settings
     from humanconnect.status_records import get_state
     from tests.support.env import FERNET_KEY_2
 
-    d = deploy()
+    d = deploy(HUMANCONNECT_EXCHANGE_BATCH=str(batch))
     app = sender(Settings.model_validate({"REDIS_URL": d.env["REDIS_URL"]}), "test-sender")
     request_id = "unknownkeyrequest00001"
     app.send_task(

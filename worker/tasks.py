@@ -25,7 +25,6 @@ from humanconnect.locks import held_or_skip
 from humanconnect.minting import Minter, MintKind
 from humanconnect.queue import (
     DELIVER_TASK,
-    EXCHANGE_RETRY_TASK,
     EXCHANGE_TASK,
     MINT_TASK,
     RECONCILE_TASK,
@@ -47,7 +46,7 @@ from humanconnect.webhooks.dispatch import Dispatcher
 from humanconnect.webhooks.sender import Sender
 from humanconnect.webhooks.signing import Signer
 from worker import priority, warm
-from worker.batch import ExchangeTask, SimpleRequest
+from worker.batch import Delivery, ExchangeTask
 from worker.celery import app, send_exchange
 
 log = logging.getLogger(__name__)
@@ -86,72 +85,95 @@ def calls() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(size, thread_name_prefix="exchange-call")
 
 
-def run_batch(requests: list[SimpleRequest]) -> list[str]:
+def run_batch(deliveries: list[Delivery]) -> list[str]:
     """Run a batch of exchange messages together (humanconnect/exchange_batch.py); the ids
     of those whose delivery ended or whose next try was sent (worker/batch.py acks them and
     puts the rest back in the queue)."""
     rt = runtime()
     settled: list[str] = []
-    items: list[tuple[SimpleRequest, Item]] = []
-    for message in requests:
-        request = ExchangeRequest(**message.kwargs)
-        waiting = (message.delivery_info or {}).get("routing_key") == WAITING_QUEUE
-        job = opened(rt, request, waiting=waiting)
-        if job is None:
-            settled.append(message.id)
+    items: list[tuple[Delivery, Item]] = []
+    for delivery in deliveries:
+        try:
+            job = opened(rt, delivery.request, waiting=delivery.routing_key == WAITING_QUEUE)
+        except Exception:  # Redis away while recording it: back to the queue
+            log.warning("could not open request=%s", delivery.request.request_id, exc_info=True)
             continue
-        retries = int((message.request_dict or {}).get("retries") or 0)
-        items.append((message, Item(job, retries)))
+        if job is None:
+            settled.append(delivery.id)
+        else:
+            items.append((delivery, Item(job, delivery.retries)))
     Batch(exchanger(), calls()).run([item for _, item in items])
-    for message, item in items:
+    for delivery, item in items:
         with logs.request_context(item.job.request_id):
-            pause = next_try(rt, item.job, item.retries, item.outcome, item.error)
-            if pause is None:
-                settled.append(message.id)
-                continue
-            try:
-                exchange_retry.apply_async(
-                    kwargs=message.kwargs,
-                    task_id=message.id,
-                    retries=item.retries + 1,
-                    countdown=pause,
-                    queue=QUEUE,
-                    routing_key=QUEUE,
-                )
-            except Exception:  # noqa: BLE001 - back to the queue instead (worker/batch.py)
-                log.warning("could not send the next try request=%s", item.job.request_id)
-                continue
-            settled.append(message.id)
+            if _settle(delivery, item):
+                settled.append(delivery.id)
     log.info(
         "ran %d sessions together: %d ended or sent round again, %d back to the queue",
-        len(requests),
+        len(deliveries),
         len(settled),
-        len(requests) - len(settled),
+        len(deliveries) - len(settled),
     )
     return settled
 
 
-@app.task(bind=True, base=ExchangeTask, name=EXCHANGE_TASK, max_retries=None)
-def exchange_session(self: Task, *batch: list[SimpleRequest], **kwargs: Any) -> list[str] | None:
+def _settle(delivery: Delivery, item: Item) -> bool:
+    """End a batch's delivery, or send its next try (to run alone, with Celery's own
+    countdown); False when neither could be done (it goes back to the queue)."""
+    try:
+        pause = next_try(runtime(), item.job, item.retries, item.outcome, item.error)
+        if pause is not None:
+            exchange_session.apply_async(
+                kwargs=delivery.kwargs,
+                task_id=delivery.id,
+                retries=item.retries + 1,
+                countdown=pause,
+                queue=QUEUE,
+                routing_key=QUEUE,
+            )
+    except Exception:
+        log.warning("could not end or send on request=%s", item.job.request_id, exc_info=True)
+        return False
+    return True
+
+
+@app.task(
+    bind=True,
+    base=ExchangeTask,
+    name=EXCHANGE_TASK,
+    max_retries=None,
+    run_batch=staticmethod(run_batch),
+)
+def exchange_session(
+    self: Task,
+    request_id: str,
+    human_id: str,
+    client_id: str,
+    sealed_session_token: str,
+    received_us: int,
+    window_start_us: int | None = None,
+    expected_client_user_id: str | None = None,
+    connected_sources: str = "",
+) -> None:
     """Exchange one accepted session for tokens (or, for an access finish, fetch the user's
-    access token), store them, or schedule the next try. The arguments are
-    `ExchangeRequest.task_kwargs()` (humanconnect/request.py); with
-    HUMANCONNECT_EXCHANGE_BATCH above 1 the worker hands it a list of such messages instead
-    (worker/batch.py), and returns the ids of those it ended or sent round again."""
-    if batch:
-        return run_batch(batch[0])
-    _exchange_one(self, kwargs)
-    return None
+    access token), store them, or schedule the next try.
+
+    The arguments are `ExchangeRequest.task_kwargs()` (humanconnect/request.py). With
+    HUMANCONNECT_EXCHANGE_BATCH above 1 the consumer runs first tries in batches instead
+    (worker/batch.py, `run_batch`); a next try always comes here."""
+    request = ExchangeRequest(
+        request_id=request_id,
+        human_id=human_id,
+        client_id=client_id,
+        sealed_session_token=sealed_session_token,
+        received_us=received_us,
+        window_start_us=window_start_us,
+        expected_client_user_id=expected_client_user_id,
+        connected_sources=connected_sources,
+    )
+    _exchange_one(self, request)
 
 
-@app.task(bind=True, name=EXCHANGE_RETRY_TASK, max_retries=None)
-def exchange_retry(self: Task, **kwargs: Any) -> None:
-    """A batch's session sent round again: its next tries run alone, as a Celery retry."""
-    _exchange_one(self, kwargs)
-
-
-def _exchange_one(self: Task, kwargs: dict[str, Any]) -> None:
-    request = ExchangeRequest(**kwargs)
+def _exchange_one(self: Task, request: ExchangeRequest) -> None:
     with logs.request_context(request.request_id):
         tracing.tag(request.request_id)
         rt = runtime()
