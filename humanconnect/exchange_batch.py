@@ -11,11 +11,13 @@ so each session ends as it would have alone; only its Celery outcome is left to 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, TypeVar
 
 import redis
 
@@ -29,6 +31,7 @@ from humanconnect.storage.models import OutboxEvent, SessionRecord
 from humanconnect.upstream.client import Tokens
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A record gone from under a run: its user's erasure, as `Exchanger.holding` tells.
 _ERASED = (erasure.ErasedMeanwhile, sessions.MissingSession)
@@ -48,6 +51,21 @@ class Item:
     outcome: Outcome | None = None
     #: What the single task would have raised (its caller maps it to a retry).
     error: BaseException | None = None
+    #: Where the session's own steps run (its trace's span current), if tracing is on.
+    context: contextvars.Context | None = None
+
+    def within(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn` in the item's context (as is, without one)."""
+        return run_in(self.context, fn, *args, **kwargs)
+
+
+def run_in(
+    context: contextvars.Context | None, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """`fn` in `context`, or as is when there is none."""
+    if context is None:
+        return fn(*args, **kwargs)
+    return context.run(fn, *args, **kwargs)
 
 
 @dataclass(eq=False)
@@ -79,7 +97,8 @@ class Batch:
                 keys.add(at.key)
                 runs.append(_Run(item, at))
             else:
-                alone.append((item, self.calls.submit(self.ex.run, item.job, retries=item.retries)))
+                run_alone = partial(item.within, self.ex.run, item.job, retries=item.retries)
+                alone.append((item, self.calls.submit(run_alone)))
         try:
             self._announce(self._store(self._call(self._begin(self._lock(runs)))))
         except Exception as exc:  # a fault of the batch's own: whatever it left unended
@@ -133,7 +152,7 @@ class Batch:
                 for run in runs:
                     try:
                         with db.begin_nested():
-                            state = self.ex.begin_in(db, run.at)
+                            state = run.item.within(self.ex.begin_in, db, run.at)
                             if isinstance(state, Outcome):  # pragma: no cover - access only
                                 raise RuntimeError("a batch runs no access finish")
                     except _ERASED as exc:
@@ -154,7 +173,7 @@ class Batch:
 
     def _call(self, runs: list[_Run]) -> list[_Run]:
         """The upstream calls side by side; the runs answered with tokens to keep."""
-        futures = [(run, self.calls.submit(self.ex.call, run.at)) for run in runs]
+        futures = [(run, self.calls.submit(run.item.within, self.ex.call, run.at)) for run in runs]
         answered = []
         for run, future in futures:
             try:
@@ -185,7 +204,7 @@ class Batch:
                 for run in runs:
                     try:
                         with db.begin_nested():
-                            stored = self.ex.store_in(db, run.at, _tokens(run))
+                            stored = run.item.within(self.ex.store_in, db, run.at, _tokens(run))
                             if stored is None:
                                 raise _Landed
                     except _Landed:
@@ -201,7 +220,10 @@ class Batch:
                 len(runs),
                 type(exc).__name__,
             )
-            alone = [(run, self.calls.submit(self.ex.store, run.at, _tokens(run))) for run in runs]
+            alone = [
+                (run, self.calls.submit(run.item.within, self.ex.store, run.at, _tokens(run)))
+                for run in runs
+            ]
             results = {}
             for run, future in alone:
                 try:
@@ -238,12 +260,12 @@ class Batch:
             return
         for run in runs:
             assert run.stored is not None
-            run.item.outcome = self.ex.succeeded(run.at, run.stored[0])
+            run.item.outcome = run.item.within(self.ex.succeeded, run.at, run.stored[0])
 
     # -- a run's own end -----------------------------------------------------------------
     def _alone(self, run: _Run, step: Callable[[], Outcome]) -> None:
         """The rest of `run` down the single run's path (the lock let go after)."""
-        _settle(run.item, partial(self.ex.holding, run.at, step))
+        _settle(run.item, partial(run.item.within, self.ex.holding, run.at, step))
 
 
 def _raise(exc: BaseException) -> Outcome:

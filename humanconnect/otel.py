@@ -259,6 +259,17 @@ class Live:
         finally:
             otel_context.detach(token)
 
+    def member(
+        self, headers: Mapping[str, Any], name: str, attributes: Mapping[str, Any]
+    ) -> tuple[contextvars.Context, Callable[[], None]]:
+        parent = propagate.extract(dict(headers))
+        span = self.tracer.start_span(
+            name, context=parent, kind=SpanKind.CONSUMER, attributes=dict(attributes)
+        )
+        context = contextvars.copy_context()
+        context.run(otel_context.attach, trace.set_span_in_context(span, parent))
+        return context, span.end
+
     @contextmanager
     def relay(self, contexts: Iterable[str | None]) -> Iterator[None]:
         links = [Link(c) for c in map(_span_context, contexts) if c is not None]

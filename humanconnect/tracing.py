@@ -20,11 +20,12 @@ messages (retries, the reconciler's re-send), it travels:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 #: The span attribute that names the finish a span belongs to (its requestId).
 REQUEST_ID = "humanconnect.request_id"
+#: On a batch's session span: how many sessions ran together.
+BATCH_SIZE = "humanconnect.batch"
 #: The key under which an outbox event keeps its finish's W3C traceparent (stored, not sent).
 CONTEXT_FIELD = "_traceparent"
 #: What `install` accepts: the Procfile's processes.
@@ -145,6 +148,18 @@ def resumed(parent: str | None) -> AbstractContextManager[None]:
     if _live is None or not parent:
         return _OFF
     return _live.resumed(parent)
+
+
+def member(
+    headers: Mapping[str, Any], name: str, request_id: str, batch: int
+) -> tuple[contextvars.Context, Callable[[], None]] | None:
+    """One finish's part of a batch of `batch` sessions (worker/batch.py): a span `name`, a
+    child of the trace its message's `headers` carry, and a context to run the finish's own
+    steps in with that span current (its statements, its upstream call, its next try's
+    message); the function that ends the span. None when off."""
+    if _live is None:
+        return None
+    return _live.member(headers, name, {REQUEST_ID: request_id, BATCH_SIZE: batch})
 
 
 def relay(contexts: Iterable[str | None]) -> AbstractContextManager[None]:

@@ -43,6 +43,8 @@ QUICK_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
 EXPORT_TIMEOUT_S = 5
 SERVER_SPAN = "POST /connect/finish"
 EXCHANGE_RUN = "run/humanconnect.exchange_session"
+#: The attribute of a session's span in a batch: how many sessions ran together.
+BATCH_SIZE = "humanconnect.batch"
 
 
 def _password_url(server: RedisServer) -> str:
@@ -105,6 +107,7 @@ def _wait_whole(otlp: OtlpReceiver, request_ids: list[str], timeout: float) -> d
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 8])
 def test_each_finish_is_one_whole_trace_and_no_span_holds_a_secret(
     own_redis: RedisServer,
     sqlite_url: str,
@@ -112,10 +115,13 @@ def test_each_finish_is_one_whole_trace_and_no_span_holds_a_secret(
     receiver: Receiver,
     otlp: OtlpReceiver,
     tmp_path: Path,
+    batch: int,
 ) -> None:
     """20 finishes through web, worker and beat: 20 traces with both services, one root and
     every parent; a retried exchange stays in its trace; each webhook attempt is a part of
-    its finish's; log lines carry the trace; no exported byte holds a token, ticket or secret."""
+    its finish's; log lines carry the trace; no exported byte holds a token, ticket or secret.
+    With `batch` 8 the worker runs first tries together, each session's steps still a span
+    of its own finish's trace."""
     # Given web, worker and beat exporting to the receiver, with tickets required, a Redis
     # that asks for a password, webhooks on, and the Authorization header captured if allowed
     env = deployment_env(
@@ -128,6 +134,7 @@ def test_each_finish_is_one_whole_trace_and_no_span_holds_a_secret(
         HUMANCONNECT_WEBHOOK_URLS=receiver.url,
         HUMANCONNECT_WEBHOOK_SECRET=SECRET,
         HUMANCONNECT_LOG_JSON="1",
+        HUMANCONNECT_EXCHANGE_BATCH=str(batch),
         **QUICK_EXPORT,
     )
     started: list[Process] = []
@@ -190,9 +197,13 @@ def test_each_finish_is_one_whole_trace_and_no_span_holds_a_secret(
         assert names[EXCHANGE_RUN] >= 2 and names["apply_async/humanconnect.exchange_session"] >= 1
         statuses = [s.attributes.get("http.status_code") for s in retried if s.name == "POST"]
         assert 503 in statuses and 201 in statuses, statuses
-        # ... those that came through the waiting queue too
+        # ... those that came through the waiting queue too (Celery's own span says which
+        # queue; a batch's session span does not)
         queues = [str(s.attributes.get("celery.delivery_info")) for t in traces.values() for s in t]
-        assert any("'routing_key': 'humanconnect.waiting'" in q for q in queues)
+        assert any("'routing_key': 'humanconnect.waiting'" in q for q in queues) or batch > 1
+        # ... and with batches, most sessions' spans say they ran in one
+        batched = [s for t in traces.values() for s in t if s.attributes.get(BATCH_SIZE)]
+        assert (len(batched) >= FINISHES // 2) is (batch > 1)
         # ... and each span of ours names its finish
         for rid, spans in traces.items():
             ours = [

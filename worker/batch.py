@@ -32,6 +32,8 @@ from humanconnect.settings import get_settings
 
 log = logging.getLogger(__name__)
 
+#: The headers a message's trace context travels in (W3C Trace Context and Baggage).
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 #: A batch runs with what came within this long of its first message: a lone finish waits
 #: no longer for company.
 FLUSH_S = 0.01
@@ -47,6 +49,8 @@ class Delivery:
     kwargs: dict[str, Any]
     routing_key: str | None
     retries: int
+    #: The trace context the message carries (W3C headers), for the session's own span.
+    trace_headers: dict[str, str]
 
 
 #: Runs a batch; returns the ids of the deliveries it ended or sent round again.
@@ -143,4 +147,5 @@ def _read(message: Any) -> Delivery | None:
         kwargs=kwargs,
         routing_key=(message.delivery_info or {}).get("routing_key"),
         retries=int(headers.get("retries") or 0),
+        trace_headers={k: headers[k] for k in TRACE_HEADERS if isinstance(headers.get(k), str)},
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
 from typing import Any
@@ -17,7 +19,7 @@ from humanconnect import events, logs, metrics, redis_clients, status_records, t
 from humanconnect.announce import release_access_claim
 from humanconnect.crypto import DecryptError
 from humanconnect.exchange import Exchanger, Outcome
-from humanconnect.exchange_batch import Batch, Item
+from humanconnect.exchange_batch import Batch, Item, run_in
 from humanconnect.jobs.reconcile import requeue_stale
 from humanconnect.jobs.repair import Repairer
 from humanconnect.jobs.retention import purge
@@ -88,25 +90,36 @@ def calls() -> ThreadPoolExecutor:
 def run_batch(deliveries: list[Delivery]) -> list[str]:
     """Run a batch of exchange messages together (humanconnect/exchange_batch.py); the ids
     of those whose delivery ended or whose next try was sent (worker/batch.py acks them and
-    puts the rest back in the queue)."""
+    puts the rest back in the queue). With tracing on, each session's own steps are a span
+    in its finish's trace, as a try alone is."""
     rt = runtime()
     settled: list[str] = []
-    items: list[tuple[Delivery, Item]] = []
+    items: list[tuple[Delivery, Item, Callable[[], None]]] = []
     for delivery in deliveries:
+        request = delivery.request
+        member = tracing.member(
+            delivery.trace_headers, f"run/{EXCHANGE_TASK}", request.request_id, len(deliveries)
+        )
+        context, end = member if member is not None else (contextvars.copy_context(), _nothing)
+        # Its log lines name its request, as a try alone does.
+        context.run(logs.request_id.set, request.request_id)
         try:
-            job = opened(rt, delivery.request, waiting=delivery.routing_key == WAITING_QUEUE)
+            waiting = delivery.routing_key == WAITING_QUEUE
+            job = run_in(context, opened, rt, request, waiting=waiting)
         except Exception:  # Redis away while recording it: back to the queue
-            log.warning("could not open request=%s", delivery.request.request_id, exc_info=True)
+            log.warning("could not open request=%s", request.request_id, exc_info=True)
+            end()
             continue
         if job is None:
             settled.append(delivery.id)
-        else:
-            items.append((delivery, Item(job, delivery.retries)))
-    Batch(exchanger(), calls()).run([item for _, item in items])
-    for delivery, item in items:
-        with logs.request_context(item.job.request_id):
-            if _settle(delivery, item):
-                settled.append(delivery.id)
+            end()
+            continue
+        items.append((delivery, Item(job, delivery.retries, context=context), end))
+    Batch(exchanger(), calls()).run([item for _, item, _ in items])
+    for delivery, item, end in items:
+        if item.within(_settle, delivery, item):
+            settled.append(delivery.id)
+        end()
     log.info(
         "ran %d sessions together: %d ended or sent round again, %d back to the queue",
         len(deliveries),
@@ -114,6 +127,10 @@ def run_batch(deliveries: list[Delivery]) -> list[str]:
         len(deliveries) - len(settled),
     )
     return settled
+
+
+def _nothing() -> None:
+    pass
 
 
 def _settle(delivery: Delivery, item: Item) -> bool:
