@@ -152,11 +152,11 @@ def cpu_scenario(finishes: int = FINISHES, drained: int = DRAIN_SESSIONS) -> dic
     finally:
         dispose_all()  # the database's pool of this process, before its files go
         s.close()
-    out["worker, unthrottled"] = drain_one(0, drained)
-    out["worker, unthrottled, 1 thread"] = drain_one(0, drained, concurrency=1)
+    out["worker, unthrottled"] = drain_one(0, drained, prepare=_alone)
+    out["worker, unthrottled, 1 thread"] = drain_one(0, drained, concurrency=1, prepare=_alone)
     out[f"worker, unthrottled, batches of {BATCH}"] = drain_one(0, drained, prepare=_batches)
     out[f"worker, limit {DEFAULT_MAX_RPS}/s"] = drain_one(
-        200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS
+        200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS, prepare=_alone
     )
     out[f"worker, limit {DEFAULT_MAX_RPS}/s, batches of {BATCH}"] = drain_one(
         200, LIMITED_SESSIONS, max_rps=DEFAULT_MAX_RPS, prepare=_batches
@@ -177,6 +177,11 @@ def _batches(s: Stack) -> None:
     s.env["HUMANCONNECT_EXCHANGE_BATCH"] = str(BATCH)
 
 
+def _alone(s: Stack) -> None:
+    """The worker runs each session's message alone, as before batches."""
+    s.env["HUMANCONNECT_EXCHANGE_BATCH"] = "1"
+
+
 def _profiles() -> dict[str, Any]:
     """py-spy's top entries for the web taking finishes and the worker draining, unthrottled."""
     where = Path(tempfile.mkdtemp(prefix="hc-bench-profiles-"))
@@ -185,10 +190,12 @@ def _profiles() -> dict[str, Any]:
         _web_cpu(s, SERVICE_APP, "p1", PROFILED, where / "web.txt")
     finally:
         s.close()
-    drain_one(0, PROFILED, profile=where / "worker.txt")
+    drain_one(0, PROFILED, profile=where / "worker.txt", prepare=_alone)
+    drain_one(0, PROFILED, profile=where / "worker-batches.txt", prepare=_batches)
     drain_noop(PROFILED, profile=where / "noop.txt")
     return {
         "web": summary(where / "web.txt"),
         "worker": summary(where / "worker.txt"),
+        f"worker, batches of {BATCH}": summary(where / "worker-batches.txt"),
         "no-op tasks": summary(where / "noop.txt"),
     }

@@ -95,10 +95,10 @@ class Settings(RedisSettings):
         32, ge=1, le=512, validation_alias=_env("HUMANCONNECT_WORKER_CONCURRENCY")
     )
     #: Sessions a worker runs together (1: each message on its own). A batch shares the lock
-    #: round trip, both transactions and the success's round trip; at most the worker's
+    #: round trip, both transactions and the success's round trip; a worker takes at most its
     #: concurrency (the messages it may hold unacked at once). worker/batch.py.
     exchange_batch: int = Field(
-        1, ge=1, le=64, validation_alias=_env("HUMANCONNECT_EXCHANGE_BATCH")
+        16, ge=1, le=64, validation_alias=_env("HUMANCONNECT_EXCHANGE_BATCH")
     )
     #: Threads calling the publictokens endpoint during a repair: enough to keep
     #: HUMANAPI_MAX_RPS busy at a few hundred ms of upstream latency; more only adds GIL
@@ -181,11 +181,6 @@ class Settings(RedisSettings):
             raise ValueError(
                 "HUMANCONNECT_VISIBILITY_TIMEOUT_S must exceed twice one upstream call "
                 "(connect + read timeout + 5 s)"
-            )
-        if self.exchange_batch > self.worker_concurrency:
-            # A batch waits for messages the worker may not take while it holds the rest.
-            raise ValueError(
-                "HUMANCONNECT_EXCHANGE_BATCH must be at most HUMANCONNECT_WORKER_CONCURRENCY"
             )
         return self
 

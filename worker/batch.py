@@ -66,7 +66,9 @@ class ExchangeTask(Task):
 
     def Strategy(self, task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:  # noqa: N802 - Celery's name
         plain = default_strategy(task, app, consumer, **kwargs)
-        size = get_settings().exchange_batch
+        # No more than the worker may hold unacked at once (one message per thread): a
+        # larger batch would only ever be flushed by the clock.
+        size = min(get_settings().exchange_batch, consumer.pool.limit or 1)
         if size <= 1:
             return plain
         if not isinstance(consumer.pool, ThreadPool):
