@@ -64,20 +64,22 @@ class Announcer:
         # No MULTI: each command stands alone, and a transaction costs two more replies.
         pipe = self.rt.redis.pipeline(transaction=False)
         releases: list[tuple[int, bytes]] = []
-        for one in done:
-            self._queue_success(pipe, one)
-            token = one.lock.queue_release(pipe)
-            releases.append((len(pipe.command_stack) - 1, token))
-        Breaker.queue_success(pipe)
         replicas = self.settings.redis_min_replicas
-        if replicas:
-            # The event counts as sent once the replicas hold it: a failover right after
-            # must not take it away. Fewer in time, the sweep sends it again (same eventId).
-            pipe.execute_command("WAIT", *self.settings.replica_wait)
         try:
+            for one in done:
+                self._queue_success(pipe, one)
+                token = one.lock.queue_release(pipe)
+                releases.append((len(pipe.command_stack) - 1, token))
+            Breaker.queue_success(pipe)
+            if replicas:
+                # The event counts as sent once the replicas hold it: a failover right after
+                # must not take it away. Fewer in time, the sweep sends it again (same
+                # eventId).
+                pipe.execute_command("WAIT", *self.settings.replica_wait)
             replies = pipe.execute()
-        except redis.exceptions.RedisError:
-            for one, (_, token) in zip(done, releases, strict=True):
+        except Exception:
+            # Every lock whose release was queued is held again, for its run to let go.
+            for one, (_, token) in zip(done, releases, strict=False):
                 one.lock.restore(token)
             raise
         held = replies[-1] >= replicas if replicas else True

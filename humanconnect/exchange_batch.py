@@ -20,6 +20,8 @@ from functools import partial
 from typing import Any, TypeVar
 
 import redis
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from humanconnect import erasure
 from humanconnect.announce import Success
@@ -33,6 +35,8 @@ from humanconnect.upstream.client import Tokens
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The first transaction lost with its connection: every run's error, not one session's.
+_DATABASE_DOWN = (OperationalError, PoolTimeout)
 # A record gone from under a run: its user's erasure, as `Exchanger.holding` tells.
 _ERASED = (erasure.ErasedMeanwhile, sessions.MissingSession)
 
@@ -98,7 +102,10 @@ class Batch:
                 runs.append(_Run(item, at))
             else:
                 run_alone = partial(item.within, self.ex.run, item.job, retries=item.retries)
-                alone.append((item, self.calls.submit(run_alone)))
+                try:
+                    alone.append((item, self.calls.submit(run_alone)))
+                except RuntimeError as exc:  # the pool shut down with the worker
+                    item.error = exc
         try:
             self._announce(self._store(self._call(self._begin(self._lock(runs)))))
         except Exception as exc:  # a fault of the batch's own: whatever it left unended
@@ -126,14 +133,18 @@ class Batch:
             for r in runs
         ]
         try:
-            replies = pipe.execute()
+            # Each reply its own: a script that failed for one session took no lock, and
+            # every other lock the round trip took is held (and let go) as usual.
+            replies = pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:
             for run in runs:
                 run.item.error = exc
             return []
         held = []
         for run, token, got in zip(runs, tokens, replies, strict=True):
-            if run.at.lock.took(token, got):
+            if isinstance(got, Exception):
+                run.item.error = got
+            elif run.at.lock.took(token, got):
                 held.append(run)
             else:
                 run.item.outcome = Outcome("busy", retry_in=BUSY_COUNTDOWN_S)
@@ -158,6 +169,11 @@ class Batch:
                     except _ERASED as exc:
                         ended.append((run, partial(_raise, exc)))
                         continue
+                    except _DATABASE_DOWN:
+                        raise  # the transaction is gone: every run's error
+                    except Exception as exc:  # this session's own: its savepoint undone
+                        ended.append((run, partial(_raise, exc)))
+                        continue
                     if isinstance(state, SessionRecord):
                         ended.append((run, partial(self.ex.mirror, run.at, state)))
                     else:
@@ -173,9 +189,11 @@ class Batch:
 
     def _call(self, runs: list[_Run]) -> list[_Run]:
         """The upstream calls side by side; the runs answered with tokens to keep."""
-        futures = [(run, self.calls.submit(run.item.within, self.ex.call, run.at)) for run in runs]
+        futures = [(run, self._submit(run, self.ex.call, run.at)) for run in runs]
         answered = []
         for run, future in futures:
+            if future is None:
+                continue
             try:
                 run.tokens = future.result()
             except UpstreamError as exc:
@@ -198,6 +216,10 @@ class Batch:
             return []
         # PostgreSQL's per-user store locks taken in one order: two batches never deadlock.
         runs = sorted(runs, key=lambda r: _tokens(r).client_user_id)
+        # As alone, a full term before the store: a run answered early has waited for the
+        # batch's slowest call since.
+        for run in runs:
+            run.at.lock.renew_if_reachable()
         results: dict[_Run, object] = {}
         try:
             with self.rt.db() as db:
@@ -220,12 +242,12 @@ class Batch:
                 len(runs),
                 type(exc).__name__,
             )
-            alone = [
-                (run, self.calls.submit(run.item.within, self.ex.store, run.at, _tokens(run)))
-                for run in runs
-            ]
+            alone = [(run, self._submit(run, self.ex.store, run.at, _tokens(run))) for run in runs]
             results = {}
             for run, future in alone:
+                if future is None:
+                    # Not even submitted (the worker is stopping): stored here instead.
+                    future = _done(partial(run.item.within, self.ex.store, run.at, _tokens(run)))
                 try:
                     results[run] = future.result()
                 except Exception as err:
@@ -262,10 +284,29 @@ class Batch:
             assert run.stored is not None
             run.item.outcome = run.item.within(self.ex.succeeded, run.at, run.stored[0])
 
+    def _submit(self, run: _Run, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+        """`fn(*args)` on the calls' pool in the run's context; None when the pool refused
+        it (shut down with the worker), the run then ended with that error."""
+        try:
+            return self.calls.submit(run.item.within, fn, *args)
+        except RuntimeError as exc:
+            self._alone(run, partial(_raise, exc))
+            return None
+
     # -- a run's own end -----------------------------------------------------------------
     def _alone(self, run: _Run, step: Callable[[], Outcome]) -> None:
         """The rest of `run` down the single run's path (the lock let go after)."""
         _settle(run.item, partial(run.item.within, self.ex.holding, run.at, step))
+
+
+def _done(fn: Callable[[], Any]) -> Future[Any]:
+    """A future holding what `fn` returned or raised, run here."""
+    future: Future[Any] = Future()
+    try:
+        future.set_result(fn())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _raise(exc: BaseException) -> Outcome:

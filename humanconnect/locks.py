@@ -68,7 +68,7 @@ class SessionLock(Lock):
         """`take` in a pipeline the caller executes (a batch's locks in one round trip);
         the caller hands the returned token and the reply to `took`."""
         token = secrets.token_hex(16)
-        status_records.lock_and_begin(
+        status_records.queue_lock_and_begin(
             pipe, self.name, token, int(self.term * 1000), request_id, human_id, status_ttl_s
         )
         return token

@@ -148,6 +148,33 @@ def lock_and_begin(
 _begin: Script | None = None
 
 
+def queue_lock_and_begin(
+    pipe: Any,
+    lock_key: str,
+    token: str,
+    lock_ms: int,
+    request_id: str,
+    human_id: str,
+    ttl_s: int,
+) -> None:
+    """`lock_and_begin` in a pipeline the caller executes (its reply: 1 when taken). EVAL,
+    not EVALSHA: a script object in a pipeline costs a SCRIPT EXISTS round trip of its own."""
+    pipe.eval(
+        BEGIN_SCRIPT,
+        3,
+        lock_key,
+        request_status(request_id),
+        PENDING,
+        token,
+        lock_ms,
+        request_id,
+        now().isoformat(),
+        human_id,
+        ttl_s,
+        time.time(),
+    )
+
+
 def get_state(r: redis.Redis, request_id: str) -> dict[str, str] | None:
     """The stored status record, or None when unknown (or expired)."""
     raw = r.hgetall(request_status(request_id))

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from unittest import mock
 
 import pytest
 from redis import Redis
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from humanconnect import redis_keys
 from humanconnect.crypto import session_hash
@@ -113,7 +116,9 @@ def test_mixed_batch_ends_each_session_in_its_own_state(
     # done.
     states = {by[twice.request_id].outcome.state, by[again.request_id].outcome.state}  # type: ignore[union-attr]
     assert RequestState.SUCCEEDED in states and states <= {RequestState.SUCCEEDED, "busy"}
-    # No token was used twice, and no lock is left held.
+    # No token was sent twice (the stand-in counts a used token's second call), and no lock
+    # is left held.
+    assert standin.state.calls["tokens:used"] == 0
     assert max(standin.state.exchanges.values()) == 1
     for job in jobs:
         assert redis_client.get(redis_keys.session_lock(session_hash(job.session_token))) is None
@@ -130,6 +135,8 @@ def test_mixed_batch_ends_each_session_in_its_own_state(
     assert events_of(rt, transient) == ["connect.completed"]
     assert row(rt, lost).error_kind == ErrorKind.ANSWER_LOST
     assert events_of(rt, lost) == ["connect.failed"]
+    # Only the lost answer's token was sent again (and refused as used).
+    assert standin.state.calls["tokens:used"] == 1
     assert max(standin.state.exchanges.values()) == 1
 
 
@@ -159,3 +166,47 @@ def test_a_batch_with_redis_away_ends_nothing_and_raises_nothing(
     assert all(i.outcome is None and i.error is not None for i in items)
     with rt.db() as db:
         assert db.scalar(select(func.count()).select_from(SessionRecord)) == 0
+
+
+def test_one_sessions_fault_in_the_first_transaction_ends_only_it(
+    rt: Runtime, calls: ThreadPoolExecutor, redis_client: Redis
+) -> None:
+    """A fault of one session's own statements undoes its savepoint only: it gets the error
+    to retry on, the others are exchanged, and no lock is left held."""
+    jobs = [factories.job() for _ in range(3)]
+    real = Exchanger.begin_in
+
+    def begin_in(self: Exchanger, db: Any, at: Any) -> Any:
+        if at.job is jobs[1]:
+            raise ValueError("a bug in one session's statements")
+        return real(self, db, at)
+
+    with mock.patch.object(Exchanger, "begin_in", begin_in):
+        items = run(rt, calls, jobs)
+    assert isinstance(items[1].error, ValueError) and items[1].outcome is None
+    assert [items[0].outcome.state, items[2].outcome.state] == [RequestState.SUCCEEDED] * 2  # type: ignore[union-attr]
+    for job in jobs:
+        assert redis_client.get(redis_keys.session_lock(session_hash(job.session_token))) is None
+
+
+def test_a_first_transaction_lost_with_its_connection_begins_nothing(
+    rt: Runtime, standin: Running, calls: ThreadPoolExecutor, redis_client: Redis
+) -> None:
+    """The database going away under the first transaction: every session gets the error to
+    retry on, none is called, no record is left and no lock is held."""
+    jobs = [factories.job() for _ in range(3)]
+    real = Exchanger.begin_in
+
+    def begin_in(self: Exchanger, db: Any, at: Any) -> Any:
+        if at.job is jobs[2]:
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return real(self, db, at)
+
+    with mock.patch.object(Exchanger, "begin_in", begin_in):
+        items = run(rt, calls, jobs)
+    assert all(isinstance(i.error, OperationalError) and i.outcome is None for i in items)
+    assert standin.state.exchanges.total() == 0
+    with rt.db() as db:
+        assert db.scalar(select(func.count()).select_from(SessionRecord)) == 0
+    for job in jobs:
+        assert redis_client.get(redis_keys.session_lock(session_hash(job.session_token))) is None

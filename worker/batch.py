@@ -131,8 +131,8 @@ class _Batcher:
 
 
 def _read(message: Any) -> Delivery | None:
-    """The message as a batch's delivery; None for one that runs alone: a countdown, or a
-    body that is not one ExchangeRequest's kwargs (Celery's own path refuses it as before)."""
+    """The message as a batch's delivery; None for one that runs alone: a countdown, or one
+    that is not one ExchangeRequest's (Celery's own path judges it, and refuses it, as before)."""
     headers = message.headers or {}
     if headers.get("eta") or headers.get("task") is None:
         return None
@@ -140,14 +140,13 @@ def _read(message: Any) -> Delivery | None:
         args, kwargs, _embed = message.payload
         if args or not isinstance(kwargs, dict):
             return None
-        request = ExchangeRequest(**kwargs)
-    except Exception:  # noqa: BLE001 - judged again, and refused, on Celery's own path
+        return Delivery(
+            id=str(headers["id"]),
+            request=ExchangeRequest(**kwargs),
+            kwargs=kwargs,
+            routing_key=(message.delivery_info or {}).get("routing_key"),
+            retries=int(headers.get("retries") or 0),
+            trace_headers={k: headers[k] for k in TRACE_HEADERS if isinstance(headers.get(k), str)},
+        )
+    except Exception:  # noqa: BLE001 - judged again on Celery's own path
         return None
-    return Delivery(
-        id=headers["id"],
-        request=request,
-        kwargs=kwargs,
-        routing_key=(message.delivery_info or {}).get("routing_key"),
-        retries=int(headers.get("retries") or 0),
-        trace_headers={k: headers[k] for k in TRACE_HEADERS if isinstance(headers.get(k), str)},
-    )

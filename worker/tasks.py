@@ -54,6 +54,9 @@ from worker.celery import app, send_exchange
 log = logging.getLogger(__name__)
 # How often an unforeseen exception (a bug) is retried before the session is failed.
 UNEXPECTED_RETRIES = 5
+# A batch's message that met a fault of the batch's own runs alone after this long: never a
+# loop of the same message through the same fault.
+UNEXPECTED_PAUSE_S = 2.0
 # Our own Redis or database at fault, not the session: retried for as long as it takes.
 INFRASTRUCTURE_ERRORS = (
     OperationalError,
@@ -81,9 +84,10 @@ def exchanger() -> Exchanger:
 
 
 @lru_cache(maxsize=1)
-def calls() -> ThreadPoolExecutor:
-    """Where a batch's upstream calls run side by side: as many as the worker has threads."""
-    size = runtime().settings.worker_concurrency
+def calls(threads: int | None = None) -> ThreadPoolExecutor:
+    """Where a batch's upstream calls run side by side: as many as the worker has threads
+    (given once ready, `--concurrency` overriding the setting)."""
+    size = threads or runtime().settings.worker_concurrency
     return ThreadPoolExecutor(size, thread_name_prefix="exchange-call")
 
 
@@ -92,6 +96,14 @@ def run_batch(deliveries: list[Delivery]) -> list[str]:
     of those whose delivery ended or whose next try was sent (worker/batch.py acks them and
     puts the rest back in the queue). With tracing on, each session's own steps are a span
     in its finish's trace, as a try alone is."""
+    try:
+        return _run_batch(deliveries)
+    except Exception:  # a fault of the batch's own: each message runs alone, a little later
+        log.exception("a batch of %d sessions failed; each runs alone", len(deliveries))
+        return [d.id for d in deliveries if _send_alone(d, d.retries, UNEXPECTED_PAUSE_S)]
+
+
+def _run_batch(deliveries: list[Delivery]) -> list[str]:
     rt = runtime()
     settled: list[str] = []
     items: list[tuple[Delivery, Item, Callable[[], None]]] = []
@@ -106,8 +118,10 @@ def run_batch(deliveries: list[Delivery]) -> list[str]:
         try:
             waiting = delivery.routing_key == WAITING_QUEUE
             job = run_in(context, opened, rt, request, waiting=waiting)
-        except Exception:  # Redis away while recording it: back to the queue
+        except Exception:  # Redis away while recording its failure: it runs alone, later
             log.warning("could not open request=%s", request.request_id, exc_info=True)
+            if _send_alone(delivery, delivery.retries, UNEXPECTED_PAUSE_S):
+                settled.append(delivery.id)
             end()
             continue
         if job is None:
@@ -138,17 +152,27 @@ def _settle(delivery: Delivery, item: Item) -> bool:
     countdown); False when neither could be done (it goes back to the queue)."""
     try:
         pause = next_try(runtime(), item.job, item.retries, item.outcome, item.error)
-        if pause is not None:
-            exchange_session.apply_async(
-                kwargs=delivery.kwargs,
-                task_id=delivery.id,
-                retries=item.retries + 1,
-                countdown=pause,
-                queue=QUEUE,
-                routing_key=QUEUE,
-            )
     except Exception:
-        log.warning("could not end or send on request=%s", item.job.request_id, exc_info=True)
+        log.warning("could not end request=%s", item.job.request_id, exc_info=True)
+        return _send_alone(delivery, item.retries, UNEXPECTED_PAUSE_S)
+    return pause is None or _send_alone(delivery, item.retries + 1, pause)
+
+
+def _send_alone(delivery: Delivery, retries: int, countdown: float) -> bool:
+    """Send a batch's message again to run alone after `countdown` (Celery's own path,
+    `retries` its count of tries); False when it could not be sent (Redis away: it goes
+    back to the queue)."""
+    try:
+        exchange_session.apply_async(
+            kwargs=delivery.kwargs,
+            task_id=delivery.id,
+            retries=retries,
+            countdown=countdown,
+            queue=QUEUE,
+            routing_key=QUEUE,
+        )
+    except Exception:
+        log.warning("could not send request=%s", delivery.request.request_id, exc_info=True)
         return False
     return True
 
@@ -387,9 +411,11 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     try:
         # A connection for each of the pool's threads (`--concurrency` overrides the setting).
-        warm.prepare(runtime(), getattr(controller, "concurrency", None) or 1)
+        threads = getattr(controller, "concurrency", None) or 1
+        warm.prepare(runtime(), threads)
         exchanger()
         limiter()
+        calls(threads)
     except Exception:  # a warm-up never fails the worker: its tasks do what it could not
         log.warning("worker warm-up skipped", exc_info=True)
 
