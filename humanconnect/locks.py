@@ -68,9 +68,10 @@ class SessionLock(Lock):
         """`take` in a pipeline the caller executes (a batch's locks in one round trip);
         the caller hands the returned token and the reply to `took`."""
         token = secrets.token_hex(16)
-        status_records.queue_lock_and_begin(
-            pipe, self.name, token, int(self.term * 1000), request_id, human_id, status_ttl_s
+        call = status_records.begin_call(
+            self.name, token, int(self.term * 1000), request_id, human_id, status_ttl_s
         )
+        status_records.queue_lock_and_begin(pipe, call)
         return token
 
     def took(self, token: str, got: object) -> bool:

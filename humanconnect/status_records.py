@@ -120,6 +120,16 @@ return 1
 """
 
 
+def begin_call(
+    lock_key: str, token: str, lock_ms: int, request_id: str, human_id: str, ttl_s: int
+) -> tuple[list[str], list[Any]]:
+    """BEGIN_SCRIPT's keys and arguments: take a session lock and, if taken, mark the request
+    `running` in the same round trip, unless its record already says it ended (a duplicate
+    delivery must not make a finished request look unfinished)."""
+    keys = [lock_key, request_status(request_id), PENDING]
+    return keys, [token, lock_ms, request_id, now().isoformat(), human_id, ttl_s, time.time()]
+
+
 def lock_and_begin(
     r: redis.Redis,
     lock_key: str,
@@ -129,50 +139,23 @@ def lock_and_begin(
     human_id: str,
     ttl_s: int,
 ) -> bool:
-    """Take a session lock and, if taken, mark the request `running` in the same round
-    trip, unless its record already says it ended (a duplicate delivery must not make a
-    finished request look unfinished)."""
+    """`begin_call` run now; whether the lock was taken."""
     global _begin
     if _begin is None:
         # A Script runs on whichever client it is given (EVALSHA, loading it if needed).
         _begin = r.register_script(BEGIN_SCRIPT)
-    return bool(
-        _begin(
-            keys=[lock_key, request_status(request_id), PENDING],
-            args=[token, lock_ms, request_id, now().isoformat(), human_id, ttl_s, time.time()],
-            client=r,
-        )
-    )
+    keys, args = begin_call(lock_key, token, lock_ms, request_id, human_id, ttl_s)
+    return bool(_begin(keys=keys, args=args, client=r))
 
 
 _begin: Script | None = None
 
 
-def queue_lock_and_begin(
-    pipe: Any,
-    lock_key: str,
-    token: str,
-    lock_ms: int,
-    request_id: str,
-    human_id: str,
-    ttl_s: int,
-) -> None:
-    """`lock_and_begin` in a pipeline the caller executes (its reply: 1 when taken). EVAL,
-    not EVALSHA: a script object in a pipeline costs a SCRIPT EXISTS round trip of its own."""
-    pipe.eval(
-        BEGIN_SCRIPT,
-        3,
-        lock_key,
-        request_status(request_id),
-        PENDING,
-        token,
-        lock_ms,
-        request_id,
-        now().isoformat(),
-        human_id,
-        ttl_s,
-        time.time(),
-    )
+def queue_lock_and_begin(pipe: Any, call: tuple[list[str], list[Any]]) -> None:
+    """A `begin_call` in a pipeline the caller executes (its reply: 1 when taken). EVAL, not
+    EVALSHA: a script object in a pipeline costs a SCRIPT EXISTS round trip of its own."""
+    keys, args = call
+    pipe.eval(BEGIN_SCRIPT, len(keys), *keys, *args)
 
 
 def get_state(r: redis.Redis, request_id: str) -> dict[str, str] | None:
