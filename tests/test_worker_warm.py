@@ -81,3 +81,26 @@ def test_only_a_thread_pool_worker_warms_up(
     controller = SimpleNamespace(pool_cls=symbol_by_name(pool), concurrency=THREADS)
     tasks._on_worker_ready(sender=SimpleNamespace(controller=controller))
     assert calls == ([THREADS] if warmed else [])
+
+
+def test_a_ready_worker_sizes_the_batch_call_pool_by_its_own_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--concurrency` overrides HUMANCONNECT_WORKER_CONCURRENCY: the pool a batch's calls
+    run on is as large as the worker's own thread pool, not the setting."""
+    settings = Settings.model_validate({"HUMANCONNECT_WORKER_CONCURRENCY": "32"})
+    monkeypatch.setattr(warm, "prepare", lambda _rt, _n: None)
+    monkeypatch.setattr(tasks, "runtime", lambda: SimpleNamespace(settings=settings))
+    monkeypatch.setattr(tasks, "exchanger", lambda: None)
+    monkeypatch.setattr(tasks, "limiter", lambda: None)
+    monkeypatch.setattr(tasks, "_threads", [])
+    tasks.calls.cache_clear()
+    try:
+        assert tasks.calls()._max_workers == 32 != THREADS
+        pool = symbol_by_name("celery.concurrency.thread:TaskPool")
+        controller = SimpleNamespace(pool_cls=pool, concurrency=THREADS)
+        tasks._on_worker_ready(sender=SimpleNamespace(controller=controller))
+        assert tasks.calls()._max_workers == THREADS
+    finally:
+        tasks.calls().shutdown(wait=False)
+        tasks.calls.cache_clear()

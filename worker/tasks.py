@@ -83,11 +83,14 @@ def exchanger() -> Exchanger:
     return Exchanger(runtime(), limiter().acquire)
 
 
+#: The worker's threads once it is ready (`--concurrency` overrides the setting).
+_threads: list[int] = []
+
+
 @lru_cache(maxsize=1)
-def calls(threads: int | None = None) -> ThreadPoolExecutor:
-    """Where a batch's upstream calls run side by side: as many as the worker has threads
-    (given once ready, `--concurrency` overriding the setting)."""
-    size = threads or runtime().settings.worker_concurrency
+def calls() -> ThreadPoolExecutor:
+    """Where a batch's upstream calls run side by side: as many as the worker has threads."""
+    size = _threads[-1] if _threads else runtime().settings.worker_concurrency
     return ThreadPoolExecutor(size, thread_name_prefix="exchange-call")
 
 
@@ -415,7 +418,9 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         warm.prepare(runtime(), threads)
         exchanger()
         limiter()
-        calls(threads)
+        _threads.append(threads)
+        calls.cache_clear()  # a batch that ran before now sized it from the setting
+        calls()
     except Exception:  # a warm-up never fails the worker: its tasks do what it could not
         log.warning("worker warm-up skipped", exc_info=True)
 
