@@ -13,7 +13,8 @@ before.
   path and runs alone: kept in a batch's buffer it would hold the place of a new finish.
 
 celery-batches does much the same, but acks a batch's messages even when the batch could not
-end them, and pins Celery below the 5.7 this service needs (pyproject.toml).
+end them, and its 0.11 pins Celery below 5.7: installed, it took the service back to 5.6,
+whose messages the web's template (producer/message.py) no longer matches.
 """
 
 from __future__ import annotations
