@@ -15,7 +15,7 @@ import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -55,7 +55,8 @@ class Item:
     outcome: Outcome | None = None
     #: What the single task would have raised (its caller maps it to a retry).
     error: BaseException | None = None
-    #: Where the session's own steps run (its trace's span current), if tracing is on.
+    #: Where the session's own steps run: its request id for log lines, and with tracing on
+    #: its span current.
     context: contextvars.Context | None = None
 
     def within(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -78,7 +79,6 @@ class _Run:
     at: _Attempt
     tokens: Tokens | None = None
     stored: tuple[bool, OutboxEvent | None] | None = None
-    ends: list[Callable[[], Outcome]] = field(default_factory=list)
 
 
 class Batch:

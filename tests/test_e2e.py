@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,13 @@ from humanconnect.storage.db import session_factory
 from humanconnect.storage.models import SessionRecord
 from tests import factories
 from tests.support.env import BIN, CLIENT_ID, CLIENT_SECRET, FERNET_KEY, ROOT, service_env, wait_for
-from tests.support.scan import assert_no_secrets, state_counts, stored_users, stream_entries
+from tests.support.scan import (
+    assert_no_secrets,
+    largest_batch,
+    state_counts,
+    stored_users,
+    stream_entries,
+)
 from tests.support.traffic import burst
 
 
@@ -96,14 +101,6 @@ def test_burst_with_upstream_faults_stores_everyone_once(
         texts={"metrics": metrics, "events": str(completed_events(redis_client))},
     )
     assert (largest_batch(d.logs) > 1) is (batch > 1)
-
-
-def largest_batch(logs: list[Path]) -> int:
-    """The most sessions a worker ran together (worker/tasks.py's line), 0 for none."""
-    found = (
-        re.findall(r"ran (\d+) sessions together", p.read_text(errors="replace")) for p in logs
-    )
-    return max((int(n) for ns in found for n in ns), default=0)
 
 
 def completed_events(r: redis.Redis) -> list[dict[str, str]]:

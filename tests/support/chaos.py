@@ -10,7 +10,6 @@ and no secret anywhere.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from tests.support.env import (
     wait_for,
 )
 from tests.support.processes import Process, start_web, start_worker
-from tests.support.scan import assert_no_secrets, stored_users, stream_entries
+from tests.support.scan import assert_no_secrets, largest_batch, stored_users, stream_entries
 from tests.support.servers import RedisServer
 
 REPORT = ROOT / "var" / "chaos-report.jsonl"
@@ -198,14 +197,8 @@ class Chaos:
         return sorted(self.tmp.glob("*.log"))
 
     def largest_batch(self) -> int:
-        """The most sessions any worker ran together (worker/batch.py's log line); 0 when
-        none ran a batch."""
-        sizes = [
-            int(m)
-            for log in self.tmp.glob("worker*.log")
-            for m in re.findall(r"ran (\d+) sessions together", log.read_text(errors="replace"))
-        ]
-        return max(sizes, default=0)
+        """The most sessions any worker ran together; 0 when none ran a batch."""
+        return largest_batch(self.tmp.glob("worker*.log"))
 
     # -- traffic -------------------------------------------------------------------------
     def send(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,12 @@ def assert_no_secrets(
     for name, blob in places.items():
         leaked = sum(needle in blob for needle in needles)
         assert not leaked, f"{leaked} secret(s) or token(s) in clear in {name}"
+
+
+def largest_batch(logs: Iterable[Path]) -> int:
+    """The most sessions a worker ran together, from its log lines (worker/tasks.py's
+    `ran N sessions together`); 0 when none ran a batch."""
+    found = (
+        re.findall(r"ran (\d+) sessions together", p.read_text(errors="replace")) for p in logs
+    )
+    return max((int(n) for ns in found for n in ns), default=0)
